@@ -1,0 +1,260 @@
+"""The training configuration: one dataclass whose fields carry their help text and become CLI flags.
+
+Precedence, lowest first: field defaults < ``--preset`` < ``--config FILE.yaml`` < command-line flags.
+On ``--resume`` the run's own ``config.yaml`` takes the place of the defaults. Every field is used
+by the recipe in ``train.py``; the resolved configuration is written to ``OUTPUT_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError
+from .models import DEFAULT_LORA_TARGETS, DEFAULT_MODEL
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- model and sampler -----------------------------------------------------------------------
+    model: str = _f(DEFAULT_MODEL, "hub id, local diffusers folder, .safetensors file, or built-in: tiny, toy")
+    sampler: str = _f("auto", "denoising sampler; auto = LCM for LCM models, else DDIM", ("auto", "ddim", "lcm"))
+    num_steps: int = _f(50, "denoising steps per image (the trajectory length T)")
+    ddim_eta: float = _f(1.0, "DDIM noise scale (> 0; 1.0 as DDPO); unused by LCM")
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale (LCM models: their guidance embedding)")
+    resolution: int | None = _f(None, "image height and width in pixels (default: the model's native size)")
+    negative_prompt: str = _f("", "the unconditional prompt of classifier-free guidance")
+    # --- prompts and reward ----------------------------------------------------------------------
+    prompts: str = _f("simple_animals", "training prompts: a set in prompts/ (simple_animals, ...) or a file path")
+    reward: str = _f("aesthetic", "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
+                     "toy-alignment, or module.path:attribute")
+    aesthetic_head: str | None = _f(None, "local file of the LAION aesthetic head (default: from the model hub)")
+    clip_model: str | None = _f(None, "open_clip architecture of the aesthetic/clip rewards (default ViT-L-14)")
+    clip_pretrained: str | None = _f(None, "open_clip pretrained tag or local weights file (default openai)")
+    preference: str | None = _f(None, "preference model on top of the reward (bradley-terry or module:attr); "
+                                "REBEL then regresses on P(y > y') - 1/2")
+    preference_temperature: float = _f(1.0, "temperature of the bradley-terry preference")
+    # --- algorithm -------------------------------------------------------------------------------
+    algorithm: str = _f("rebel", "update rule: rebel, or the ddpo (PPO-clip) baseline", ("rebel", "ddpo"))
+    eta: float = _f(1.0, "REBEL's eta: the log-ratio difference is scaled by 1/eta in the regression")
+    normalization: str = _f("per-prompt", "reward normalisation into advantages", ("per-prompt", "batch", "none"))
+    tracker_buffer_size: int = _f(32, "per-prompt normalisation: rewards kept per prompt")
+    tracker_min_count: int = _f(16, "per-prompt normalisation: rewards a prompt needs before its own statistics are used")
+    clip_range: float = _f(1e-4, "DDPO: PPO clip range of the probability ratio")
+    adv_clip_max: float = _f(5.0, "DDPO: advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    timestep_fraction: float = _f(1.0, "fraction of the stochastic steps trained per update (rescaled: unbiased)")
+    # --- batches ---------------------------------------------------------------------------------
+    epochs: int = _f(100, "training epochs (each: sample, score, update)")
+    images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
+    prompts_per_batch: int = _f(8, "prompts per sampling batch, per process")
+    batches_per_epoch: int = _f(4, "sampling batches per epoch, per process")
+    train_batch_size: int = _f(2, "micro-batch: pairs (REBEL) or images (DDPO) per forward/backward")
+    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
+    inner_epochs: int = _f(1, "passes over each epoch's samples")
+    # --- optimizer -------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-4, "AdamW learning rate (the paper: 1e-4)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0: off)")
+    lr_scheduler: str = _f("constant", "learning-rate schedule",
+                           ("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = _f(0, "warm-up optimizer steps of the schedule")
+    # --- what is trained, and how fast -----------------------------------------------------------
+    finetune: str = _f("lora", "train LoRA adapters or the full UNet", ("lora", "full"))
+    lora_rank: int = _f(8, "LoRA rank (the paper: 8)")
+    lora_alpha: float = _f(8.0, "LoRA alpha (the paper: 8)")
+    lora_targets: str = _f(",".join(DEFAULT_LORA_TARGETS), "comma-separated UNet modules that get LoRA")
+    mixed_precision: str = _f("auto", "auto = bf16 on a GPU that has it, else no; trainable weights stay fp32",
+                              ("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory)")
+    xformers: bool = _f(False, "xformers attention (extra: xformers) instead of torch SDPA")
+    # --- eval, logging, output -------------------------------------------------------------------
+    seed: int = _f(0, "seed of prompts, noise and LoRA initialisation (process r adds r to its sampling seeds)")
+    eval_prompts: str | None = _f(None, "prompts of the fixed per-epoch eval grid (default: the training prompts)")
+    eval_num_images: int = _f(8, "images in the per-epoch eval grid (fixed prompts and seeds)")
+    eval_every: int = _f(0, "every N epochs (and before training) score held-out prompts with --eval-rewards "
+                         "and a diversity figure into metrics.jsonl as eval/<name> (0: off)")
+    eval_rewards: str | None = _f(None, "comma-separated rewards of the held-out eval (default: the trained reward "
+                                  "and the jpeg ones)")
+    heldout_prompts: str = _f("heldout_animals", "prompts of the held-out eval (none of them trained on)")
+    heldout_images: int = _f(2, "images per held-out prompt (>= 2 gives the diversity figure)")
+    eval_diversity: str = _f("auto", "image embedding of the diversity figure: auto, clip, pixels, none, "
+                             "clip:MODEL:PRETRAINED")
+    rescore_check: bool = _f(True, "re-score a few recorded steps each epoch and log the drift (on-policy check)")
+    output_dir: str = _f("runs/rebel-diffusion", "run folder (refused if it exists, unless --resume or --overwrite)")
+    resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
+    overwrite: bool = _f(False, "delete an existing --output-dir and start afresh")
+    checkpoint_every: int = _f(1, "write a resumable checkpoint every N epochs (and at the end)")
+    checkpoints_keep: int = _f(2, "checkpoints kept (oldest deleted)")
+    log_with: str = _f("none", "experiment tracker through accelerate", ("none", "tensorboard", "wandb"))
+
+    # -------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``UsageError`` (one line) for a value the run cannot use, before any heavy work."""
+        for name in ("num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch",
+                     "train_batch_size", "gradient_accumulation_steps", "inner_epochs", "lora_rank",
+                     "eval_num_images", "checkpoint_every", "checkpoints_keep", "tracker_buffer_size",
+                     "tracker_min_count", "heldout_images"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("eta", "learning_rate", "preference_temperature", "clip_range", "adv_clip_max"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.sampler != "lcm" and not self.ddim_eta > 0:
+            raise UsageError(f"--ddim-eta must be > 0 (got {self.ddim_eta}): eta = 0 DDIM has no log-prob to train")
+        if self.resolution is not None and self.resolution < 1:
+            raise UsageError(f"--resolution must be >= 1, got {self.resolution}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise UsageError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.lr_warmup_steps < 0:
+            raise UsageError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        for name, value in dataclasses.asdict(self).items():
+            choices = _field(name).metadata["choices"]
+            if choices and value not in choices:
+                raise UsageError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+        if self.algorithm == "rebel" and self.images_per_prompt < 2:
+            raise UsageError("REBEL regresses on pairs: --images-per-prompt must be >= 2")
+        if self.preference and self.algorithm != "rebel":
+            raise UsageError("--preference needs --algorithm rebel (DDPO has no pairwise target)")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        if self.units_per_epoch() % per_step:
+            unit = "pairs" if self.algorithm == "rebel" else "images"
+            raise UsageError(
+                f"{self.units_per_epoch()} {unit} per process per epoch do not divide into optimizer steps of "
+                f"--train-batch-size {self.train_batch_size} x --gradient-accumulation-steps "
+                f"{self.gradient_accumulation_steps}"
+            )
+
+    def images_per_epoch(self, num_processes: int = 1) -> int:
+        return self.prompts_per_batch * self.batches_per_epoch * self.images_per_prompt * num_processes
+
+    def units_per_epoch(self) -> int:
+        """Training units per process per epoch: pairs for REBEL, images for DDPO."""
+        groups = self.prompts_per_batch * self.batches_per_epoch
+        k = self.images_per_prompt
+        return groups * k * (k - 1) // 2 if self.algorithm == "rebel" else groups * k
+
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.units_per_epoch() // (self.train_batch_size * self.gradient_accumulation_steps) * self.inner_epochs
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# Presets: named bundles of defaults (applied before --config and flags).
+PRESETS: dict[str, dict] = {
+    # The REBEL paper's image setup (RLCM code): LCM Dreamshaper v7, 8 steps, guidance 8 as an embedding,
+    # 8 prompts x 2 images, 10 batches, micro-batch 2 pairs, lr 1e-4, rank 8 / alpha 8.
+    "lcm": dict(model="SimianLuo/LCM_Dreamshaper_v7", sampler="lcm", num_steps=8, guidance_scale=8.0,
+                resolution=768, prompts_per_batch=8, batches_per_epoch=10, train_batch_size=2,
+                gradient_accumulation_steps=4, learning_rate=1e-4),
+    # DDPO's aesthetic setup on SD 1.5: 50 DDIM steps, eta 1, guidance 5, lr 3e-4.
+    "ddpo": dict(algorithm="ddpo", num_steps=50, ddim_eta=1.0, guidance_scale=5.0, learning_rate=3e-4,
+                 images_per_prompt=2, prompts_per_batch=8, batches_per_epoch=4, train_batch_size=4,
+                 gradient_accumulation_steps=4),
+    # The offline quick start: the built-in toy model on a CPU in minutes.
+    "toy": dict(model="toy", reward="jpeg-compressibility", prompts="toy_shapes", num_steps=10,
+                guidance_scale=3.0, prompts_per_batch=8, batches_per_epoch=2, train_batch_size=4,
+                gradient_accumulation_steps=2, learning_rate=3e-4, epochs=5, eval_prompts="toy_heldout",
+                heldout_prompts="toy_heldout"),
+}
+
+
+def _field(name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(tp):
+    """int | None -> int; str -> str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--field-name``), plus ``--config`` and ``--preset``. Unset flags stay unset."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a bundle of defaults: " + ", ".join(
+        f"{k} ({v.get('model', 'any model')})" for k, v in PRESETS.items()))
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp = _base_type(hints[f.name])
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        if tp is bool:
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(f"--{_flag(f.name)}", type=tp, choices=f.metadata["choices"], **kwargs)
+
+
+def read_yaml(path: str | Path, what: str = "--config") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path}: expected a mapping of config fields")
+    return data
+
+
+def _apply(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+    out = {}
+    for k, v in values.items():
+        tp = _base_type(hints[k])
+        if v is not None and tp is float and isinstance(v, int | float):
+            v = float(v)
+        if v is not None and not isinstance(v, tp):
+            raise UsageError(f"{source}: {k} must be {tp.__name__}, got {v!r}")
+        out[k] = v
+    return dataclasses.replace(cfg, **out)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve the configuration from defaults, the run's saved config (on --resume), preset, file and flags."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig()
+    file_values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    if (flags.get("resume") or file_values.get("resume")) and (flags.get("overwrite") or file_values.get("overwrite")):
+        raise UsageError("--resume and --overwrite exclude each other")
+    if flags.get("resume") or file_values.get("resume"):
+        out = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.output_dir)
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise UsageError(f"--resume: {out} has no config.yaml (no run to resume there)")
+        cfg = _apply(cfg, read_yaml(saved, "--resume"), str(saved))
+        cfg.overwrite = False
+    preset = getattr(args, "preset", None)
+    if preset:
+        cfg = _apply(cfg, PRESETS[preset], f"--preset {preset}")
+    cfg = _apply(cfg, file_values, f"--config {args.config}" if file_values else "config")
+    cfg = _apply(cfg, flags, "flags")
+    cfg.validate()
+    return cfg

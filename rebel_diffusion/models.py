@@ -1,0 +1,436 @@
+"""Model loading: hub ids, local diffusers folders, single-file checkpoints, built-ins; and LoRA.
+
+Built-in names (no download, no internet):
+- ``tiny``: an SD-1.x-shaped pipeline with seeded random weights (32x32 images). For plumbing and
+  math tests: fast, but its images are noise textures whose rewards do not respond to training.
+- ``tiny-lcm``: the same with an ``LCMScheduler`` and a guidance-embedding UNet (as LCM Dreamshaper).
+- ``tiny-v``: the same as ``tiny`` with a v-prediction scheduler (as SD 2.x at 768px).
+- ``toy``: a small text-to-image model trained by ``scripts/train_toy.py`` on synthetic shapes and
+  shipped with the package; learning is visible on it on a CPU.
+
+All of them use the real CLIP tokenizer, rebuilt offline from open_clip's bundled BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy")
+TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
+
+# Stable Diffusion 1.x's noise schedule (its scheduler_config.json), shared by the built-ins.
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """The CLIP ViT-L/14 tokenizer of Stable Diffusion 1.x, built from open_clip's bundled BPE file.
+
+    open_clip's ``SimpleTokenizer`` holds the same vocabulary and merges as the hub tokenizer; only
+    the names of the start/end tokens differ. Gives the same ids as the SD tokenizer.
+    """
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    from transformers import CLIPTokenizer
+
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "rebel_diffusion_clip_tokenizer"
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab_file.exists() and merges_file.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        encoder = dict(SimpleTokenizer().encoder)
+        encoder["<|startoftext|>"] = encoder.pop("<start_of_text>")
+        encoder["<|endoftext|>"] = encoder.pop("<end_of_text>")
+        # Same slice as open_clip: skip the version line, keep 49152 - 256 - 2 merges.
+        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+        _atomic_write(vocab_file, json.dumps(encoder))
+        _atomic_write(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in tiny pipeline
+
+
+def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_type: str = "epsilon"):
+    """A small SD-shaped ``StableDiffusionPipeline`` with seeded random weights (32x32 images).
+
+    VAE scale factor 2 (latents 4x16x16), UNet (32, 64) with cross-attention, CLIP text encoder
+    with hidden size 32 and the real tokenizer. ``scheduler='lcm'`` adds a guidance embedding
+    (``time_cond_proj_dim``) and an ``LCMScheduler``, as LCM Dreamshaper v7.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if scheduler not in ("ddim", "lcm"):
+        raise ValueError(f"scheduler must be 'ddim' or 'lcm', got {scheduler!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            time_cond_proj_dim=32 if scheduler == "lcm" else None,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    sched_cls = LCMScheduler if scheduler == "lcm" else DDIMScheduler
+    sched = sched_cls(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The Stable Diffusion 1.5 architecture with seeded random weights, for benchmarks (no download).
+
+    UNet, VAE and CLIP text encoder configs are SD 1.5's published ones (860 M + 84 M + 123 M
+    parameters); the tokenizer is the real one; the scheduler is SD's DDIM. Weights are created on
+    ``device`` (fast on a GPU) and cast to ``dtype``. Its images are noise: for timing and memory only.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    device = torch.device(device)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a Stable Diffusion pipeline from a built-in name, a local folder, a file or a hub id.
+
+    - ``tiny``, ``tiny-lcm``, ``tiny-v``, ``toy``: built-ins (module docstring);
+    - an existing folder: a diffusers pipeline folder (``model_index.json``);
+    - an existing ``.safetensors``/``.ckpt`` file: a single-file SD checkpoint;
+    - otherwise a model-hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+
+    Raises ``UsageError`` with one line that says what to pass instead when it cannot be loaded.
+    The safety checker is not loaded: rewards see the raw images.
+    """
+    if model in ("tiny", "tiny-v"):
+        pipe = build_tiny_pipeline(prediction_type="v_prediction" if model == "tiny-v" else "epsilon")
+    elif model == "tiny-lcm":
+        pipe = build_tiny_pipeline(scheduler="lcm")
+    elif model == "toy":
+        pipe = _load_toy()
+    else:
+        pipe = _load_external(model)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+def _load_toy():
+    from diffusers import StableDiffusionPipeline
+
+    if not (TOY_MODEL_DIR / "model_index.json").exists():
+        raise UsageError(
+            f"the built-in 'toy' model is missing ({TOY_MODEL_DIR} has no model_index.json): "
+            "reinstall rebel-diffusion, or train it with `python scripts/train_toy.py`"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(TOY_MODEL_DIR), safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as e:  # a damaged install: truncated or missing safetensors, bad json
+        raise UsageError(
+            f"the built-in 'toy' model in {TOY_MODEL_DIR} is damaged ({type(e).__name__}: {_first_line(e)}); "
+            "reinstall rebel-diffusion, or retrain it with `python scripts/train_toy.py`"
+        ) from e
+    # Stored in fp16 (small). Every part in fp32: transformers (unlike diffusers) keeps a checkpoint's
+    # fp16, and load_pipeline casts only when the UNet's dtype differs from the one asked for.
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if part.dtype != torch.float32:
+            part.to(torch.float32)
+    return pipe
+
+
+def _load_external(model: str):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    looks_like_path = path.suffix in (".safetensors", ".ckpt") or model.startswith((".", "/", "~"))
+    try:
+        if path.is_file():
+            if path.suffix not in (".safetensors", ".ckpt"):
+                raise UsageError(f"--model {model}: a single-file checkpoint must end in .safetensors or .ckpt")
+            return StableDiffusionPipeline.from_single_file(str(path), safety_checker=None)
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise UsageError(
+                    f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
+                    "(saved with save_pretrained), a .safetensors checkpoint, or a hub id"
+                )
+            return DiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+        if looks_like_path:
+            raise UsageError(f"--model {model}: no such file or folder")
+        if model.count("/") != 1:
+            raise UsageError(
+                f"--model {model}: not a built-in ({', '.join(BUILTIN_MODELS)}), an existing path, or a hub id "
+                "of the form owner/name"
+            )
+        return DiffusionPipeline.from_pretrained(model, safety_checker=None)
+    except UsageError:
+        raise
+    except Exception as e:
+        if path.exists():  # a local file or folder that is not a loadable SD pipeline: no download hint
+            where = "the single-file checkpoint" if path.is_file() else "the folder"
+            hint = "pass a diffusers pipeline folder (saved with save_pretrained) or a Stable Diffusion .safetensors checkpoint"
+        else:
+            where = "the model hub"
+            hint = (
+                "pass a local diffusers folder or a .safetensors file with --model, "
+                f"or download it first with `hf download {model}` where the hub is reachable"
+            )
+        raise UsageError(f"--model {model}: could not load from {where} ({type(e).__name__}: {_first_line(e)}); {hint}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def check_sd_components(pipe) -> None:
+    """Raise ``UsageError`` unless ``pipe`` has the parts this toolkit drives."""
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+    if missing:
+        raise UsageError(
+            f"the model is a {type(pipe).__name__} without {', '.join(missing)}: "
+            "rebel-diffusion trains Stable Diffusion 1.x/2.x and LCM UNet pipelines"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(unet, *, rank: int = 8, alpha: float = 8.0, target_modules=DEFAULT_LORA_TARGETS) -> None:
+    """Freeze ``unet`` and add trainable LoRA adapters (peft) on ``target_modules``, kept in fp32.
+
+    Paper default: rank 8, alpha 8 on the attention projections q, k, v, out.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    )
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``unet`` in diffusers' format, ready for ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, folder: str | os.PathLike) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    # The adapter config (rank, alpha, targets) travels as safetensors metadata: without it diffusers
+    # reloads with alpha = rank, a different LoRA scale whenever alpha != rank.
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(tmp),
+        unet_lora_layers=lora_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+    _replace_dir(tmp, folder)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing it; ``dst`` is never half-written."""
+    import shutil
+
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
+def load_finetune(pipe, path: str | os.PathLike) -> str:
+    """Apply a fine-tune to ``pipe``: a LoRA folder/file, a ``unet/`` folder, or a training run folder.
+
+    Returns what was loaded (``'lora'`` or ``'unet'``). Raises ``UsageError`` with one line when
+    the path holds neither, or the LoRA does not fit the model.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    for cand in (path / "lora", path):
+        f = cand / "pytorch_lora_weights.safetensors" if cand.is_dir() else cand
+        if f.is_file() and f.suffix == ".safetensors":
+            try:
+                pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+            except Exception as e:
+                raise UsageError(f"{f}: this LoRA does not fit the model ({_first_line(e)})") from e
+            _check_lora_applied(pipe, f)
+            return "lora"
+    for cand in (path / "unet", path):
+        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
+            unet = UNet2DConditionModel.from_pretrained(str(cand))
+            pipe.unet = unet.to(device=pipe.device, dtype=pipe.unet.dtype)
+            return "unet"
+    raise UsageError(
+        f"{path}: holds no LoRA (lora/pytorch_lora_weights.safetensors) and no unet/ folder; "
+        "pass a training run folder or its lora/ folder"
+    )
+
+
+def _check_lora_applied(pipe, f: Path) -> None:
+    # diffusers only warns when no key of the file matches the UNet: make that an error.
+    n = sum(1 for name, _ in pipe.unet.named_modules() if name.endswith("lora_A"))
+    if n == 0:
+        raise UsageError(f"{f}: this LoRA does not fit the model (no layer of its UNet matched)")

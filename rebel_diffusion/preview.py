@@ -1,0 +1,359 @@
+"""``rebel-diffusion preview --run OUTPUT_DIR``: a Gradio page to see what training did.
+
+- Before/after: a prompt and a seed give the base and the fine-tuned image side by side (same
+  seed, so the same starting noise), with the run's reward of each.
+- History: the run's per-epoch eval grids as a gallery to step through, and the reward curves
+  (re-read from disk on each page load and on "Refresh", so a live run can be watched).
+
+Gradio is an optional extra (``pip install 'rebel-diffusion[preview]'``) imported only here, inside
+functions. Models load once, when the app is built. The server binds 127.0.0.1 unless ``--host``
+or ``--share`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_PROMPT = "a photo of an otter"
+DISPLAY_MIN = 256  # small samples (32px tiny models) are upscaled, nearest, for the page
+INSTALL_HINT = "pip install 'rebel-diffusion[preview]'"
+
+
+def import_gradio():
+    """The gradio module, or a UsageError that says how to install it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
+    try:
+        import gradio
+    except ImportError as e:
+        raise UsageError(f"preview needs Gradio, which is not installed: {INSTALL_HINT}") from e
+    return gradio
+
+
+# ----------------------------------------------------------------------------------------------
+# The before/after comparer (no Gradio in here: testable on its own)
+
+
+class Comparer:
+    """Base and fine-tuned pipelines, built once, and the reward that scores their images.
+
+    ``compare(prompt, seed)`` samples one image from each with the same seed: (base PIL, tuned PIL,
+    text with the rewards). Calls are serialised: a pipeline is not thread-safe.
+    """
+
+    def __init__(self, base_pipe, tuned_pipe, settings, reward=None, reward_name: str | None = None):
+        self.base_pipe, self.tuned_pipe = base_pipe, tuned_pipe
+        self.settings = settings.resolve(tuned_pipe)
+        self.reward, self.reward_name = reward, reward_name
+        self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def images(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, tuned): two (3, H, W) images in [0, 1] drawn from the same seed."""
+        from .sample import sample_images
+
+        with self._lock:
+            base = sample_images(self.base_pipe, [prompt], [seed], self.settings)[0]
+            tuned = base if self.tuned_pipe is self.base_pipe else sample_images(
+                self.tuned_pipe, [prompt], [seed], self.settings)[0]
+        return base, tuned
+
+    def scores(self, prompt: str, base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float] | None:
+        if self.reward is None:
+            return None
+        with self._lock:
+            s = self.reward(torch.stack([base, tuned]), [prompt, prompt]).float().cpu()
+        return float(s[0]), float(s[1])
+
+    def compare(self, prompt: str, seed):
+        """(base image, fine-tuned image, text): PIL images, upscaled for display when small."""
+        from .report import to_pil
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise ValueError("type a prompt")
+        seed = _as_seed(seed)
+        base, tuned = self.images(prompt, seed)
+        text = f"prompt: {prompt!r}, seed {seed}"
+        scores = self.scores(prompt, base, tuned)
+        if scores:
+            b, t = scores
+            text += f"\n{self.reward_name}: base {b:.4f}, fine-tuned {t:.4f} (delta {t - b:+.4f})"
+        else:
+            text += "\n(no reward loaded)"
+        return _display(to_pil(base)), _display(to_pil(tuned)), text
+
+
+def _as_seed(seed) -> int:
+    try:
+        value = float(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"the seed must be a whole number, got {seed!r}") from None
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise ValueError(f"the seed must be a whole number >= 0, got {seed!r}")
+    return int(value)
+
+
+def _display(image):
+    """Upscale (nearest, integer factor) images smaller than DISPLAY_MIN so the page shows pixels."""
+    from PIL import Image
+
+    factor = math.ceil(DISPLAY_MIN / min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run history: grids and curve
+
+
+def epoch_grids(run_dir: Path | None) -> list[tuple[Path, str]]:
+    """[(grids/epoch_NNNN.png, 'epoch N: reward ...')] in epoch order."""
+    from .report import read_metrics
+
+    if run_dir is None or not (run_dir / "grids").is_dir():
+        return []
+    by_epoch = {r.get("epoch"): r for r in read_metrics(run_dir / "metrics.jsonl")}
+    out = []
+    for path in sorted((run_dir / "grids").glob("epoch_*.png")):
+        m = re.fullmatch(r"epoch_(\d+)\.png", path.name)
+        if not m:
+            continue
+        epoch = int(m.group(1))
+        caption = f"epoch {epoch}"
+        record = by_epoch.get(epoch, {})
+        if isinstance(record.get("eval_reward_mean"), (int, float)):
+            caption += f": eval reward {record['eval_reward_mean']:.4g}"
+        out.append((path, caption))
+    return out
+
+
+def reward_curve(run_dir: Path | None, scratch: Path) -> Path | None:
+    """A fresh plot of metrics.jsonl (in ``scratch``), else the run's reward_curve.png, else None."""
+    from .report import plot_reward_curve, read_metrics
+
+    if run_dir is None:
+        return None
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    if metrics:
+        return plot_reward_curve(metrics, scratch / "reward_curve.png")
+    png = run_dir / "reward_curve.png"
+    return png if png.is_file() else None
+
+
+def load_history(run_dir: Path | None, scratch: Path):
+    """(gallery items [(PIL, caption)], curve PIL or None), read from disk now."""
+    from PIL import Image
+
+    def read(path: Path):
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    items = []
+    for path, caption in epoch_grids(run_dir):
+        try:
+            items.append((read(path), caption))
+        except OSError:  # a grid being written right now: shown on the next refresh
+            continue
+    curve = reward_curve(run_dir, scratch)
+    return items, (read(curve) if curve else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+
+def _event_options(listener, hidden: bool) -> dict:
+    """Keep an event out of the API page: ``api_visibility`` (Gradio 6) or ``show_api`` (4, 5)."""
+    params = inspect.signature(listener).parameters
+    if not hidden:
+        return {}
+    if "api_visibility" in params:
+        return {"api_visibility": "undocumented"}
+    return {"show_api": False} if "show_api" in params else {}
+
+
+def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pipe=None, tuned_pipe=None,
+              reward=None, settings=None, device="cpu", dtype=None, aesthetic_head: str | None = None,
+              default_prompt: str | None = None, default_seed: int = 0):
+    """The preview page as a ``gr.Blocks`` (not launched).
+
+    Models: ``base_pipe``/``tuned_pipe`` when given, else loaded here, once, from ``run_dir`` (its
+    config.yaml and lora/, unet/ or newest checkpoint), ``model`` and ``finetune``.
+    ``reward``: a callable, a reward name, or None for the run's reward (a run reward that cannot be
+    loaded is a warning: the images still show). ``settings``: ``SamplingSettings`` (default the run's).
+
+    API: ``/compare`` (prompt, seed) -> (base image, fine-tuned image, text); ``/history`` () ->
+    (gallery, reward curve). The page opens with the default prompt and seed already compared.
+    """
+    from .sample import Source, load_models, resolve_source, settings_from_args
+
+    gr = import_gradio()
+    run_dir = Path(run_dir) if run_dir else None
+    source = Source(model=model or "", finetune=finetune)
+    if base_pipe is None or tuned_pipe is None:
+        ns = argparse.Namespace(run=str(run_dir) if run_dir else None, model=model,
+                                finetune=str(finetune) if finetune else None)
+        source = resolve_source(ns)
+        base_pipe, tuned_pipe = load_models(source, device=torch.device(device), dtype=dtype or torch.float32,
+                                            with_base=True)
+    elif run_dir is not None:
+        from .sample import read_run
+
+        run_dir, cfg = read_run(run_dir)
+        source.config, source.run_dir = cfg, run_dir
+    run_dir = source.run_dir or run_dir
+    if settings is None:
+        settings = settings_from_args(argparse.Namespace(), source.config)
+    reward, reward_name = _resolve_reward(reward, source.config, device, aesthetic_head)
+    comparer = Comparer(base_pipe, tuned_pipe, settings, reward, reward_name)
+    scratch = Path(tempfile.mkdtemp(prefix="rebel_preview_"))
+    prompt0 = default_prompt or DEFAULT_PROMPT
+
+    # Startup renders a first comparison and the history into the page itself, so it shows images
+    # as soon as it loads (and the first click does not pay for warm-up).
+    first = comparer.compare(prompt0, default_seed)
+    grids0, curve0 = load_history(run_dir, scratch)
+
+    title = f"rebel-diffusion preview: {run_dir.name if run_dir else source.model}"
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"## {title}\n" + _summary(source, run_dir, comparer))
+        with gr.Row():
+            prompt = gr.Textbox(value=prompt0, label="prompt", scale=4)
+            seed = gr.Number(value=default_seed, precision=0, minimum=0, label="seed", scale=1)
+            button = gr.Button("Compare", variant="primary", scale=1)
+        with gr.Row():
+            base_img = gr.Image(first[0], label="base", type="pil", format="png", interactive=False)
+            tuned_img = gr.Image(first[1], label="fine-tuned", type="pil", format="png", interactive=False)
+        info = gr.Textbox(first[2], label="rewards", lines=2, interactive=False)
+        gr.Markdown("### Training history")
+        with gr.Row():
+            gallery = gr.Gallery(grids0, label="eval grid per epoch (click one, then step with the arrows)",
+                                 columns=4, format="png", allow_preview=True, object_fit="contain", scale=3)
+            curve = gr.Image(curve0, label="reward curve", type="pil", format="png", interactive=False, height=420,
+                             scale=2)
+        refresh = gr.Button("Refresh history")
+
+        def history():
+            return load_history(run_dir, scratch)
+
+        button.click(comparer.compare, [prompt, seed], [base_img, tuned_img, info], api_name="compare")
+        prompt.submit(comparer.compare, [prompt, seed], [base_img, tuned_img, info],
+                      **_event_options(prompt.submit, hidden=True))
+        refresh.click(history, None, [gallery, curve], api_name="history")
+        # A page (re)load re-reads the history quietly: a live run's new epochs show up.
+        app.load(history, None, [gallery, curve], show_progress="hidden", **_event_options(app.load, hidden=True))
+    app.comparer = comparer  # for tests and callers that want the models without the page
+    return app
+
+
+def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
+    """(callable or None, its name) from a callable, a name, or the run's config."""
+    from .evaluate import load_rewards
+
+    if reward is not None and not isinstance(reward, str):
+        return reward, getattr(reward, "name", "reward")
+    name = reward or cfg.get("reward")
+    if not name:
+        return None, None
+    try:
+        return load_rewards([name], device=device, dtype=torch.float32,
+                            aesthetic_head=aesthetic_head or cfg.get("aesthetic_head"))[name], name
+    except UsageError as e:
+        if reward:  # asked for explicitly: the user must hear it
+            raise
+        warnings.warn(f"preview shows no rewards: the run's reward {name!r} cannot be loaded ({e})", stacklevel=2)
+        return None, None
+
+
+def _summary(source, run_dir, comparer) -> str:
+    s = comparer.settings
+    lines = [f"- base model: `{source.model or 'given pipeline'}`"]
+    if source.finetune:
+        lines.append(f"- fine-tune: `{source.finetune}`")
+    elif comparer.base_pipe is comparer.tuned_pipe:
+        lines.append("- no fine-tune: both sides show the base model")
+    if run_dir:
+        lines.append(f"- run: `{run_dir}`")
+    lines.append(f"- sampling: {s.sampler}, {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, "
+                 f"{s.width}x{s.height}; reward: {comparer.reward_name or 'none'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def check_port(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host`` (0: pick a free one); else a one-line UsageError."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be between 0 and 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); is another preview running? "
+                "pick another --port, or --port 0 for any free one"
+            ) from e
+        return s.getsockname()[1]
+
+
+def launch(app, *, host: str = "127.0.0.1", port: int, share: bool = False, block: bool = True):
+    """Start the server (no server-side rendering, no Node needed); ``block=False`` returns at once."""
+    options = dict(server_name=host, server_port=port, share=share, show_error=True, quiet=not block,
+                   prevent_thread_lock=not block, ssr_mode=False)
+    params = inspect.signature(app.launch).parameters
+    return app.launch(**{k: v for k, v in options.items() if k in params})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .sample import add_source_arguments
+
+    add_source_arguments(parser)
+    g = parser.add_argument_group("page")
+    g.add_argument("--reward", help="reward shown beside the images (default: the run's)")
+    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head for --reward aesthetic")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt compared on page load (default {DEFAULT_PROMPT!r})")
+    g.add_argument("--seed", type=int, default=0, help="seed compared on page load (default 0)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
+    g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 opens it to the network)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .sample import pick_device, pick_dtype, read_run, settings_from_args
+
+    if not (args.run or args.model or args.finetune):
+        raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
+    import_gradio()  # before loading models: a missing extra is a one-line error, at once
+    port = check_port(args.host, args.port)
+    device = pick_device(args.device)
+    app = build_app(args.run, model=args.model, finetune=args.finetune, reward=args.reward, device=device,
+                    dtype=pick_dtype(args.dtype, device), aesthetic_head=args.aesthetic_head,
+                    default_prompt=args.prompt, default_seed=args.seed,
+                    settings=settings_from_args(args, read_run(args.run)[1] if args.run else {}))
+    print(f"preview on http://{args.host}:{port} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        launch(app, host=args.host, port=port, share=args.share)
+    except OSError as e:  # the port was taken between the check and the launch
+        raise UsageError(f"--port {port}: cannot start the server on {args.host} ({e})") from e
+    return 0

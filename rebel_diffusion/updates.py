@@ -1,0 +1,130 @@
+"""The gradient of one optimizer step, for REBEL and for DDPO, one timestep at a time.
+
+Both losses are sums over (trajectory, step) terms once REBEL's residual is known, so each
+micro-batch and each step is backpropagated on its own: peak memory holds one UNet graph,
+whatever the number of steps T. ``backward(loss, last)`` is the caller's (``accelerator.backward``
+under ``no_sync`` until ``last``), so gradients are synchronised across processes once per
+optimizer step.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .ddpo import ppo_clip_loss
+from .rebel import rebel_residual, rebel_surrogate
+from .sampling import Trajectories, rescore_log_probs, step_log_prob
+
+
+def log_ratios(unet, scheduler, traj: Trajectories, index: torch.Tensor, autocast=nullcontext) -> torch.Tensor:
+    """ln pi_theta(y) - ln pi_t(y) of whole trajectories, no graph: (n,) float32 for images ``index``.
+
+    Sums (re-scored - recorded) over every stochastic step.
+    """
+    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    with autocast():
+        new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index)  # (n, S)
+    old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)
+    return (new - old).sum(dim=1)
+
+
+def rebel_accumulate(
+    unet,
+    scheduler,
+    traj: Trajectories,
+    pairs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    eta: float,
+    train_batch_size: int,
+    steps: list[int],
+    step_scale: float = 1.0,
+    on_policy: bool = False,
+    backward=None,
+    autocast=nullcontext,
+    score_unet=None,
+    valid: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Accumulate the REBEL loss gradient of one optimizer step into ``unet``'s parameters.
+
+    pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
+    steps: the stochastic steps trained (all of them, or a subsample whose sum is multiplied by
+    ``step_scale`` = T/m to stay unbiased). on_policy: the weights are still those that sampled
+    ``traj``, so every log-ratio is exactly 0 and the no-graph pass is skipped.
+    ``score_unet``: the module for the no-graph pass (default ``unet``; pass the unwrapped module
+    under DDP). ``valid``: (P,) bool, pairs to learn from (pairs with a non-finite reward keep their
+    place, so every process runs the same backward passes, but add no gradient). Returns the loss
+    mean(rho^2) over valid pairs before the step and the mean |log-ratio difference|.
+
+    1. rho = (1/eta) (D(y) - D(y')) - target from whole-trajectory log-ratios D, without a graph;
+    2. for each micro-batch and step, backpropagate sum_p 2 rho_p / (eta P) [ln pi(y_t) - ln pi(y'_t)].
+    """
+    backward = backward or (lambda loss, last: loss.backward())
+    num_pairs = len(pairs)
+    device = traj.latents.device
+    # 1. Residuals of all pairs of the step, from whole trajectories.
+    if on_policy:
+        diff = torch.zeros(num_pairs, device=device)
+    else:
+        images = torch.unique(pairs.flatten())
+        ratio = torch.zeros(len(traj), device=device)
+        ratio[images.to(device)] = log_ratios(score_unet or unet, scheduler, traj, images, autocast).to(device)
+        diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
+    residual = rebel_residual(diff, torch.zeros_like(diff), targets.to(device).float(), eta)  # (P,)
+    valid = torch.ones(num_pairs, dtype=torch.bool) if valid is None else valid.cpu()
+    residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
+    num_valid = max(int(valid.sum()), 1)
+
+    # 2. One backward per micro-batch and step.
+    chunks = list(torch.arange(num_pairs).split(train_batch_size))
+    for c, chunk in enumerate(chunks):
+        a, b = pairs[chunk, 0], pairs[chunk, 1]
+        index = torch.cat([a, b])
+        for s, j in enumerate(steps):
+            with autocast():
+                logp = step_log_prob(unet, scheduler, traj, j, index=index)  # (2p,)
+            la, lb = logp.float().split(len(chunk))
+            surrogate = rebel_surrogate(la * step_scale, lb * step_scale, residual[chunk], eta, num_valid)
+            backward(surrogate, c == len(chunks) - 1 and s == len(steps) - 1)
+    return {
+        "loss": float(residual.pow(2).sum() / num_valid),
+        "log_ratio_diff_abs": float(diff.abs().mean()),
+    }
+
+
+def ddpo_accumulate(
+    unet,
+    scheduler,
+    traj: Trajectories,
+    images: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float,
+    adv_clip_max: float,
+    train_batch_size: int,
+    steps: list[int],
+    backward=None,
+    autocast=nullcontext,
+) -> dict[str, float]:
+    """Accumulate the DDPO (PPO-clip) gradient of one optimizer step: mean over images x ``steps``.
+
+    images: (N,) indices into ``traj``; advantages: (len(traj),) normalised rewards.
+    """
+    backward = backward or (lambda loss, last: loss.backward())
+    num_terms = len(images) * len(steps)
+    chunks = list(images.split(train_batch_size))
+    total, kl, clipfrac = 0.0, 0.0, 0.0
+    for c, index in enumerate(chunks):
+        adv = advantages[index].to(traj.latents.device)
+        for s, j in enumerate(steps):
+            with autocast():
+                logp = step_log_prob(unet, scheduler, traj, j, index=index)
+            old = traj.log_probs[index.to(traj.log_probs.device), j].to(logp.device)
+            loss, stats = ppo_clip_loss(logp, old, adv, clip_range=clip_range, adv_clip_max=adv_clip_max)
+            backward(loss / num_terms, c == len(chunks) - 1 and s == len(steps) - 1)
+            total += float(loss.detach()) / num_terms
+            kl += float(stats["approx_kl"]) * len(index) / num_terms
+            clipfrac += float(stats["clipfrac"]) * len(index) / num_terms
+    return {"loss": total, "approx_kl": kl, "clipfrac": clipfrac}

@@ -1,0 +1,190 @@
+"""`rebel-diffusion preview`: the Gradio app on a localhost port, a real client, and a headless browser.
+
+The app is built on a fake-but-real run (tiny + a LoRA with random lora_B weights) and on the base
+model against a second, separate load of itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from rebel_diffusion import cli
+
+pytest.importorskip("gradio", reason="the preview extra (gradio) is not installed")
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
+
+# Gradio's own pandas deprecation chatter; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+STEPS = 2
+PROMPT, SEED = "a photo of an otter", 0
+
+
+def make_fake_run(run):
+    """tiny + a LoRA that changes the images, config.yaml (reward jpeg-compressibility), metrics, grids."""
+    from rebel_diffusion.models import add_lora, load_pipeline, save_lora
+    from rebel_diffusion.report import append_metrics, make_grid, save_png
+
+    run.mkdir(parents=True)
+    pipe = load_pipeline("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(pipe.unet)
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape) * 0.5
+    save_lora(pipe.unet, run / "lora")
+    config = dict(model="tiny", reward="jpeg-compressibility", sampler="ddim", num_steps=STEPS, ddim_eta=1.0,
+                  eta=1.0, guidance_scale=5.0, resolution=32, seed=0)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for e in range(3):
+        append_metrics(run / "metrics.jsonl", {"epoch": e, "reward_mean": -2.0 + e, "reward_std": 0.2,
+                                               "eval_reward_mean": -2.1 + e, "eval/jpeg-incompressibility": 2.0 - e})
+        save_png(make_grid(torch.rand(4, 3, 32, 32), [f"epoch {e}"] * 4), run / "grids" / f"epoch_{e:04d}.png")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(app):
+    """Launch ``app`` on a free localhost port without blocking; (url, client)."""
+    from rebel_diffusion.preview import launch
+
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    return url, gradio_client.Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_fake_run(tmp_path_factory.mktemp("preview") / "run")
+
+
+@pytest.fixture(scope="module")
+def tuned_server(run_dir):
+    from rebel_diffusion.preview import build_app
+
+    app = build_app(run_dir, default_prompt=PROMPT, default_seed=SEED)
+    url, client = serve(app)
+    yield app, url, client
+    app.close()
+
+
+def rgb(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_compare_after_a_trained_lora_differs(tuned_server):
+    app, url, client = tuned_server
+    assert url.startswith("http://127.0.0.1:")
+    base, tuned, text = client.predict(PROMPT, SEED, api_name="/compare")
+    a, b = rgb(base), rgb(tuned)
+    assert a.shape == b.shape == (256, 256, 3)  # 32px samples shown upscaled x8
+    assert not np.array_equal(a, b)
+    assert "jpeg-compressibility: base" in text and "fine-tuned" in text
+    # The page's images are the model's: the same seed gives the same pair again.
+    again = client.predict(PROMPT, SEED, api_name="/compare")
+    assert np.array_equal(rgb(again[0]), a) and np.array_equal(rgb(again[1]), b)
+    # ...and they are the sampler's images for that seed, upscaled with nearest.
+    raw_base, raw_tuned = app.comparer.images(PROMPT, SEED)
+    from rebel_diffusion.report import to_pil
+
+    assert np.array_equal(np.asarray(to_pil(raw_base)), a[::8, ::8])
+    assert np.array_equal(np.asarray(to_pil(raw_tuned)), b[::8, ::8])
+
+
+def test_history_lists_epoch_grids(tuned_server):
+    _, _, client = tuned_server
+    gallery, curve = client.predict(api_name="/history")
+    assert [item["caption"] for item in gallery] == [
+        "epoch 0: eval reward -2.1", "epoch 1: eval reward -1.1", "epoch 2: eval reward -0.1"]
+    assert rgb(curve).shape[0] > 300  # reward panel + one eval/ panel
+
+
+def test_base_model_against_itself_is_identical():
+    from rebel_diffusion.models import load_pipeline
+    from rebel_diffusion.preview import build_app
+    from rebel_diffusion.rewards import load_reward
+    from rebel_diffusion.sampling import SamplingSettings
+
+    app = build_app(base_pipe=load_pipeline("tiny"), tuned_pipe=load_pipeline("tiny"),  # two separate loads
+                    reward=load_reward("jpeg-compressibility"), settings=SamplingSettings(num_steps=STEPS))
+    try:
+        _, client = serve(app)
+        base, tuned, text = client.predict("a koala", 7, api_name="/compare")
+        assert np.array_equal(rgb(base), rgb(tuned))
+        assert "(delta +0.0000)" in text
+    finally:
+        app.close()
+
+
+def test_headless_browser_shows_the_images(tuned_server, tmp_path_factory):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
+    _, url, client = tuned_server
+    out = tmp_path_factory.mktemp("screenshot")
+    shot = out / "preview.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={out / 'profile'}", f"--screenshot={shot}",
+           "--window-size=1280,1400", "--virtual-time-budget=10000", "--hide-scrollbars", url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    print(f"screenshot: {shot}", file=sys.stderr)
+    page = rgb(shot).reshape(-1, 3)
+    assert page.std() > 20, "blank page"
+    # The page opens with the default prompt and seed compared: every colour of both sample images
+    # (32x32 noise-like pictures from the tiny model) must be on screen.
+    on_screen = {tuple(c) for c in np.unique(page, axis=0).tolist()}
+    for image in client.predict(PROMPT, SEED, api_name="/compare")[:2]:
+        colours = {tuple(c) for c in np.unique(rgb(image).reshape(-1, 3), axis=0).tolist()}
+        shown = sum(c in on_screen for c in colours) / len(colours)
+        assert shown > 0.9, f"only {shown:.0%} of an image's colours are on the page ({shot})"
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: safe defaults and bad input
+
+
+def test_cli_defaults_bind_localhost_without_share():
+    args = cli.build_parser().parse_args(["preview", "--run", "somewhere"])
+    assert args.host == "127.0.0.1" and args.share is False and args.port == 7860
+
+
+def test_port_in_use(run_dir, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["preview", "--run", str(run_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rebel-diffusion preview: error: --port {port}: cannot listen on 127.0.0.1")
+
+
+def test_without_gradio_says_how_to_install(run_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert cli.main(["preview", "--run", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("rebel-diffusion preview: error: preview needs Gradio, which is not installed: "
+                       "pip install 'rebel-diffusion[preview]'")
+
+
+def test_run_without_weights(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model: tiny\n")
+    assert cli.main(["preview", "--run", str(tmp_path), "--port", "0"]) == 2
+    assert "no fine-tuned weights" in capsys.readouterr().err.strip().splitlines()[-1]

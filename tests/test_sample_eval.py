@@ -1,0 +1,264 @@
+"""`rebel-diffusion sample` and `eval` on the tiny model, prompt sets, and their bad-input errors.
+
+A fake-but-real run folder is built once: tiny + a LoRA whose lora_B weights are random (so the
+fine-tune changes the images), config.yaml, metrics and grids as the trainer writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from rebel_diffusion import cli
+from rebel_diffusion.errors import UsageError
+
+STEPS = 2
+
+
+def make_fake_run(run, *, lora: bool = True, checkpoint: bool = False):
+    """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, grids/, lora/ (and/or a checkpoint)."""
+    from safetensors.torch import save_file
+
+    from rebel_diffusion.models import add_lora, load_pipeline, save_lora
+    from rebel_diffusion.report import append_metrics, make_grid, save_png
+
+    run.mkdir(parents=True)
+    pipe = load_pipeline("tiny")
+    with torch.random.fork_rng(devices=[]):  # the same LoRA every call, global RNG untouched
+        torch.manual_seed(0)
+        add_lora(pipe.unet)
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:  # initialised to 0: make the LoRA actually change the model
+                p.data = torch.randn(p.shape) * 0.5
+    if lora:
+        save_lora(pipe.unet, run / "lora")
+    if checkpoint:  # the trainer's checkpoints/epoch_NNNN: raw trainable weights
+        ckpt = run / "checkpoints" / "epoch_0001"
+        ckpt.mkdir(parents=True)
+        state = {n: p.detach().contiguous() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+        save_file(state, str(ckpt / "trainable.safetensors"))
+        (ckpt / "state.json").write_text('{"epoch": 1, "global_step": 1}')
+    config = dict(model="tiny", reward="jpeg-compressibility", prompts="simple_animals", sampler="ddim",
+                  num_steps=STEPS, eta=1.0, ddim_eta=1.0, guidance_scale=5.0, resolution=32, seed=0,
+                  eval_prompts="heldout_animals", finetune="lora", lora_rank=8, lora_alpha=8.0,
+                  lora_targets="to_q,to_k,to_v,to_out.0")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for e in range(2):
+        append_metrics(run / "metrics.jsonl", {"epoch": e, "reward_mean": -2.0 + e, "reward_std": 0.1,
+                                               "eval_reward_mean": -2.1 + e, "loss": 0.5})
+        save_png(make_grid(torch.rand(4, 3, 32, 32), [f"epoch {e}"] * 4), run / "grids" / f"epoch_{e:04d}.png")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_fake_run(tmp_path_factory.mktemp("sample_eval") / "run")
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "two.txt"
+    path.write_text("# held out\notter\n\npenguin\n")
+    return path
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def error_line(capsys, command: str) -> str:
+    """The CLI's one error line (other stderr lines may be progress or library chatter)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"rebel-diffusion {command}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt sets
+
+
+def test_prompt_sets_by_name_and_path(tmp_path, two_prompts):
+    from rebel_diffusion.prompts_io import list_prompt_sets, load_prompts
+
+    assert {"simple_animals", "heldout_animals"} <= set(list_prompt_sets())
+    assert load_prompts(two_prompts) == ["otter", "penguin"]  # comments and blank lines skipped
+    assert load_prompts("simple_animals")[:2] == load_prompts("simple_animals.txt")[:2] == ["cat", "dog"]
+    with pytest.raises(UsageError, match="no packaged prompt set.*heldout_animals"):
+        load_prompts("no_such_set")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(UsageError, match="empty"):
+        load_prompts(empty)
+
+
+def test_heldout_animals_do_not_overlap_the_training_animals():
+    from rebel_diffusion.prompts_io import load_prompts
+
+    heldout, train = load_prompts("heldout_animals"), load_prompts("simple_animals")
+    assert 20 <= len(heldout) <= 30 and len(set(heldout)) == len(heldout)
+    assert not set(heldout) & set(train)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample
+
+
+def test_sample_writes_pngs_grid_and_manifest(run_dir, tmp_path):
+    out = tmp_path / "tuned"
+    rc = cli.main(["sample", "--run", str(run_dir), "--prompt", "a cat", "--prompt", "a dog",
+                   "--seeds", "0", "1", "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    names = {"p000_seed0.png", "p000_seed1.png", "p001_seed0.png", "p001_seed1.png"}
+    assert names | {"grid.png", "samples.json"} == {p.name for p in out.iterdir()}
+    assert pixels(out / "p000_seed0.png").shape == (32, 32, 3)
+    manifest = json.loads((out / "samples.json").read_text())
+    assert manifest["settings"]["num_steps"] == STEPS  # from the run's config.yaml
+    assert manifest["finetune"].endswith("run") and manifest["model"] == "tiny"
+    assert {e["file"]: (e["prompt"], e["seed"]) for e in manifest["images"]}["p001_seed1.png"] == ("a dog", 1)
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 2 * 128 and grid.size[1] > 2 * 128  # 2x2 upscaled tiles with captions
+
+
+def test_same_seed_same_image_whichever_batch_and_model(run_dir, tmp_path):
+    common = ["--model", "tiny", "--steps", str(STEPS), "--resolution", "32", "--quiet", "--prompt", "a cat"]
+    assert cli.main(["sample", *common, "--seeds", "0", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    assert cli.main(["sample", *common, "--num-images", "1", "--seed", "1", "--output-dir", str(tmp_path / "b")]) == 0
+    assert cli.main(["sample", *common, "--finetune", str(run_dir / "lora"), "--seeds", "0",
+                     "--output-dir", str(tmp_path / "c")]) == 0
+    # Seed 1 alone gives the picture it gave beside seed 0.
+    assert np.array_equal(pixels(tmp_path / "a" / "p000_seed1.png"), pixels(tmp_path / "b" / "p000_seed1.png"))
+    # The fine-tune changes the image drawn from the same seed (same starting noise).
+    assert not np.array_equal(pixels(tmp_path / "a" / "p000_seed0.png"), pixels(tmp_path / "c" / "p000_seed0.png"))
+
+
+def test_sample_from_a_trainer_checkpoint_matches_its_lora(run_dir, tmp_path):
+    ckpt_run = make_fake_run(tmp_path / "ckpt_run", lora=False, checkpoint=True)
+    from rebel_diffusion.sample import find_finetune
+
+    assert find_finetune(ckpt_run) == ckpt_run / "checkpoints" / "epoch_0001"  # no lora/: newest checkpoint
+    args = ["--prompt", "a cat", "--seeds", "3", "--quiet"]
+    assert cli.main(["sample", "--run", str(ckpt_run), *args, "--output-dir", str(tmp_path / "ck")]) == 0
+    assert cli.main(["sample", "--run", str(run_dir), *args, "--output-dir", str(tmp_path / "lo")]) == 0
+    a, b = pixels(tmp_path / "ck" / "p000_seed3.png"), pixels(tmp_path / "lo" / "p000_seed3.png")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same weights, two load paths
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_writes_json_markdown_and_grid(run_dir, two_prompts, tmp_path):
+    out = tmp_path / "eval"
+    rc = cli.main(["eval", "--run", str(run_dir), "--prompts", str(two_prompts), "--num-images", "2",
+                   "--rewards", "jpeg-compressibility,jpeg-incompressibility", "--diversity-model", "tiny-random-clip",
+                   "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["prompts"] == ["otter", "penguin"] and result["seeds"] == [0, 1]
+    comp, incomp = result["rewards"]["jpeg-compressibility"], result["rewards"]["jpeg-incompressibility"]
+    for r in (comp, incomp):
+        assert math.isclose(r["delta"], r["tuned"] - r["base"], abs_tol=1e-9)
+        assert r["base_n"] == r["tuned_n"] == 4
+    assert math.isclose(comp["base"], -incomp["base"])
+    assert comp["delta"] != 0  # the LoRA changed the images
+    div = result["diversity"]
+    assert div["model"].startswith("tiny-random-clip") and 0 < div["base"] < 2
+    md = (out / "eval.md").read_text()
+    assert "| metric | base | fine-tuned | delta |" in md
+    assert md.count("| jpeg-") == 2 and "| diversity |" in md and "tiny-random-clip" in md
+    # eval_grid: a row per prompt, 2 base + 2 tuned tiles of 128 px.
+    assert Image.open(out / "eval_grid.png").size[0] >= 4 * 128
+
+
+def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
+    from rebel_diffusion.evaluate import PixelEmbedder, eval_metrics, evaluate_pipelines
+    from rebel_diffusion.models import load_pipeline
+    from rebel_diffusion.rewards import load_reward
+    from rebel_diffusion.sampling import SamplingSettings
+
+    rewards = {"jpeg-compressibility": load_reward("jpeg-compressibility")}
+    settings = SamplingSettings(num_steps=STEPS)
+    a, b = load_pipeline("tiny"), load_pipeline("tiny")  # two separate loads of one model
+    result = evaluate_pipelines(a, b, ["otter"], rewards, [0, 1], settings, diversity=PixelEmbedder())
+    r = result["rewards"]["jpeg-compressibility"]
+    assert r["delta"] == 0.0 and result["diversity"]["delta"] == 0.0
+    alone = evaluate_pipelines(None, b, ["otter"], rewards, [0, 1], settings, diversity=PixelEmbedder())
+    assert alone["rewards"]["jpeg-compressibility"]["base"] is None
+    assert eval_metrics(alone) == {"eval/jpeg-compressibility": r["tuned"], "eval/diversity": result["diversity"]["tuned"]}
+
+
+def test_diversity_figure(monkeypatch, capsys):
+    from rebel_diffusion import evaluate
+    from rebel_diffusion.evaluate import load_diversity_model, pairwise_diversity, parse_reward_names
+
+    same = torch.ones(3, 4, 8)
+    assert pairwise_diversity(same) == pytest.approx(0.0, abs=1e-6)
+    orthogonal = torch.eye(4)[None]  # one prompt, 4 orthogonal embeddings: distance 1 each
+    assert pairwise_diversity(orthogonal) == pytest.approx(1.0)
+    assert pairwise_diversity(torch.stack([same[0], torch.eye(4, 8)])) == pytest.approx(0.5)
+    assert load_diversity_model("none") is None
+    assert "pixels" in load_diversity_model("pixels").name
+    with pytest.raises(UsageError, match="--diversity-model"):
+        load_diversity_model("resnet")
+    # auto, offline and with nothing cached: pixels at once, and a warning that says so.
+    monkeypatch.setattr(evaluate, "_cached_weights", lambda *a: None)
+    monkeypatch.setattr(evaluate, "_hub_reachable", lambda *a: False)
+    assert load_diversity_model("auto").name.startswith("pixels")
+    assert "diversity uses pixel embeddings, not CLIP" in capsys.readouterr().err
+    assert parse_reward_names(None, "aesthetic") == ["aesthetic", "jpeg-compressibility", "jpeg-incompressibility"]
+    assert parse_reward_names("clip, clip,aesthetic", None) == ["clip", "aesthetic"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line, exit 2
+
+
+def test_run_folder_without_weights(tmp_path, capsys):
+    empty = make_fake_run(tmp_path / "empty_run", lora=False)
+    assert cli.main(["sample", "--run", str(empty), "--prompt", "a cat", "--quiet"]) == 2
+    assert "no fine-tuned weights" in error_line(capsys, "sample")
+    assert cli.main(["sample", "--run", str(tmp_path / "nope"), "--prompt", "a cat"]) == 2
+    assert "no such folder" in error_line(capsys, "sample")
+    assert cli.main(["eval", "--run", str(tmp_path)]) == 2
+    assert "not a training run folder" in error_line(capsys, "eval")
+
+
+def test_lora_that_does_not_fit_the_model(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+    bad = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora.down" in k or "lora_A" in k else v
+           for k, v in weights.items()}
+    (tmp_path / "bad").mkdir()
+    save_file(bad, str(tmp_path / "bad" / "pytorch_lora_weights.safetensors"))
+    rc = cli.main(["sample", "--model", "tiny", "--finetune", str(tmp_path / "bad"), "--prompt", "a cat",
+                   "--steps", "1", "--quiet"])
+    assert rc == 2
+    line = error_line(capsys, "sample")
+    assert "does not fit the model tiny" in line and "size" in line.lower()
+
+
+def test_unknown_reward_in_eval(run_dir, capsys, tmp_path):
+    rc = cli.main(["eval", "--run", str(run_dir), "--rewards", "jpeg-compressibility,beauty",
+                   "--output-dir", str(tmp_path / "e")])
+    assert rc == 2
+    assert "unknown reward 'beauty'" in error_line(capsys, "eval")
+    assert not (tmp_path / "e").exists()  # failed before sampling anything
+
+
+def test_other_bad_input(run_dir, capsys):
+    assert cli.main(["sample", "--run", str(run_dir), "--prompts", "no_such_set"]) == 2
+    assert "no packaged prompt set" in error_line(capsys, "sample")
+    assert cli.main(["sample", "--run", str(run_dir), "--prompt", "x", "--seeds", "1", "1"]) == 2
+    assert "repeats" in error_line(capsys, "sample")
+    assert cli.main(["eval", "--model", "tiny"]) == 2
+    assert "--finetune" in error_line(capsys, "eval")
+    assert cli.main(["eval", "--run", str(run_dir), "--diversity-model", "resnet"]) == 2
+    assert "--diversity-model resnet" in error_line(capsys, "eval")

@@ -1,0 +1,609 @@
+"""The DDIM and LCM steps with log-probs, the trajectory sampler and re-scoring (issue 2, items 3-5).
+
+References are independent of ``rebel_diffusion.sampling``: ``torch.distributions.Normal``, diffusers'
+own ``DDIMScheduler.step`` / ``LCMScheduler.step`` / ``StableDiffusionPipeline``, and manual
+two-pass loops written out here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch.distributions import Normal
+from torch.testing import assert_close
+
+from rebel_diffusion import sampling
+from rebel_diffusion.errors import UsageError
+from rebel_diffusion.models import SD_SCHEDULER_CONFIG
+from rebel_diffusion.sampling import (
+    SamplingSettings,
+    ddim_step_with_logprob,
+    decode_latents,
+    gaussian_log_prob,
+    guidance_embedding,
+    lcm_step_with_logprob,
+    make_scheduler,
+    rescore_drift,
+    rescore_log_probs,
+    sample_trajectories,
+    step_log_prob,
+)
+
+CPU = torch.device("cpu")
+N_STEPS = 10  # scheduler steps in the step-function tests
+SHAPE = (2, 4, 8, 8)
+PROMPTS = ["a red circle on a blue background", "a green square, on grass!"]
+K = 2  # images per prompt
+SEED = 100
+DDIM_SETTINGS = SamplingSettings(sampler="ddim", num_steps=4, eta=1.0, guidance_scale=5.0)
+LCM_SETTINGS = SamplingSettings(num_steps=4, guidance_scale=8.0)
+RESCORE_TOL = 1e-5  # fp32 CPU, issue 2
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=CPU).manual_seed(seed)
+
+
+def randn(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=gen(seed)) * scale
+
+
+def same_noise(shape, seed: int) -> torch.Tensor:
+    """The draw our step makes with ``generator=gen(seed)`` (diffusers' randn_tensor)."""
+    return randn_tensor(shape, generator=gen(seed), device=CPU, dtype=torch.float32)
+
+
+def normal_log_prob(x, mean, std) -> torch.Tensor:
+    """Reference: torch's Normal log-density, mean over the non-batch dims."""
+    std = torch.as_tensor(std, dtype=mean.dtype).expand_as(mean)
+    return Normal(mean, std).log_prob(x).flatten(1).mean(dim=1)
+
+
+def ddim_scheduler(n: int = N_STEPS, **overrides) -> DDIMScheduler:
+    sched = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, **overrides})
+    sched.set_timesteps(n)
+    return sched
+
+
+def lcm_scheduler(n: int = 4, **overrides) -> LCMScheduler:
+    sched = LCMScheduler(**{**SD_SCHEDULER_CONFIG, **overrides})
+    sched.set_timesteps(n)
+    return sched
+
+
+def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
+    """Closed-form DDIM Gaussian (FIELD_NOTES section 3) in float64: (mean, std, x0_hat)."""
+    acp = sched.alphas_cumprod.double()
+    cfg = sched.config
+    t_prev = t - cfg.num_train_timesteps // sched.num_inference_steps
+    a_t = acp[t]
+    if alpha_prev is None:
+        alpha_prev = acp[t_prev] if t_prev >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+    a_prev = torch.as_tensor(alpha_prev, dtype=torch.float64)
+    x, e = x.double(), model_output.double()
+    if cfg.prediction_type == "epsilon":
+        x0, eps = (x - (1 - a_t).sqrt() * e) / a_t.sqrt(), e
+    else:  # v_prediction
+        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * e, a_t.sqrt() * e + (1 - a_t).sqrt() * x
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * var.sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    return mean, std, x0
+
+
+def fresh_pipeline(pipe, scheduler=None):
+    """A new pipeline object sharing ``pipe``'s modules, with its own scheduler (fixtures stay untouched)."""
+    scheduler = scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
+    new = type(pipe)(**{**pipe.components, "scheduler": scheduler, "requires_safety_checker": False})
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+@torch.no_grad()
+def text_embeds(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def stochastic_steps(traj) -> list[int]:
+    return [j for j in range(len(traj.timesteps)) if bool(traj.stochastic[j])]
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectories shared by the sampler tests (each sampled once per module)
+
+
+@pytest.fixture(scope="module")
+def ddim_traj(tiny_pipe):
+    return sample_trajectories(tiny_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=DDIM_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def v_traj(tiny_v_pipe):
+    return sample_trajectories(tiny_v_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=DDIM_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def lcm_traj(tiny_lcm_pipe):
+    return sample_trajectories(tiny_lcm_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=LCM_SETTINGS)
+
+
+CASES = {  # model -> (pipeline fixture, trajectory fixture, settings)
+    "tiny": ("tiny_pipe", "ddim_traj", DDIM_SETTINGS),
+    "tiny-v": ("tiny_v_pipe", "v_traj", DDIM_SETTINGS),
+    "tiny-lcm": ("tiny_lcm_pipe", "lcm_traj", LCM_SETTINGS),
+}
+
+
+def case(request, name):
+    pipe_fx, traj_fx, settings = CASES[name]
+    return request.getfixturevalue(pipe_fx), request.getfixturevalue(traj_fx), settings
+
+
+# ----------------------------------------------------------------------------------------------
+# gaussian_log_prob
+
+
+@pytest.mark.parametrize("per_image_std", [False, True])
+def test_gaussian_log_prob_matches_torch_normal(per_image_std):
+    x, mean = randn((3, 4, 5, 6), 0), randn((3, 4, 5, 6), 1)
+    std = randn((3, 1, 1, 1), 2).abs() + 0.1 if per_image_std else randn((3, 4, 5, 6), 2).abs() + 0.1
+    got = gaussian_log_prob(x, mean, std)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    assert_close(got, normal_log_prob(x, mean, std.expand_as(mean)), rtol=1e-6, atol=1e-6)
+    # a sum (instead of the documented mean) over the 120 latent dims would be 120x larger
+    assert not torch.allclose(got, Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).sum(1))
+
+
+def test_gaussian_log_prob_is_float32_for_half_inputs():
+    x, mean = randn((2, 3, 4, 4), 0), randn((2, 3, 4, 4), 1)
+    std = torch.full((2, 1, 1, 1), 0.5)
+    got = gaussian_log_prob(x.half(), mean.half(), std.half())
+    assert got.dtype == torch.float32
+    assert_close(got, normal_log_prob(x.half().float(), mean.half().float(), std), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# ddim_step_with_logprob
+
+DDIM_CONFIGS = {
+    "epsilon": {},
+    "v_prediction": {"prediction_type": "v_prediction"},
+    "clip_sample": {"clip_sample": True, "clip_sample_range": 1.0},
+}
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.4])
+@pytest.mark.parametrize("config", list(DDIM_CONFIGS))
+def test_ddim_step_equals_diffusers_and_closed_form(config, eta):
+    sched = ddim_scheduler(**DDIM_CONFIGS[config])
+    ts = sched.timesteps
+    for i, t in enumerate((int(ts[0]), int(ts[len(ts) // 2]), int(ts[-1]))):
+        out, x = randn(SHAPE, 10 + i), randn(SHAPE, 20 + i)
+        prev, logp = ddim_step_with_logprob(sched, out, t, x, eta=eta, generator=gen(30 + i))
+        noise = same_noise(SHAPE, 30 + i)
+        expected = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        assert_close(prev, expected, rtol=1e-5, atol=1e-5)
+
+        mean, std, x0 = ddim_reference(sched, out, t, x, eta)
+        assert float(std) > 0
+        assert_close(prev.double(), mean + std * noise.double(), rtol=1e-5, atol=1e-5)
+        assert logp.shape == (SHAPE[0],) and logp.dtype == torch.float32
+        assert_close(logp.double(), normal_log_prob(prev.double(), mean, std), rtol=1e-5, atol=1e-4)
+
+        # scoring a given transition: returns it unchanged, with the closed-form log-density
+        other = expected + 0.01 * randn(SHAPE, 40 + i)
+        scored, logp2 = ddim_step_with_logprob(sched, out, t, x, eta=eta, prev_sample=other)
+        assert torch.equal(scored, other)
+        assert_close(logp2.double(), normal_log_prob(other.double(), mean, std), rtol=1e-5, atol=1e-4)
+
+        if config == "clip_sample":  # make sure clipping was exercised: unclipped x0_hat differs
+            unclipped = ddim_reference(ddim_scheduler(), out, t, x, eta)[2]
+            assert not torch.allclose(unclipped, x0)
+
+
+def test_ddim_step_with_generator_list_equals_diffusers():
+    sched = ddim_scheduler()
+    t = int(sched.timesteps[3])
+    out, x = randn(SHAPE, 1), randn(SHAPE, 2)
+    prev, _ = ddim_step_with_logprob(sched, out, t, x, eta=1.0, generator=[gen(5), gen(6)])
+    expected = sched.step(out, t, x, eta=1.0, generator=[gen(5), gen(6)]).prev_sample
+    assert_close(prev, expected, rtol=1e-5, atol=1e-5)
+    # per-image generators: image 1 does not depend on image 0's generator
+    prev_b, _ = ddim_step_with_logprob(sched, out, t, x, eta=1.0, generator=[gen(7), gen(6)])
+    assert torch.equal(prev_b[1], prev[1]) and not torch.allclose(prev_b[0], prev[0])
+
+
+def test_ddim_tensor_timesteps_equal_per_image_calls():
+    sched = ddim_scheduler()
+    ts = sched.timesteps[[0, 4, 8]]  # three different (B,) timesteps, all stochastic
+    shape = (3, *SHAPE[1:])
+    out, x, given = randn(shape, 1), randn(shape, 2), randn(shape, 3, 0.5)
+    drawn, _ = ddim_step_with_logprob(sched, out, ts, x, eta=1.0, generator=[gen(11), gen(12), gen(13)])
+    _, scored = ddim_step_with_logprob(sched, out, ts, x, eta=1.0, prev_sample=given)
+    for i in range(3):
+        one = slice(i, i + 1)
+        d_i, _ = ddim_step_with_logprob(sched, out[one], int(ts[i]), x[one], eta=1.0, generator=gen(11 + i))
+        _, s_i = ddim_step_with_logprob(sched, out[one], int(ts[i]), x[one], eta=1.0, prev_sample=given[one])
+        assert_close(drawn[one], d_i, rtol=0, atol=1e-6)
+        assert_close(scored[one], s_i, rtol=0, atol=1e-6)
+    # the per-image timesteps were used: one timestep for all gives different log-probs
+    _, same_t = ddim_step_with_logprob(sched, out, int(ts[0]), x, eta=1.0, prev_sample=given)
+    assert not torch.allclose(same_t, scored)
+    with pytest.raises(ValueError, match="timestep"):
+        ddim_step_with_logprob(sched, out, ts[:2], x, eta=1.0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_uses_final_alpha_cumprod_below_zero(spacing):
+    # set_alpha_to_one=True: final_alpha_cumprod = 1 != alphas_cumprod[0], so clamping t_prev to 0 is wrong
+    sched = ddim_scheduler(set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
+    t = int(sched.timesteps[-1])
+    assert t - 1000 // N_STEPS < 0 and float(sched.final_alpha_cumprod) == 1.0
+    out, x = randn(SHAPE, 1), randn(SHAPE, 2)
+    prev, logp = ddim_step_with_logprob(sched, out, t, x, eta=1.0, generator=gen(3))
+    noise = same_noise(SHAPE, 3)
+    assert_close(prev, sched.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample, rtol=1e-5, atol=1e-5)
+    # abar_prev = 1: the step lands on x0_hat, deterministically
+    mean, std, x0 = ddim_reference(sched, out, t, x, 1.0)
+    assert float(std) == 0.0 and logp is None
+    assert_close(prev.double(), x0, rtol=1e-5, atol=1e-5)
+    # the peers' clamped computation (t_prev -> 0) gives another step
+    mean_c, std_c, _ = ddim_reference(sched, out, t, x, 1.0, alpha_prev=sched.alphas_cumprod[0])
+    clamped = mean_c + std_c * noise.double()
+    assert (prev.double() - clamped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.0, -0.5])
+def test_ddim_eta_must_be_positive(eta):
+    sched = ddim_scheduler()
+    with pytest.raises(ValueError, match=r"eta must be > 0.*(deterministic|log-density)"):
+        ddim_step_with_logprob(sched, randn(SHAPE, 1), int(sched.timesteps[0]), randn(SHAPE, 2), eta=eta)
+
+
+def test_ddim_needs_set_timesteps():
+    sched = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ddim_step_with_logprob(sched, randn(SHAPE, 1), 1, randn(SHAPE, 2), eta=1.0)
+
+
+def test_ddim_zero_variance_step_has_no_log_prob():
+    # steps_offset=0 and set_alpha_to_one=False: last t = 0 and abar_prev = abar_0 = abar_t, variance 0
+    sched = ddim_scheduler(steps_offset=0, set_alpha_to_one=False)
+    t = int(sched.timesteps[-1])
+    assert t == 0
+    out, x = randn(SHAPE, 1), randn(SHAPE, 2)
+    mean, std, _ = ddim_reference(sched, out, t, x, 1.0)
+    assert float(std) == 0.0
+    naive = gaussian_log_prob(mean.float(), mean.float(), torch.zeros(SHAPE[0], 1, 1, 1))
+    assert not torch.isfinite(naive).all()  # what scoring it naively would feed the loss
+
+    prev, logp = ddim_step_with_logprob(sched, out, t, x, eta=1.0, generator=gen(3))
+    assert logp is None
+    assert torch.isfinite(prev).all()
+    assert_close(prev, sched.step(out, t, x, eta=1.0, variance_noise=same_noise(SHAPE, 3)).prev_sample)
+    scored, logp2 = ddim_step_with_logprob(sched, out, t, x, eta=1.0, prev_sample=prev)
+    assert logp2 is None and torch.equal(scored, prev)
+    # a batch that mixes it with a stochastic step is refused, not silently scored
+    with pytest.raises(ValueError, match="deterministic"):
+        ddim_step_with_logprob(sched, out, torch.tensor([t, int(sched.timesteps[0])]), x, eta=1.0)
+
+
+@pytest.fixture(scope="module")
+def zero_variance_traj(tiny_pipe):
+    pipe = fresh_pipeline(tiny_pipe)
+    # set after construction: StableDiffusionPipeline.__init__ rewrites steps_offset=0 to 1
+    pipe.scheduler = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "steps_offset": 0})
+    return pipe, sample_trajectories(pipe, PROMPTS[:1], images_per_prompt=2, seed=SEED, settings=DDIM_SETTINGS)
+
+
+def test_sampler_marks_zero_variance_ddim_step(zero_variance_traj):
+    pipe, traj = zero_variance_traj
+    assert traj.timesteps[-1] == 0
+    assert traj.stochastic.tolist() == [True, True, True, False]
+    assert torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()
+    assert torch.equal(traj.log_probs[:, -1], torch.zeros(2))
+    sched = make_scheduler(pipe, traj.settings)
+    new = rescore_log_probs(pipe.unet, sched, traj)
+    assert new.shape == (2, 3) and torch.isfinite(new).all()
+    assert (new - traj.log_probs[:, :3]).abs().max() <= RESCORE_TOL
+    with pytest.raises(ValueError, match="deterministic"):
+        step_log_prob(pipe.unet, sched, traj, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# lcm_step_with_logprob
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_lcm_step_equals_diffusers_and_closed_form(prediction_type):
+    ours, ref = lcm_scheduler(prediction_type=prediction_type), lcm_scheduler(prediction_type=prediction_type)
+    ts = [int(t) for t in ref.timesteps]
+    g_ours, g_ref = [gen(1), gen(2)], [gen(1), gen(2)]
+    x = randn(SHAPE, 0)
+    for i, t in enumerate(ts):
+        out = randn(SHAPE, 50 + i)
+        expected = ref.step(out, ref.timesteps[i], x, generator=g_ref)  # stepped in order: its step index is i
+        prev, logp = lcm_step_with_logprob(ours, out, t, x, generator=g_ours)
+        assert_close(prev, expected.prev_sample, rtol=1e-5, atol=1e-5)
+        if i == len(ts) - 1:  # final step: deterministic, prev = denoised, no log-prob
+            assert logp is None
+            assert_close(prev, expected.denoised, rtol=1e-5, atol=1e-5)
+        else:
+            a_prev = ref.alphas_cumprod[ts[i + 1]].double()
+            mean, std = a_prev.sqrt() * expected.denoised.double(), (1 - a_prev).sqrt()
+            assert logp.shape == (SHAPE[0],) and logp.dtype == torch.float32
+            assert_close(logp.double(), normal_log_prob(prev.double(), mean, std), rtol=1e-5, atol=1e-4)
+            _, rescored = lcm_step_with_logprob(ours, out, t, x, prev_sample=prev)
+            assert_close(rescored, logp, rtol=0, atol=1e-6)
+        x = expected.prev_sample
+
+
+def test_lcm_step_rejects_unknown_timestep():
+    sched = lcm_scheduler()
+    bad = int(sched.timesteps[0]) - 1
+    with pytest.raises(ValueError, match="not in scheduler.timesteps"):
+        lcm_step_with_logprob(sched, randn(SHAPE, 1), bad, randn(SHAPE, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectory sampler
+
+
+def test_trajectory_shapes_and_contents(tiny_pipe, ddim_traj):
+    traj, b, t = ddim_traj, len(PROMPTS) * K, DDIM_SETTINGS.num_steps
+    assert len(traj) == b and traj.prompts == [p for p in PROMPTS for _ in range(K)]
+    assert traj.latents.shape == (b, t + 1, 4, 16, 16) and traj.latents.dtype == torch.float32
+    assert traj.log_probs.shape == (b, t) and traj.log_probs.dtype == torch.float32
+    assert traj.timesteps.shape == (t,) and traj.timesteps.dtype == torch.long
+    assert traj.timesteps.tolist() == make_scheduler(tiny_pipe, traj.settings).timesteps.tolist()
+    assert traj.stochastic.tolist() == [True] * t
+    assert torch.isfinite(traj.log_probs).all()
+    assert traj.images.shape == (b, 3, 32, 32) and traj.images.dtype == torch.float32
+    assert traj.images.min() >= 0 and traj.images.max() <= 1 and traj.images.std() > 0
+    assert traj.prompt_embeds.shape == (b, 77, 32) and traj.negative_embeds.shape == (b, 77, 32)
+    assert traj.group.tolist() == [0, 0, 1, 1] and traj.seeds.tolist() == [SEED + i for i in range(b)]
+    # x_T is each image's seeded N(0, I) draw, and the images decode x_0
+    for i in range(b):
+        assert torch.equal(traj.latents[i, 0], randn_tensor((1, 4, 16, 16), generator=gen(SEED + i))[0])
+    assert_close(traj.images, decode_latents(tiny_pipe.vae, traj.latents[:, -1]))
+    assert_close(traj.prompt_embeds[2], text_embeds(tiny_pipe, PROMPTS[1])[0])
+    assert_close(traj.negative_embeds[0], text_embeds(tiny_pipe, "")[0])
+
+
+def test_record_false_keeps_images_only(tiny_pipe, ddim_traj):
+    lean = sample_trajectories(tiny_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=DDIM_SETTINGS, record=False)
+    assert lean.latents.shape[1] == 1
+    assert_close(lean.images, ddim_traj.images, rtol=0, atol=1e-6)
+    assert_close(lean.log_probs, ddim_traj.log_probs, rtol=0, atol=1e-6)
+
+
+def test_cfg_is_one_batched_unet_call_per_step(tiny_pipe, tiny_lcm_pipe):
+    def count(pipe, settings):
+        sizes = []
+        handle = pipe.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+        try:
+            sample_trajectories(pipe, PROMPTS[:1], images_per_prompt=3, settings=settings)
+        finally:
+            handle.remove()
+        return sizes
+
+    assert count(tiny_pipe, DDIM_SETTINGS) == [6] * DDIM_SETTINGS.num_steps  # uncond + cond together
+    assert count(tiny_pipe, replace(DDIM_SETTINGS, guidance_scale=1.0)) == [3] * DDIM_SETTINGS.num_steps
+    assert count(tiny_lcm_pipe, LCM_SETTINGS) == [3] * LCM_SETTINGS.num_steps  # guidance as an embedding
+
+
+@torch.no_grad()
+def test_cfg_equals_manual_two_pass(tiny_pipe, ddim_traj):
+    """Replay images 0 and 2 one at a time: unconditional and conditional UNet passes, diffusers' DDIM step."""
+    w, eta = DDIM_SETTINGS.guidance_scale, DDIM_SETTINGS.eta
+    uncond = text_embeds(tiny_pipe, "")
+    gap = 0.0
+    for i in (0, 2):
+        sched = ddim_scheduler(DDIM_SETTINGS.num_steps)
+        g = gen(int(ddim_traj.seeds[i]))
+        x = randn_tensor((1, 4, 16, 16), generator=g)
+        cond = text_embeds(tiny_pipe, ddim_traj.prompts[i])
+        for j, t in enumerate(sched.timesteps):
+            e_u = tiny_pipe.unet(x, t, encoder_hidden_states=uncond).sample
+            e_c = tiny_pipe.unet(x, t, encoder_hidden_states=cond).sample
+            gap = max(gap, float((e_c - e_u).abs().max()))
+            guided = e_u + w * (e_c - e_u)
+            mean, std, _ = ddim_reference(sched, guided, int(t), x, eta)
+            x = sched.step(guided, t, x, eta=eta, generator=g).prev_sample
+            assert_close(ddim_traj.latents[i, j + 1], x[0], rtol=1e-4, atol=1e-4)
+            # the recorded log-prob is that of the GUIDED policy
+            expected = normal_log_prob(ddim_traj.latents[i, j + 1 : j + 2].double(), mean, std)
+            assert_close(ddim_traj.log_probs[i, j : j + 1].double(), expected, rtol=1e-5, atol=1e-4)
+    assert gap > 1e-3  # the prompt moves the UNet output, so guidance is exercised
+
+
+@torch.no_grad()
+def test_lcm_guidance_embedding_path(tiny_lcm_pipe, lcm_traj):
+    """tiny-lcm: one conditional pass per step with the guidance embedding, no negative embeddings."""
+    pipe, w = tiny_lcm_pipe, LCM_SETTINGS.guidance_scale
+    dim = pipe.unet.config.time_cond_proj_dim
+    assert dim and lcm_traj.negative_embeds is None
+    assert lcm_traj.stochastic.tolist() == [True, True, True, False]
+    assert torch.equal(lcm_traj.log_probs[:, -1], torch.zeros(len(lcm_traj)))
+    w_emb = pipe.get_guidance_scale_embedding(torch.tensor([w - 1.0]), embedding_dim=dim)
+    assert_close(guidance_embedding(torch.tensor([w]), dim), w_emb)
+    sched = lcm_scheduler(LCM_SETTINGS.num_steps)
+    i = 1
+    g = gen(int(lcm_traj.seeds[i]))
+    x = randn_tensor((1, 4, 16, 16), generator=g)
+    cond = text_embeds(pipe, lcm_traj.prompts[i])
+    for j, t in enumerate(sched.timesteps):
+        e = pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        if j == 0:  # the embedding matters
+            other = pipe.get_guidance_scale_embedding(torch.tensor([1.0]), embedding_dim=dim)
+            assert (pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=other).sample - e).abs().max() > 1e-4
+        x = sched.step(e, t, x, generator=g).prev_sample
+        assert_close(lcm_traj.latents[i, j + 1], x[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_images_equal_diffusers_pipeline(name, request):
+    pipe, traj, settings = case(request, name)
+    plain = fresh_pipeline(pipe)
+    images = plain(
+        PROMPTS,
+        num_images_per_prompt=K,
+        num_inference_steps=settings.num_steps,
+        guidance_scale=settings.guidance_scale,
+        eta=settings.eta,
+        generator=[gen(int(s)) for s in traj.seeds],
+        output_type="pt",
+    ).images
+    assert images.shape == traj.images.shape
+    assert_close(traj.images, images, rtol=0, atol=1e-5)
+
+
+def test_per_image_seed_reproducible(tiny_pipe, ddim_traj):
+    def sample(prompts, **kw):
+        return sample_trajectories(tiny_pipe, prompts, settings=DDIM_SETTINGS, **kw)
+
+    def same(a, b):  # images to 1e-5 (issue 2); latents (|x| up to ~4) to batched-conv rounding
+        assert_close(a.images, b.images, rtol=0, atol=1e-5)
+        assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-4)
+        assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-4)
+
+    alone = sample(PROMPTS[1:], seeds=[SEED + 2])
+    same(alone, ddim_traj.select([2]))
+    chunked = sample(PROMPTS, images_per_prompt=K, seed=SEED, batch_size=3)
+    same(chunked, ddim_traj)
+    bigger = sample([*PROMPTS, "a third prompt"], images_per_prompt=K, seed=SEED)
+    same(bigger.select([0, 1, 2, 3]), ddim_traj)
+    # and the seed matters: same prompt, different seeds, different images
+    assert (ddim_traj.images[0] - ddim_traj.images[1]).abs().max() > 1e-3
+
+
+def test_per_image_seed_reproducible_lcm(tiny_lcm_pipe, lcm_traj):
+    alone = sample_trajectories(tiny_lcm_pipe, PROMPTS[:1], seeds=[SEED + 1], settings=LCM_SETTINGS)
+    chunked = sample_trajectories(
+        tiny_lcm_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=LCM_SETTINGS, batch_size=3
+    )
+    assert_close(alone.images[0], lcm_traj.images[1], rtol=0, atol=1e-5)
+    assert_close(chunked.images, lcm_traj.images, rtol=0, atol=1e-5)
+    assert_close(chunked.log_probs, lcm_traj.log_probs, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# re-scoring
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rescore_reproduces_recorded_log_probs(name, request):
+    pipe, traj, _ = case(request, name)
+    sched = make_scheduler(pipe, traj.settings)
+    steps = stochastic_steps(traj)
+    new = rescore_log_probs(pipe.unet, sched, traj)
+    assert new.shape == (len(traj), len(steps)) and new.dtype == torch.float32
+    assert float((new - traj.log_probs[:, steps]).abs().max()) <= RESCORE_TOL
+    assert rescore_drift(pipe.unet, sched, traj) <= RESCORE_TOL
+    some = rescore_log_probs(pipe.unet, sched, traj, steps=steps[1:], index=[3, 0], batch_size=1)
+    assert_close(some, new[[3, 0]][:, 1:], rtol=0, atol=1e-6)
+
+
+def test_rescore_depends_on_guidance_and_weights(tiny_pipe, ddim_traj):
+    sched = make_scheduler(tiny_pipe, ddim_traj.settings)
+    wrong_w = replace(ddim_traj, settings=replace(ddim_traj.settings, guidance_scale=2.0))
+    assert rescore_drift(tiny_pipe.unet, sched, wrong_w) > 1e-3
+    no_cfg = replace(ddim_traj, negative_embeds=None)
+    assert rescore_drift(tiny_pipe.unet, sched, no_cfg) > 1e-3
+
+    unet = copy.deepcopy(tiny_pipe.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=gen(0)))
+    assert rescore_drift(unet, sched, ddim_traj) > 1e-4
+    # step_log_prob is differentiable w.r.t. the weights (training uses it)
+    unet.zero_grad(set_to_none=True)
+    step_log_prob(unet, sched, ddim_traj, 1, index=[0, 2]).sum().backward()
+    grads = [p.grad for p in unet.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_v_prediction_model(tiny_v_pipe, v_traj):
+    assert tiny_v_pipe.scheduler.config.prediction_type == "v_prediction"
+    assert torch.isfinite(v_traj.log_probs).all() and v_traj.stochastic.all()
+    assert v_traj.images.min() >= 0 and v_traj.images.max() <= 1
+    sched = make_scheduler(tiny_v_pipe, v_traj.settings)
+    assert sched.config.prediction_type == "v_prediction"
+    assert rescore_drift(tiny_v_pipe.unet, sched, v_traj, num_images=4, num_steps=4) <= RESCORE_TOL
+    # scoring the same trajectories as if the model predicted epsilon gives other log-probs
+    as_eps = DDIMScheduler.from_config(sched.config, prediction_type="epsilon")
+    as_eps.set_timesteps(DDIM_SETTINGS.num_steps)
+    assert rescore_drift(tiny_v_pipe.unet, as_eps, v_traj) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one UsageError each, before any heavy work
+
+
+@pytest.fixture
+def tripwired(tiny_pipe, monkeypatch):
+    """tiny_pipe whose text encoder, UNet and VAE fail the test if called (undone after the test)."""
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work ran before the input was validated")
+
+    monkeypatch.setattr(sampling, "encode_prompts", heavy)
+    monkeypatch.setattr(sampling, "decode_latents", heavy)
+    for module in (tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.vae):
+        monkeypatch.setattr(module, "forward", heavy)
+    return tiny_pipe
+
+
+BAD_INPUTS = {
+    "empty prompt list": (dict(prompts=[]), "prompt list is empty"),
+    "images_per_prompt 0": (dict(images_per_prompt=0), "images per prompt must be >= 1"),
+    "num_steps 0": (dict(settings=SamplingSettings(num_steps=0)), "steps must be >= 1"),
+    "eta 0": (dict(settings=SamplingSettings(sampler="ddim", eta=0.0)), "eta must be > 0"),
+    "eta negative": (dict(settings=SamplingSettings(eta=-1.0)), "eta must be > 0"),
+    "height not a multiple": (dict(settings=SamplingSettings(height=33)), "height must be a positive multiple"),
+    "width not a multiple": (dict(settings=SamplingSettings(width=31)), "width must be a positive multiple"),
+    "height zero": (dict(settings=SamplingSettings(height=0)), "height must be a positive multiple"),
+    "width negative": (dict(settings=SamplingSettings(width=-32)), "width must be a positive multiple"),
+    "unknown sampler": (dict(settings=SamplingSettings(sampler="euler")), "sampler must be"),
+    "seed count": (dict(seeds=[1, 2, 3]), "3 seeds for 2 images"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_INPUTS))
+def test_bad_input_raises_usage_error_early(bad, tripwired):
+    overrides, message = BAD_INPUTS[bad]
+    kwargs = dict(prompts=PROMPTS, images_per_prompt=1, settings=SamplingSettings(num_steps=2), **{})
+    kwargs.update(overrides)
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(UsageError, match=message) as info:
+        sample_trajectories(tripwired, prompts, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_tripwire_fires_on_valid_input(tripwired):
+    """The bad-input test would notice heavy work: a valid call does reach it."""
+    with pytest.raises(AssertionError, match="heavy work"):
+        sample_trajectories(tripwired, PROMPTS, settings=SamplingSettings(num_steps=1))
+
+
+def test_guidance_embedding_matches_reference_formula():
+    w, dim = torch.tensor([1.0, 3.5, 8.0]), 32
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
+    arg = ((w - 1) * 1000)[:, None] * freqs[None]
+    assert_close(guidance_embedding(w, dim), torch.cat([arg.sin(), arg.cos()], dim=1))

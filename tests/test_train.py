@@ -1,0 +1,265 @@
+"""The training recipe end to end on the tiny model: outputs, resume, refusals, multi-process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rebel_diffusion.cli import main
+from rebel_diffusion.config import TrainConfig
+from rebel_diffusion.train import TIME_KEYS, setup, train_epoch
+
+# A run of seconds: 2 prompts x 2 images, 3 steps, 32x32.
+SMALL = [
+    "--model", "tiny", "--reward", "jpeg-compressibility", "--num-steps", "3", "--prompts-per-batch", "2",
+    "--batches-per-epoch", "1", "--train-batch-size", "1", "--gradient-accumulation-steps", "2",
+    "--eval-num-images", "2", "--guidance-scale", "2.0", "--learning-rate", "1e-3",
+]  # fmt: skip
+
+
+def small_config(out: Path, **overrides) -> TrainConfig:
+    cfg = TrainConfig(
+        model="tiny", reward="jpeg-compressibility", num_steps=3, prompts_per_batch=2, batches_per_epoch=1,
+        train_batch_size=1, gradient_accumulation_steps=2, eval_num_images=2, guidance_scale=2.0,
+        learning_rate=1e-3, output_dir=str(out),
+    )  # fmt: skip
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.validate()
+    return cfg
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "demo"
+    assert main(["train", *SMALL, "--epochs", "2", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_run_writes_every_output(finished_run):
+    out = finished_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"] == "tiny" and cfg["epochs"] == 2 and cfg["algorithm"] == "rebel"
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        for key in ("reward_mean", "reward_std", "eval_reward_mean", "loss", "images_per_second", "rescore_drift"):
+            assert key in r and r[key] == r[key], key  # present and not NaN
+        assert r["rescore_drift"] <= 1e-5  # fp32: re-scoring reproduces the recorded log-probs
+    assert records[0]["eval_reward_mean"] == records[0]["eval_reward_mean"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_lora_loads_into_plain_diffusers_pipeline(finished_run):
+    from rebel_diffusion.models import build_tiny_pipeline
+
+    base = build_tiny_pipeline()
+    tuned = build_tiny_pipeline()
+    tuned.load_lora_weights(str(finished_run / "lora"))
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, height=32, width=32, output_type="pt")
+    a = base(["a cat"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = tuned(["a cat"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (a - b).abs().max() > 1e-6  # the trained LoRA changes the images
+
+
+def test_update_changes_lora_and_not_base_weights(tmp_path):
+    run = setup(small_config(tmp_path / "run"))
+    unet = run.accelerator.unwrap_model(run.unet)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    metrics = train_epoch(run, 1)
+    assert metrics["optimizer_steps"] == 1 and metrics["loss"] > 0
+    lora_changed = base_changed = 0
+    for n, p in unet.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if "lora_" in n:
+            lora_changed += changed
+        else:
+            base_changed += changed
+    assert lora_changed > 0 and base_changed == 0
+
+
+def test_resume_repeats_an_uninterrupted_run(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", *SMALL, "--epochs", "4", "--output-dir", str(full)]) == 0
+    assert main(["train", *SMALL, "--epochs", "2", "--output-dir", str(split)]) == 0
+    assert main(["train", "--resume", "--epochs", "4", "--output-dir", str(split)]) == 0
+    a, b = without_time(read_metrics(full)), without_time(read_metrics(split))
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3, 4]
+    assert a == b
+
+
+def test_refuses_existing_output_dir_and_touches_nothing(finished_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    assert main(["train", *SMALL, "--output-dir", str(finished_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--resume" in err and len(err.splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    assert main(["train", *SMALL, "--epochs", "1", "--overwrite", "--output-dir", str(out)]) == 0
+    assert not (out / "old.txt").exists() and (out / "lora").is_dir()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reward", "no-such-reward"], "no-such-reward"),
+        (["--prompts", "/nonexistent/prompts.txt"], "prompts"),
+        (["--epochs", "0"], "--epochs"),
+        (["--images-per-prompt", "1"], "pairs"),
+        (["--train-batch-size", "3"], "do not divide"),
+        (["--ddim-eta", "0"], "eta"),
+        (["--timestep-fraction", "1.5"], "timestep-fraction"),
+        (["--resume"], "config.yaml"),
+        (["--resume", "--overwrite"], "exclude"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--output-dir", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_unknown_algorithm_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--algorithm", "ppo2"])
+    assert e.value.code == 2
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["train", *SMALL, "--prompts", str(empty), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_and_corrupt_checkpoint(finished_run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    # a corrupt checkpoint: truncated weights
+    weights = copy / "checkpoints" / "epoch_0002" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "damaged" in err and len(err.splitlines()) == 1
+    # no checkpoint at all
+    shutil.rmtree(copy / "checkpoints")
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(copy)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def nan_reward(images, prompts):
+    """A plug-in reward whose first image scores NaN (tests the non-finite guard)."""
+    r = images.mean(dim=(1, 2, 3)).float()
+    r[0] = float("nan")
+    return r
+
+
+def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--reward", "test_train:nan_reward", "--output-dir", str(out)]) == 0
+    record = read_metrics(out)[-1]
+    assert record["reward_nonfinite"] >= 1
+    assert record["loss"] == record["loss"] and record["reward_mean"] == record["reward_mean"]  # finite
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--algorithm", "ddpo", "--train-batch-size", "2"],
+        ["--preference", "bradley-terry", "--timestep-fraction", "0.5", "--images-per-prompt", "3",
+         "--train-batch-size", "3"],
+        ["--finetune", "full", "--normalization", "batch", "--inner-epochs", "2"],
+        ["--eval-every", "1", "--eval-diversity", "pixels", "--eval-rewards", "jpeg-incompressibility"],
+    ],
+)  # fmt: skip
+def test_variants_run(tmp_path, extra):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--output-dir", str(out), *extra]) == 0
+    records = read_metrics(out)
+    record = records[-1]
+    assert record["loss"] == record["loss"]
+    if "--eval-every" in extra:  # held-out figures before training and after each epoch
+        for r in records:
+            assert "eval/jpeg-incompressibility" in r and "eval/diversity" in r
+    if "full" in extra:
+        from diffusers import UNet2DConditionModel
+
+        UNet2DConditionModel.from_pretrained(str(out / "unet"))  # diffusers itself reloads it
+
+
+def test_config_file_and_flags(tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"epochs": 1, "num_steps": 2, "eta": 0.5, "inner_epochs": 2}))
+    assert main(["train", *SMALL, "--config", str(config), "--eta", "0.25", "--output-dir", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["inner_epochs"] == 2  # from the file
+    assert saved["num_steps"] == 3 and saved["eta"] == 0.25  # flags beat the file
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_ctrl_c_checkpoints_and_stops(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rebel_diffusion", "train", *SMALL, "--epochs", "50", "--output-dir", str(out)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "epoch_0001").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, output
+    last = sorted((out / "checkpoints").glob("epoch_*"))[-1]
+    epochs = [r["epoch"] for r in read_metrics(out)]
+    assert last.name == f"epoch_{epochs[-1]:04d}" and epochs[-1] < 50
+    assert "--resume" in output
+
+
+def test_two_processes_one_set_of_outputs(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "rebel_diffusion", "train", *SMALL, "--epochs", "2", "--output-dir", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # one writer
+    assert records[1]["images"] == 8 and records[1]["pairs"] == 4  # both processes' samples
+    checkpoint = out / "checkpoints" / "epoch_0002"
+    assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
