@@ -53,7 +53,11 @@ def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "rebel_diffusion_clip_tokenizer"
+    import open_clip
+
+    # Keyed by open_clip's version: a cache from another vocabulary file is never reused.
+    name = f"rebel_diffusion_clip_tokenizer_{open_clip.__version__}"
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / name
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
     if not (vocab_file.exists() and merges_file.exists()):
         folder.mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,18 @@ _MIN_VARIANCE = 1e-12  # below this a step is deterministic (exactly 0 when alph
 # Pure math
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2), elementwise, MEAN over all non-batch dims. (B, ...) -> (B,) float32."""
-    x, mean, std = x.float(), mean.float(), std.float()
-    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """log N(x; mean, std^2), elementwise, MEAN over all non-batch dims. (B, ...) -> (B,) float32.
+
+    ``std``: a tensor broadcastable to x, or a python float (no device copy in the sampling loop).
+    """
+    x, mean = x.float(), mean.float()
+    if isinstance(std, torch.Tensor):
+        std = std.float()
+        log_std = torch.log(std)
+    else:
+        log_std = math.log(std)
+    logp = -((x - mean) ** 2) / (2 * std**2) - log_std - _LOG_SQRT_2PI
     return logp.flatten(1).mean(dim=1)
 
 
@@ -51,24 +59,30 @@ def _as_timesteps(timestep, batch: int) -> list[int]:
     return values
 
 
-def _per_image(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-image scalars -> (B, 1, 1, 1) float32 on ``like``'s device."""
+def _per_image(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
+    """Per-image scalars -> a python float when all are equal (the sampling loop: no host-to-device
+    copy, which would wait for the GPU), else a (B, 1, 1, 1) float32 tensor on ``like``'s device."""
+    if all(v == values[0] for v in values):
+        return float(values[0])
     t = torch.tensor(values, dtype=torch.float32)
-    return t.to(like.device, non_blocking=True).view(-1, *([1] * (like.dim() - 1)))
+    return t.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _predict_x0_eps(prediction_type: str, model_output, sample, alpha_t):
-    """Model output -> (x0_hat, eps_hat) for epsilon, v_prediction or sample parameterisations."""
-    beta_t = 1 - alpha_t
+    """Model output -> (x0_hat, eps_hat) for epsilon, v_prediction or sample parameterisations.
+
+    alpha_t: abar_t as a float or a (B, 1, 1, 1) tensor.
+    """
+    sqrt_a, sqrt_b = alpha_t**0.5, (1 - alpha_t) ** 0.5
     if prediction_type == "epsilon":
-        x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        x0 = (sample - sqrt_b * model_output) / sqrt_a
         eps = model_output
     elif prediction_type == "v_prediction":
-        x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
-        eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+        x0 = sqrt_a * sample - sqrt_b * model_output
+        eps = sqrt_a * model_output + sqrt_b * sample
     elif prediction_type == "sample":
         x0 = model_output
-        eps = (sample - alpha_t.sqrt() * x0) / beta_t.sqrt()
+        eps = (sample - sqrt_a * x0) / sqrt_b
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     return x0, eps
@@ -136,18 +150,20 @@ def ddim_step_with_logprob(
     if any(deterministic) and not all(deterministic):
         raise ValueError("a batch mixes deterministic (zero-variance) and stochastic DDIM steps; score them apart")
     std_f = [0.0 if d else eta * math.sqrt(v) for v, d in zip(var, deterministic)]
+    dir_f = [math.sqrt(max(0.0, 1 - ap - s * s)) for ap, s in zip(a_prev, std_f)]
 
     # 3. x0_hat and eps_hat from the model output (float32 math whatever the model's dtype).
     x = sample.float()
     alpha_t = _per_image(a_t, x)
-    alpha_prev = _per_image(a_prev, x)
+    sqrt_alpha_prev = _per_image([math.sqrt(a) for a in a_prev], x)
+    direction = _per_image(dir_f, x)
     std = _per_image(std_f, x)
     x0, eps = _predict_x0_eps(cfg.prediction_type, model_output.float(), x, alpha_t)
     if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
         x0 = _clip_x0(scheduler, x0)
 
     # 4. mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_hat
-    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
+    mean = sqrt_alpha_prev * x0 + direction * eps
 
     # 5. x_prev ~ N(mean, sigma_t^2), or the given one; its log-density.
     prev = _draw_or_score(mean, std, None if prev_sample is None else prev_sample.float(), generator, model_output.dtype)
@@ -203,9 +219,8 @@ def lcm_step_with_logprob(scheduler, model_output, timestep, sample, *, prev_sam
         return denoised.to(sample.dtype), None
 
     # 4. x_prev ~ N(sqrt(abar_prev) denoised, (1 - abar_prev) I).
-    alpha_prev = _per_image(a_prev, x)
-    mean = alpha_prev.sqrt() * denoised
-    std = (1 - alpha_prev).sqrt()
+    mean = _per_image([math.sqrt(a) for a in a_prev], x) * denoised
+    std = _per_image([math.sqrt(1 - a) for a in a_prev], x)
     prev = _draw_or_score(mean, std, None if prev_sample is None else prev_sample.float(), generator, model_output.dtype)
     return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std)
 
@@ -487,7 +502,7 @@ def sample_trajectories(
     embeds = encode_prompts(pipe, image_prompts)  # (B, L, D)
     negative = encode_prompts(pipe, [settings.negative_prompt]).expand_as(embeds) if cfg else None
 
-    scheduler = make_scheduler(pipe, settings, device=device)
+    scheduler = make_scheduler(pipe, settings)  # timesteps stay host ints: no device syncs
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]
     c = pipe.unet.config.in_channels
     h, w = settings.height // pipe.vae_scale_factor, settings.width // pipe.vae_scale_factor
@@ -568,6 +583,8 @@ def rescore_log_probs(unet, scheduler, traj: Trajectories, steps=None, index=Non
     """
     steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]] if steps is None else list(steps)
     index = torch.arange(len(traj)) if index is None else torch.as_tensor(index)
+    if not steps:  # no stochastic step (a 1-step LCM trajectory): nothing to score
+        return torch.zeros(len(index), 0, device=traj.log_probs.device)
     bs = batch_size or len(index)
     cols = []
     for j in steps:
@@ -584,4 +601,4 @@ def rescore_drift(unet, scheduler, traj: Trajectories, num_images: int = 2, num_
     index = torch.arange(min(num_images, len(traj)))
     new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index)
     old = traj.log_probs[index][:, steps].to(new.device)
-    return float((new - old).abs().max())
+    return float((new - old).abs().max()) if new.numel() else 0.0

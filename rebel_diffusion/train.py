@@ -210,7 +210,7 @@ def setup(cfg: TrainConfig) -> Run:
         preference=preference,
         tracker=PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count),
         settings=settings,
-        scheduler=make_scheduler(pipe, settings, device=accelerator.device),
+        scheduler=make_scheduler(pipe, settings),
         prompts=prompts,
         eval_prompts=eval_prompts,
         heldout=heldout,

@@ -47,15 +47,21 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="images per call (one per prompt)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32"
+    )
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="ours,ours_no_record,diffusers,diffusers_per_image")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sampler_<device>_<date>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/sampler_<device>_<date>.json)"
+    )
     args = p.parse_args(argv)
     for name in ("steps", "batch", "repeats"):
         if getattr(args, name) < 1:
@@ -94,12 +100,24 @@ def default_out(device: torch.device) -> Path:
     return out
 
 
-def git_commit() -> str | None:
+def git_state() -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether the working tree has uncommitted changes); None where git is unavailable."""
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or None if r.returncode == 0 else None
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
 
 
 def build_pipeline(model: str, dtype: torch.dtype, device: torch.device):
@@ -167,7 +185,11 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
 
     import diffusers
     import transformers
@@ -216,7 +238,10 @@ def main(argv=None) -> dict:
             cpu_times[n].append(cpu_seconds)
             if peak is not None:
                 peaks[n].append(peak)
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), flush=True)
+        print(
+            f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+            flush=True,
+        )
 
     results = {}
     for n in names:
@@ -239,14 +264,17 @@ def main(argv=None) -> dict:
                 key = f"{ours}_vs_{base}"
                 overhead[key] = results[ours]["median_seconds"] / results[base]["median_seconds"] - 1
                 overhead_cpu[key] = (
-                    results[ours]["median_process_cpu_seconds"] / results[base]["median_process_cpu_seconds"] - 1
+                    results[ours]["median_process_cpu_seconds"] / results[base]["median_process_cpu_seconds"]
+                    - 1
                 )
 
+    commit, dirty = git_state()
     report = {
         "benchmark": "sampler",
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "device": {
             "type": device.type,
             "name": device_name(device),

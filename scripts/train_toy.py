@@ -163,10 +163,11 @@ class State:
     def done(self, stage: str) -> bool:
         return stage in self.d["done"]
 
-    def finish(self, stage: str, wall_s: float, **extra) -> None:
+    def finish(self, stage: str, wall_s: float, cpu_s: float, **extra) -> None:
         if stage not in self.d["done"]:
             self.d["done"].append(stage)
         self.d["wall_s"][stage] = round(wall_s, 1)
+        self.d.setdefault("cpu_s", {})[stage] = round(cpu_s, 1)  # wall_s minus time lost to other processes
         self.d.update(extra)
         self.save()
 
@@ -192,20 +193,23 @@ class Progress:
                   f"{rate:.2f}s/step eta {rate * (self.total - step - 1) / 60:.1f} min", flush=True)
 
 
-def run_steps(stage, args, work, model, params, total, lr, loss_fn, ema=None, extra=None):
-    """Generic resumable training loop: AdamW, warmup + cosine, grad clipping, checkpoints."""
+def run_steps(stage, args, work, model, params, total, lr, loss_fn, ema=None):
+    """Generic resumable training loop: AdamW, warmup + cosine, grad clipping, checkpoints.
+
+    Returns (wall seconds, CPU seconds) of the whole stage, summed over resumed runs.
+    """
     ckpt = work / f"{stage}.ckpt"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start, elapsed = 0, 0.0
+    start, elapsed, cpu = 0, 0.0, 0.0
     if ckpt.exists():
         c = torch.load(ckpt, weights_only=False)
         model.load_state_dict(c["model"])
         opt.load_state_dict(c["opt"])
         if ema is not None:
             ema.load_state_dict(c["ema"])
-        start, elapsed = c["step"], c["elapsed"]
+        start, elapsed, cpu = c["step"], c["elapsed"], c.get("cpu", float("nan"))
         print(f"[{stage}] resuming at step {start}/{total} ({elapsed / 60:.1f} min done)", flush=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     progress = Progress(stage, total, start, args.log_every)
     model.train()
     for step in range(start, total):
@@ -223,9 +227,10 @@ def run_steps(stage, args, work, model, params, total, lr, loss_fn, ema=None, ex
         if (step + 1) % args.ckpt_every == 0 or step + 1 == total:
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None,
-                         "step": step + 1, "elapsed": elapsed + time.time() - t0}, ckpt)
+                         "step": step + 1, "elapsed": elapsed + time.time() - t0,
+                         "cpu": cpu + time.process_time() - c0}, ckpt)
     model.eval()
-    return elapsed + time.time() - t0
+    return elapsed + time.time() - t0, cpu + time.process_time() - c0
 
 
 class EMA:
@@ -268,13 +273,13 @@ def train_vae(args, work: Path, state: State):
         mse = F.mse_loss(rec, x)
         return mse + 1e-6 * post.kl().mean(), {"mse": float(mse)}
 
-    wall = run_steps("vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn)
+    wall, cpu = run_steps("vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn)
     vae.save_pretrained(work / "vae")
     with torch.no_grad():  # reconstruction error on fresh images of all combinations
         x = data.make_batch(256, args.seed + 10_001)[0] * 2 - 1
         mse = float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
     print(f"[vae] done in {wall / 60:.1f} min, held-out reconstruction MSE {mse:.4f} on [-1, 1]", flush=True)
-    state.finish("vae", wall, vae_mse=round(mse, 5), vae_params=n_params(vae))
+    state.finish("vae", wall, cpu, vae_mse=round(mse, 5), vae_params=n_params(vae))
 
 
 def load_vae(work: Path):
@@ -312,11 +317,11 @@ def train_classifier(args, work: Path, state: State):
         acc = sum(float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in losses) / 3
         return sum(losses.values()), {"acc": acc}
 
-    wall = run_steps("classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn)
+    wall, cpu = run_steps("classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn)
     save_classifier(clf, work / "classifier")
     acc = classifier_accuracy(clf, vae, args.seed)
     print(f"[classifier] done in {wall / 60:.1f} min, accuracy on fresh images {acc}", flush=True)
-    state.finish("classifier", wall, classifier_accuracy=acc, classifier_params=n_params(clf))
+    state.finish("classifier", wall, cpu, classifier_accuracy=acc, classifier_params=n_params(clf))
 
 
 @torch.no_grad()
@@ -339,7 +344,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def make_latents(args, work: Path, state: State):
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     vae = load_vae(work)
     combos = data.train_combos()
     images, attrs, _ = data.make_batch(args.pool, args.seed + 30_003, combos)
@@ -365,7 +370,7 @@ def make_latents(args, work: Path, state: State):
                work / "latents.pt")
     wall = time.time() - t0
     print(f"[latents] {len(mean)} latents, scaling factor {scaling:.4f}, {wall:.0f} s", flush=True)
-    state.finish("latents", wall, scaling_factor=scaling)
+    state.finish("latents", wall, time.process_time() - c0, scaling_factor=scaling)
 
 
 def train_unet(args, work: Path, state: State):
@@ -398,12 +403,12 @@ def train_unet(args, work: Path, state: State):
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return (weight[t] * per).mean(), {}
 
-    wall = run_steps("unet", args, work, unet, list(unet.parameters()), args.unet_steps, args.unet_lr,
+    wall, cpu = run_steps("unet", args, work, unet, list(unet.parameters()), args.unet_steps, args.unet_lr,
                      loss_fn, ema=ema)
     unet.load_state_dict(ema.state_dict())  # ship the EMA weights
     unet.save_pretrained(work / "unet")
     print(f"[unet] done in {wall / 60:.1f} min", flush=True)
-    state.finish("unet", wall, unet_params=n_params(unet))
+    state.finish("unet", wall, cpu, unet_params=n_params(unet))
 
 
 def export(args, work: Path, state: State):
@@ -411,7 +416,7 @@ def export(args, work: Path, state: State):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
@@ -440,7 +445,7 @@ def export(args, work: Path, state: State):
         os.replace(tmp, out)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     print(f"[export] {out}: {sum(sizes.values()) / 1e6:.2f} MB", flush=True)
-    state.finish("export", time.time() - t0, file_sizes=sizes)
+    state.finish("export", time.time() - t0, time.process_time() - c0, file_sizes=sizes)
 
 
 def compact_tokenizer(folder: Path) -> None:
@@ -465,17 +470,20 @@ def compact_tokenizer(folder: Path) -> None:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, eta: float = 0.0) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1], one seeded generator per image."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens,
                 output_type="pt").images
 
 
 def match_rates(reward, images, prompts) -> dict:
     """How often the classifier's prediction matches the prompt, and the mean reward."""
+    from rebel_diffusion.rewards.jpeg import jpeg_size, to_uint8
+
     d = reward.details(images, prompts)
     hit = {k: d[f"match_{k}"] == 1 for k in ("shape", "colour", "background")}
+    jpeg_kb = torch.tensor([jpeg_size(a) / 1000 for a in to_uint8(images)])
     return {
         "n": len(prompts),
         "colour": round(float(hit["colour"].float().mean()), 4),
@@ -484,6 +492,9 @@ def match_rates(reward, images, prompts) -> dict:
         "background": round(float(hit["background"].float().mean()), 4),
         "all_three": round(float((hit["colour"] & hit["shape"] & hit["background"]).float().mean()), 4),
         "mean_reward": round(float(d["reward"].mean()), 4),
+        "reward_std": round(float(d["reward"].std()), 4),
+        "jpeg_kb_mean": round(float(jpeg_kb.mean()), 4),
+        "jpeg_kb_std": round(float(jpeg_kb.std()), 4),
     }
 
 
@@ -491,7 +502,7 @@ def evaluate(args, work: Path, state: State):
     import rebel_diffusion.models as models
     from rebel_diffusion.rewards.toy_alignment import ToyAlignmentReward
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     models.TOY_MODEL_DIR = Path(args.out)  # evaluate exactly what was exported
     pipe = models.load_pipeline("toy")
     reward = ToyAlignmentReward(classifier_path=Path(args.out) / "classifier")
@@ -510,9 +521,11 @@ def evaluate(args, work: Path, state: State):
     sweep = {}
     prompts = [p for p in held for _ in range(8)]
     seeds = [2000 + i for i in range(len(prompts))]
-    for steps, guidance in ((20, 1.0), (20, 3.0), (20, 4.0), (20, 5.0), (20, 7.5), (10, 4.0)):
-        sweep[f"{steps}steps_cfg{guidance:g}"] = match_rates(reward, sample(pipe, prompts, seeds, steps, guidance), prompts)
-        print(f"[eval] held-out, {steps} steps, guidance {guidance}: {sweep[f'{steps}steps_cfg{guidance:g}']}", flush=True)
+    for steps, guidance, eta in ((20, 1.0, 0.0), (20, 3.0, 0.0), (20, 4.0, 0.0), (20, 5.0, 0.0), (20, 7.5, 0.0),
+                                 (10, 3.0, 0.0), (10, 4.0, 0.0), (10, 3.0, 1.0), (20, 4.0, 1.0)):
+        key = f"{steps}steps_cfg{guidance:g}_eta{eta:g}"
+        sweep[key] = match_rates(reward, sample(pipe, prompts, seeds, steps, guidance, eta), prompts)
+        print(f"[eval] held-out, {key}: {sweep[key]}", flush=True)
     results["heldout_n256"] = sweep
     results["train_captions_20steps_cfg4_n192"] = match_rates(  # each training caption once
         reward, sample(pipe, train, [3000 + i for i in range(len(train))], 20, 4.0), train)
@@ -548,6 +561,10 @@ def evaluate(args, work: Path, state: State):
                            "unet": [args.unet_steps, args.unet_batch], "latent_pool": args.pool},
         "wall_s": {**state.d["wall_s"], "eval": round(wall, 1)},
         "wall_s_training_total": round(sum(v for k, v in state.d["wall_s"].items() if k != "eval"), 1),
+        "cpu_s": {**state.d.get("cpu_s", {}), "eval": round(time.process_time() - c0, 1)},
+        "timing_note": ("one thread on a 2-core VM shared with other jobs: wall_s includes waiting for the "
+                        "CPU, cpu_s is this process's CPU time (NaN/absent for stages run by an earlier "
+                        "version of the script)"),
         "file_sizes_bytes": sizes,
         "total_size_mb": round(sum(sizes.values()) / 1e6, 2),
     }
@@ -556,7 +573,7 @@ def evaluate(args, work: Path, state: State):
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"[eval] {json.dumps(results['heldout_20steps_cfg4_n64'])}", flush=True)
     print(f"[eval] wrote {path} and toy_samples.png in {wall:.0f} s", flush=True)
-    state.finish("eval", wall)
+    state.finish("eval", wall, time.process_time() - c0)
 
 
 def save_grid(images: torch.Tensor, prompts: list[str], path: Path, per_caption: int = 2, cols: int = 8,
@@ -608,7 +625,7 @@ def parse_args(argv=None):
     p.add_argument("--clf-batch", type=int, default=128)
     p.add_argument("--clf-lr", type=float, default=2e-3)
     p.add_argument("--pool", type=int, default=32768, help="training images encoded for the UNet")
-    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-steps", type=int, default=6500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)

@@ -40,7 +40,11 @@ def one_line_usage_error(excinfo) -> str:
 @pytest.fixture(scope="module")
 def unet_inputs():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 20]), torch.randn(2, 77, 32, generator=g)
+    return (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.tensor([500, 20]),
+        torch.randn(2, 77, 32, generator=g),
+    )
 
 
 @torch.no_grad()
@@ -62,20 +66,43 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_clip_tokenizer()
+def tokenizer(tmp_path_factory):
+    """Built fresh from open_clip's BPE file (not from a cache an older version may have written)."""
+    return build_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 def test_tokenizer_matches_open_clip(tokenizer):
     expected = open_clip.tokenize(PROMPTS)  # (N, 77), zero-padded after <end_of_text>
-    got = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = tokenizer(
+        PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     assert got.shape == expected.shape == (len(PROMPTS), 77)
     for g, e in zip(got, expected):
         n = int((e != 0).sum())
         assert n >= 2 and torch.equal(g[:n], e[:n])
         assert (g[n:] == tokenizer.eos_token_id).all()  # SD pads with <|endoftext|>
     assert tokenizer.bos_token_id == 49406 and tokenizer.eos_token_id == 49407
-    assert tokenizer.model_max_length == 77
+    assert tokenizer.model_max_length == 77 and len(tokenizer) == 49408  # SD's vocabulary size
+
+
+def test_tokenizer_matches_open_clip_on_rare_words(tokenizer):
+    """Whole words among the last 4000 tokens: each needs one of the last BPE merges."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    simple = SimpleTokenizer()
+    words = [
+        bytearray(simple.byte_decoder[c] for c in simple.decoder[i][: -len("</w>")]).decode("utf-8", "ignore")
+        for i in range(49406 - 4000, 49406)
+        if simple.decoder[i].endswith("</w>")
+    ]
+    prompts = [" ".join(words[i : i + 15]) for i in range(0, len(words), 15)]
+    assert len(prompts) > 100
+    expected = open_clip.tokenize(prompts)
+    got = tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    real = expected != 0
+    assert torch.equal(got[real], expected[real])
 
 
 def test_tokenizer_truncates_long_prompts_like_open_clip(tokenizer):
@@ -230,7 +257,11 @@ def test_add_lora_trains_only_lora(tiny_pipe, unet_inputs):
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert {p.shape[0] for n, p in trainable.items() if ".lora_A." in n} == {4}  # the rank
     # every attention projection q, k, v, out got an adapter
-    targets = [n for n, _ in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0"))]
+    targets = [
+        n
+        for n, _ in unet.named_modules()
+        if n.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0"))
+    ]
     assert targets
     for n in targets:
         assert hasattr(unet.get_submodule(n), "lora_A"), n
@@ -263,7 +294,9 @@ def test_save_lora_replaces_existing_folder(lora_unet, tmp_path):
 
 @pytest.mark.parametrize("where", ["lora folder", "run folder", "file"])
 def test_load_finetune_lora(where, lora_unet, lora_folder, unet_inputs):
-    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[where]
+    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[
+        where
+    ]
     pipe = build_tiny_pipeline()
     assert load_finetune(pipe, path) == "lora"
     assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
@@ -302,7 +335,9 @@ def test_lora_with_keys_that_match_nothing(tmp_path):
 def test_lora_from_another_architecture(lora_folder, tmp_path):
     """Same layer names, other widths (as a LoRA trained on a wider UNet): refused, not loaded half-way."""
     wider = {
-        k: torch.randn(v.shape[0], v.shape[1] + 16) if ".lora.down." in k else torch.randn(v.shape[0] + 16, v.shape[1])
+        k: torch.randn(v.shape[0], v.shape[1] + 16)
+        if ".lora.down." in k
+        else torch.randn(v.shape[0] + 16, v.shape[1])
         for k, v in load_file(str(lora_folder / LORA_FILE)).items()
     }
     save_file(wider, str(tmp_path / LORA_FILE))
