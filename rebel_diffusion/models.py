@@ -13,10 +13,12 @@ All of them use the real CLIP tokenizer, rebuilt offline from open_clip's bundle
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,10 +52,9 @@ def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
     open_clip's ``SimpleTokenizer`` holds the same vocabulary and merges as the hub tokenizer; only
     the names of the start/end tokens differ. Gives the same ids as the SD tokenizer.
     """
+    import open_clip
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
     from transformers import CLIPTokenizer
-
-    import open_clip
 
     # Keyed by open_clip's version: a cache from another vocabulary file is never reused.
     name = f"rebel_diffusion_clip_tokenizer_{open_clip.__version__}"
@@ -250,16 +251,16 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
     elif model == "tiny-lcm":
         pipe = build_tiny_pipeline(scheduler="lcm")
     elif model == "toy":
-        pipe = _load_toy()
+        pipe = _load_toy(dtype)
     else:
-        pipe = _load_external(model)
+        pipe = _load_external(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     return pipe.to(device)
 
 
-def _load_toy():
+def _load_toy(dtype):
     from diffusers import StableDiffusionPipeline
 
     if not (TOY_MODEL_DIR / "model_index.json").exists():
@@ -268,47 +269,52 @@ def _load_toy():
             "reinstall rebel-diffusion, or train it with `python scripts/train_toy.py`"
         )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(TOY_MODEL_DIR), safety_checker=None, requires_safety_checker=False
-        )
+        # Stored in fp16 (small); torch_dtype casts every part, transformers' text encoder included.
+        with _quiet_dtype_deprecation():
+            return StableDiffusionPipeline.from_pretrained(
+                str(TOY_MODEL_DIR), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
     except Exception as e:  # a damaged install: truncated or missing safetensors, bad json
         raise UsageError(
             f"the built-in 'toy' model in {TOY_MODEL_DIR} is damaged ({type(e).__name__}: {_first_line(e)}); "
             "reinstall rebel-diffusion, or retrain it with `python scripts/train_toy.py`"
         ) from e
-    # Stored in fp16 (small). Every part in fp32: transformers (unlike diffusers) keeps a checkpoint's
-    # fp16, and load_pipeline casts only when the UNet's dtype differs from the one asked for.
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        if part.dtype != torch.float32:
-            part.to(torch.float32)
-    return pipe
 
 
-def _load_external(model: str):
+@contextlib.contextmanager
+def _quiet_dtype_deprecation():
+    """diffusers >= 0.36 renames ``torch_dtype`` to ``dtype`` with a warning; the old name works in all we support."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
+def _load_external(model: str, dtype):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     path = Path(model).expanduser()
     looks_like_path = path.suffix in (".safetensors", ".ckpt") or model.startswith((".", "/", "~"))
     try:
-        if path.is_file():
-            if path.suffix not in (".safetensors", ".ckpt"):
-                raise UsageError(f"--model {model}: a single-file checkpoint must end in .safetensors or .ckpt")
-            return StableDiffusionPipeline.from_single_file(str(path), safety_checker=None)
-        if path.is_dir():
-            if not (path / "model_index.json").exists():
+        with _quiet_dtype_deprecation():
+            if path.is_file():
+                if path.suffix not in (".safetensors", ".ckpt"):
+                    raise UsageError(f"--model {model}: a single-file checkpoint must end in .safetensors or .ckpt")
+                return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None)
+            if path.is_dir():
+                if not (path / "model_index.json").exists():
+                    raise UsageError(
+                        f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
+                        "(saved with save_pretrained), a .safetensors checkpoint, or a hub id"
+                    )
+                return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None)
+            if looks_like_path:
+                raise UsageError(f"--model {model}: no such file or folder")
+            if model.count("/") != 1:
                 raise UsageError(
-                    f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
-                    "(saved with save_pretrained), a .safetensors checkpoint, or a hub id"
+                    f"--model {model}: not a built-in ({', '.join(BUILTIN_MODELS)}), an existing path, or a hub id "
+                    "of the form owner/name"
                 )
-            return DiffusionPipeline.from_pretrained(str(path), safety_checker=None)
-        if looks_like_path:
-            raise UsageError(f"--model {model}: no such file or folder")
-        if model.count("/") != 1:
-            raise UsageError(
-                f"--model {model}: not a built-in ({', '.join(BUILTIN_MODELS)}), an existing path, or a hub id "
-                "of the form owner/name"
-            )
-        return DiffusionPipeline.from_pretrained(model, safety_checker=None)
+            return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
     except UsageError:
         raise
     except Exception as e:
