@@ -117,6 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     att.add_argument("--sdpa", dest="attention", action="store_const", const="sdpa", help="torch SDPA (default)")
     att.add_argument("--xformers", dest="attention", action="store_const", const="xformers")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_<device>_<date>.json)")
+    p.add_argument("--out-dir", default=None, help="folder for the default file name (e.g. $OUT on the GPU machine)")
     p.add_argument("--_train-worker", dest="train_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.train_worker:
@@ -219,11 +220,15 @@ def _mem_total_gib() -> float | None:
 
 
 def versions(device: torch.device) -> dict:
+    from importlib import metadata
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("diffusers", "transformers", "peft", "accelerate", "open_clip", "xformers"):
+    dists = {"diffusers": "diffusers", "transformers": "transformers", "peft": "peft", "accelerate": "accelerate",
+             "open_clip": "open_clip_torch", "xformers": "xformers", "pillow": "pillow"}
+    for name, dist in dists.items():  # installed metadata: no import (open_clip and xformers are slow to import)
         try:
-            out[name] = __import__(name).__version__
-        except Exception:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             out[name] = None
     out["cuda"] = torch.version.cuda if device.type == "cuda" else None
     out["cudnn"] = torch.backends.cudnn.version() if device.type == "cuda" else None
@@ -242,9 +247,10 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
-def default_out(device: torch.device) -> Path:
+def default_out(device: torch.device, folder: str | None = None) -> Path:
     tag = "cpu" if device.type == "cpu" else bench_sampler.slug(bench_sampler.device_name(device))
-    base = REPO / "benchmarks" / "results" / f"bench_{tag}_{dt.date.today().isoformat()}"
+    folder = Path(folder) if folder else REPO / "benchmarks" / "results"
+    base = folder / f"bench_{tag}_{dt.date.today().isoformat()}"
     out, i = base.with_suffix(".json"), 2
     while out.exists():  # never overwrite an earlier run
         out, i = Path(f"{base}_{i}.json"), i + 1
@@ -269,10 +275,10 @@ def dynamo_graphs() -> dict:
         from torch._dynamo.utils import counters
     except Exception:
         return {}
+    # A recompile (new shape, grad mode or call signature) shows as one more unique graph.
     return {
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
         "frames_ok": int(counters["frames"].get("ok", 0)),
-        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
     }
 
 
@@ -699,11 +705,12 @@ class TrainBench:
             out["memory"] = meter.stop()
             if self.graphs_first_step is None:
                 self.graphs_first_step = dynamo_graphs()
-            times = []
+            times, cpu_times = [], []
             for _ in range(s["repeats"]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 one_step()
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
         except torch.cuda.OutOfMemoryError:
             out["memory"] = meter.stop()
             out.update(oom=True, error="CUDA out of memory")
@@ -716,6 +723,8 @@ class TrainBench:
             step_seconds=[round(t, 4) for t in times],
             median_step_seconds=round(med, 4),
             pairs_per_s=round(len(pairs) / med, 4),
+            # This process's CPU seconds per step: steadier than wall time on a shared CPU.
+            median_step_process_cpu_seconds=round(statistics.median(cpu_times), 4) if cpu_times else None,
             loss=float(stats["loss"]),
             graphs_compiled=graph_delta(g0, dynamo_graphs()) if s.get("compile") else None,
         )
@@ -956,13 +965,14 @@ def bench_epoch(args, device: torch.device) -> dict:
         for epoch in range(1, args.epochs + 1):
             g0 = dynamo_graphs()
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m = train_epoch(run, epoch)
             sync(device)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             row = {k: m[k] for k in ("images", "images_per_second", "sample_seconds", "train_seconds",
                                      "optimizer_steps", "pairs", "reward_mean", "rescore_drift") if k in m}
-            row.update(epoch=epoch, wall_seconds=round(wall, 3), load_average=load_average())
+            row.update(epoch=epoch, wall_seconds=round(wall, 3), process_cpu_seconds=round(cpu, 3),
+                       load_average=load_average())
             if args.compile:
                 row["graphs_compiled"] = graph_delta(g0, dynamo_graphs())
             epochs.append(row)
@@ -1002,7 +1012,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    out = Path(args.out) if args.out else default_out(device)
+    out = Path(args.out) if args.out else default_out(device, args.out_dir)
     t_start = time.perf_counter()
     report = {
         "benchmark": "bench",

@@ -189,8 +189,11 @@ class Progress:
         if (step + 1) % self.every == 0 or step + 1 == self.total:
             rate = (time.time() - self.t0) / max(1, step + 1 - self.s0)
             more = " ".join(f"{k} {v:.3g}" for k, v in extra.items())
-            print(f"[{self.stage}] step {step + 1}/{self.total} loss {self.loss:.4f} {more} "
-                  f"{rate:.2f}s/step eta {rate * (self.total - step - 1) / 60:.1f} min", flush=True)
+            print(
+                f"[{self.stage}] step {step + 1}/{self.total} loss {self.loss:.4f} {more} "
+                f"{rate:.2f}s/step eta {rate * (self.total - step - 1) / 60:.1f} min",
+                flush=True,
+            )
 
 
 def run_steps(stage, args, work, model, params, total, lr, loss_fn, ema=None):
@@ -225,10 +228,17 @@ def run_steps(stage, args, work, model, params, total, lr, loss_fn, ema=None):
             ema.update(model, step)
         progress.update(step, float(loss), **logs)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == total:
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else None,
-                         "step": step + 1, "elapsed": elapsed + time.time() - t0,
-                         "cpu": cpu + time.process_time() - c0}, ckpt)
+            atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "step": step + 1,
+                    "elapsed": elapsed + time.time() - t0,
+                    "cpu": cpu + time.process_time() - c0,
+                },
+                ckpt,
+            )
     model.eval()
     return elapsed + time.time() - t0, cpu + time.process_time() - c0
 
@@ -266,14 +276,20 @@ def train_vae(args, work: Path, state: State):
     combos = data.train_combos()
 
     def loss_fn(step):
-        x = data.make_batch(args.vae_batch, step_seed(args.seed, "vae", step), combos)[0] * 2 - 1  # (B, 3, 32, 32)
+        x = (
+            data.make_batch(args.vae_batch, step_seed(args.seed, "vae", step), combos)[0] * 2 - 1
+        )  # (B, 3, 32, 32)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=step_generator(args.seed, "vae", step))
+        z = post.mean + post.std * torch.randn(
+            post.mean.shape, generator=step_generator(args.seed, "vae", step)
+        )
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         return mse + 1e-6 * post.kl().mean(), {"mse": float(mse)}
 
-    wall, cpu = run_steps("vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn)
+    wall, cpu = run_steps(
+        "vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn
+    )
     vae.save_pretrained(work / "vae")
     with torch.no_grad():  # reconstruction error on fresh images of all combinations
         x = data.make_batch(256, args.seed + 10_001)[0] * 2 - 1
@@ -317,7 +333,9 @@ def train_classifier(args, work: Path, state: State):
         acc = sum(float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in losses) / 3
         return sum(losses.values()), {"acc": acc}
 
-    wall, cpu = run_steps("classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn)
+    wall, cpu = run_steps(
+        "classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn
+    )
     save_classifier(clf, work / "classifier")
     acc = classifier_accuracy(clf, vae, args.seed)
     print(f"[classifier] done in {wall / 60:.1f} min, accuracy on fresh images {acc}", flush=True)
@@ -328,19 +346,30 @@ def train_classifier(args, work: Path, state: State):
 def classifier_accuracy(clf, vae, seed: int, n: int = 2048) -> dict:
     """Accuracy per head on fresh generator images, as drawn and after a VAE round trip."""
     x, labels, _ = data.make_batch(n, seed + 20_002)
-    rec = torch.cat([(vae.decode(vae.encode(c * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-                     for c in x.split(256)])
+    rec = torch.cat(
+        [
+            (vae.decode(vae.encode(c * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+            for c in x.split(256)
+        ]
+    )
     out = {}
     for name, imgs in (("real", x), ("vae_roundtrip", rec)):
         logits = clf(imgs)
-        out[name] = {k: round(float((logits[k].argmax(-1) == labels[k]).float().mean()), 4)
-                     for k in ("shape", "colour", "background")}
+        out[name] = {
+            k: round(float((logits[k].argmax(-1) == labels[k]).float().mean()), 4)
+            for k in ("shape", "colour", "background")
+        }
     return out
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def make_latents(args, work: Path, state: State):
@@ -366,8 +395,10 @@ def make_latents(args, work: Path, state: State):
     with torch.no_grad():
         emb = text_encoder(tokenize(tokenizer, captions))[0]  # (len(combos) + 1, 77, 32)
     text_encoder.save_pretrained(work / "text_encoder")
-    torch.save({"mean": mean, "std": std, "combo": attrs["combo"], "emb": emb, "captions": captions},
-               work / "latents.pt")
+    torch.save(
+        {"mean": mean, "std": std, "combo": attrs["combo"], "emb": emb, "captions": captions},
+        work / "latents.pt",
+    )
     wall = time.time() - t0
     print(f"[latents] {len(mean)} latents, scaling factor {scaling:.4f}, {wall:.0f} s", flush=True)
     state.finish("latents", wall, time.process_time() - c0, scaling_factor=scaling)
@@ -396,15 +427,18 @@ def train_unet(args, work: Path, state: State):
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 8, 8)
         cond = combo[idx].clone()
         cond[torch.rand(len(idx), generator=g) < args.cfg_dropout] = uncond  # empty caption
-        noise = torch.randn(z0.shape, generator=g) + OFFSET_NOISE * torch.randn(len(idx), 4, 1, 1, generator=g)
+        noise = torch.randn(z0.shape, generator=g) + OFFSET_NOISE * torch.randn(
+            len(idx), 4, 1, 1, generator=g
+        )
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, emb[cond]).sample
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return (weight[t] * per).mean(), {}
 
-    wall, cpu = run_steps("unet", args, work, unet, list(unet.parameters()), args.unet_steps, args.unet_lr,
-                     loss_fn, ema=ema)
+    wall, cpu = run_steps(
+        "unet", args, work, unet, list(unet.parameters()), args.unet_steps, args.unet_lr, loss_fn, ema=ema
+    )
     unet.load_state_dict(ema.state_dict())  # ship the EMA weights
     unet.save_pretrained(work / "unet")
     print(f"[unet] done in {wall / 60:.1f} min", flush=True)
@@ -470,11 +504,14 @@ def compact_tokenizer(folder: Path) -> None:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, eta: float = 0.0) -> torch.Tensor:
+def sample(
+    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, eta: float = 0.0
+) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1], one seeded generator per image."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens,
-                output_type="pt").images
+    return pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens, output_type="pt"
+    ).images
 
 
 def match_rates(reward, images, prompts) -> dict:
@@ -521,14 +558,24 @@ def evaluate(args, work: Path, state: State):
     sweep = {}
     prompts = [p for p in held for _ in range(8)]
     seeds = [2000 + i for i in range(len(prompts))]
-    for steps, guidance, eta in ((20, 1.0, 0.0), (20, 3.0, 0.0), (20, 4.0, 0.0), (20, 5.0, 0.0), (20, 7.5, 0.0),
-                                 (10, 3.0, 0.0), (10, 4.0, 0.0), (10, 3.0, 1.0), (20, 4.0, 1.0)):
+    for steps, guidance, eta in (
+        (20, 1.0, 0.0),
+        (20, 3.0, 0.0),
+        (20, 4.0, 0.0),
+        (20, 5.0, 0.0),
+        (20, 7.5, 0.0),
+        (10, 3.0, 0.0),
+        (10, 4.0, 0.0),
+        (10, 3.0, 1.0),
+        (20, 4.0, 1.0),
+    ):
         key = f"{steps}steps_cfg{guidance:g}_eta{eta:g}"
         sweep[key] = match_rates(reward, sample(pipe, prompts, seeds, steps, guidance, eta), prompts)
         print(f"[eval] held-out, {key}: {sweep[key]}", flush=True)
     results["heldout_n256"] = sweep
     results["train_captions_20steps_cfg4_n192"] = match_rates(  # each training caption once
-        reward, sample(pipe, train, [3000 + i for i in range(len(train))], 20, 4.0), train)
+        reward, sample(pipe, train, [3000 + i for i in range(len(train))], 20, 4.0), train
+    )
 
     # Cost of a sample, the quantity RL training multiplies.
     t = time.time()
@@ -549,22 +596,31 @@ def evaluate(args, work: Path, state: State):
         "base_sample_prompt_match_note": (
             "held-out captions (combinations never seen by the UNet), DDIM, classifier-free guidance; "
             "a sample matches when the toy classifier's argmax equals the prompted attribute; "
-            "mean_reward is toy-alignment's P(colour) * P(shape)"),
+            "mean_reward is toy-alignment's P(colour) * P(shape)"
+        ),
         "seconds_per_sample_20steps_cfg4_batch8": round(sample_s, 3),
         "vae_reconstruction_mse": state.d.get("vae_mse"),
         "vae_scaling_factor": state.d.get("scaling_factor"),
         "parameters": {
-            "vae": n_params(pipe.vae), "unet": n_params(pipe.unet), "text_encoder": n_params(pipe.text_encoder),
+            "vae": n_params(pipe.vae),
+            "unet": n_params(pipe.unet),
+            "text_encoder": n_params(pipe.text_encoder),
             "classifier": state.d.get("classifier_params"),
         },
-        "training_steps": {"vae": [args.vae_steps, args.vae_batch], "classifier": [args.clf_steps, args.clf_batch],
-                           "unet": [args.unet_steps, args.unet_batch], "latent_pool": args.pool},
+        "training_steps": {
+            "vae": [args.vae_steps, args.vae_batch],
+            "classifier": [args.clf_steps, args.clf_batch],
+            "unet": [args.unet_steps, args.unet_batch],
+            "latent_pool": args.pool,
+        },
         "wall_s": {**state.d["wall_s"], "eval": round(wall, 1)},
         "wall_s_training_total": round(sum(v for k, v in state.d["wall_s"].items() if k != "eval"), 1),
         "cpu_s": {**state.d.get("cpu_s", {}), "eval": round(time.process_time() - c0, 1)},
-        "timing_note": ("one thread on a 2-core VM shared with other jobs: wall_s includes waiting for the "
-                        "CPU, cpu_s is this process's CPU time (NaN/absent for stages run by an earlier "
-                        "version of the script)"),
+        "timing_note": (
+            "one thread on a 2-core VM shared with other jobs: wall_s includes waiting for the "
+            "CPU, cpu_s is this process's CPU time (NaN/absent for stages run by an earlier "
+            "version of the script)"
+        ),
         "file_sizes_bytes": sizes,
         "total_size_mb": round(sum(sizes.values()) / 1e6, 2),
     }
@@ -576,8 +632,9 @@ def evaluate(args, work: Path, state: State):
     state.finish("eval", wall, time.process_time() - c0)
 
 
-def save_grid(images: torch.Tensor, prompts: list[str], path: Path, per_caption: int = 2, cols: int = 8,
-              scale: int = 3) -> None:
+def save_grid(
+    images: torch.Tensor, prompts: list[str], path: Path, per_caption: int = 2, cols: int = 8, scale: int = 3
+) -> None:
     """Captioned grid: ``per_caption`` consecutive samples side by side under each caption."""
     from PIL import Image, ImageDraw
 
@@ -588,12 +645,17 @@ def save_grid(images: torch.Tensor, prompts: list[str], path: Path, per_caption:
     rows = math.ceil(n_cells / cols)
     grid = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad + 20), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((pad, 4), "toy model, held-out captions (never seen in training): DDIM 20 steps, guidance 4",
-              fill="black")
+    draw.text(
+        (pad, 4),
+        "toy model, held-out captions (never seen in training): DDIM 20 steps, guidance 4",
+        fill="black",
+    )
     for c in range(n_cells):
         x0, y0 = pad + (c % cols) * (cell_w + pad), 20 + pad + (c // cols) * (cell_h + pad)
         for j in range(per_caption):
-            grid.paste(pils[c * per_caption + j].resize((side, side), Image.NEAREST), (x0 + j * (side + 2), y0))
+            grid.paste(
+                pils[c * per_caption + j].resize((side, side), Image.NEAREST), (x0 + j * (side + 2), y0)
+            )
         words = prompts[c * per_caption].split(" on ")
         draw.text((x0, y0 + side + 2), words[0], fill="black")
         draw.text((x0, y0 + side + 14), "on " + words[1] if len(words) > 1 else "", fill="black")
@@ -605,14 +667,17 @@ def save_grid(images: torch.Tensor, prompts: list[str], path: Path, per_caption:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default=str(ROOT / ".toy_work"), help="checkpoints and intermediate files")
     p.add_argument("--out", default=str(TOY_MODEL_DIR), help="the pipeline folder to write")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --work")
-    p.add_argument("--redo", default="", help="comma-separated stages to rerun (with --resume), e.g. export,eval")
+    p.add_argument(
+        "--redo", default="", help="comma-separated stages to rerun (with --resume), e.g. export,eval"
+    )
     p.add_argument("--stop-after", choices=STAGES, default="eval")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="a few steps a stage, into --work/smoke_*")
@@ -648,7 +713,9 @@ def main(argv=None) -> int:
     if args.smoke and work.exists():
         shutil.rmtree(work)
     if work.exists() and any(work.glob("*.ckpt")) and not args.resume:
-        print(f"error: {work} holds a run; pass --resume to continue it, or delete the folder", file=sys.stderr)
+        print(
+            f"error: {work} holds a run; pass --resume to continue it, or delete the folder", file=sys.stderr
+        )
         return 2
     work.mkdir(parents=True, exist_ok=True)
     state = State(work)
@@ -658,8 +725,14 @@ def main(argv=None) -> int:
             return 2
         if stage in state.d["done"]:
             state.d["done"].remove(stage)
-    runners = {"vae": train_vae, "classifier": train_classifier, "latents": make_latents, "unet": train_unet,
-               "export": export, "eval": evaluate}
+    runners = {
+        "vae": train_vae,
+        "classifier": train_classifier,
+        "latents": make_latents,
+        "unet": train_unet,
+        "export": export,
+        "eval": evaluate,
+    }
     for stage in STAGES:
         if state.done(stage):
             print(f"[{stage}] done already ({state.d['wall_s'].get(stage, 0) / 60:.1f} min)", flush=True)

@@ -39,7 +39,10 @@ def test_captions_match_the_drawn_pixels():
     for i, cap in enumerate(captions):
         s, c, b = (int(labels[k][i]) for k in ("shape", "colour", "background"))
         assert cap == data.caption(s, c, b)
-        assert f"{data.COLOUR_NAMES[c]} {data.SHAPES[s]} on" in cap and f"{data.COLOUR_NAMES[b]} background" in cap
+        assert (
+            f"{data.COLOUR_NAMES[c]} {data.SHAPES[s]} on" in cap
+            and f"{data.COLOUR_NAMES[b]} background" in cap
+        )
         assert data.parse_caption(cap) == (s, c, b)
         x, y = int(labels["cx"][i]), int(labels["cy"][i])
         assert torch.allclose(images[i, :, y, x], pal[c], atol=1e-6), cap  # the shape's centre
@@ -82,8 +85,11 @@ def test_prompt_files_hold_the_train_and_heldout_splits():
 )
 def test_parse_caption(prompt, expected):
     s, c, b = data.parse_caption(prompt)
-    got = (data.SHAPES[s] if s is not None else None, data.COLOUR_NAMES[c] if c is not None else None,
-           data.COLOUR_NAMES[b] if b is not None else None)
+    got = (
+        data.SHAPES[s] if s is not None else None,
+        data.COLOUR_NAMES[c] if c is not None else None,
+        data.COLOUR_NAMES[b] if b is not None else None,
+    )
     assert got == expected
 
 
@@ -97,8 +103,13 @@ def test_toy_loads_offline_and_samples_32px(monkeypatch):
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
-    out = pipe(["a red circle on a blue background"], num_inference_steps=4, guidance_scale=4.0,
-               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = pipe(
+        ["a red circle on a blue background"],
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
@@ -148,7 +159,15 @@ def _truncate(path: Path) -> None:
         lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
         lambda f: shutil.rmtree(f / "tokenizer"),
     ],
-    ids=["no-folder", "no-index", "bad-index", "truncated-unet", "no-vae", "truncated-text-encoder", "no-tokenizer"],
+    ids=[
+        "no-folder",
+        "no-index",
+        "bad-index",
+        "truncated-unet",
+        "no-vae",
+        "truncated-text-encoder",
+        "no-tokenizer",
+    ],
 )
 def test_damaged_toy_gives_one_line_usage_error(tmp_path, monkeypatch, damage):
     monkeypatch.setattr(models, "TOY_MODEL_DIR", _damaged_copy(tmp_path, damage))
