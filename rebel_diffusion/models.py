@@ -271,7 +271,7 @@ def _load_toy(dtype):
     try:
         # Stored in fp16 (small); torch_dtype casts every part, transformers' text encoder included.
         with _quiet_dtype_deprecation():
-            return StableDiffusionPipeline.from_pretrained(
+            pipe = StableDiffusionPipeline.from_pretrained(
                 str(TOY_MODEL_DIR), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
     except Exception as e:  # a damaged install: truncated or missing safetensors, bad json
@@ -279,6 +279,16 @@ def _load_toy(dtype):
             f"the built-in 'toy' model in {TOY_MODEL_DIR} is damaged ({type(e).__name__}: {_first_line(e)}); "
             "reinstall rebel-diffusion, or retrain it with `python scripts/train_toy.py`"
         ) from e
+    # transformers builds an empty tokenizer (2 tokens) from a folder without vocab.json/merges.txt,
+    # and a truncated merges.txt tokenizes differently: check the ids of a toy caption.
+    tok = pipe.tokenizer
+    ids = tok("a red circle on a blue background").input_ids if tok is not None and len(tok) == 49408 else None
+    if ids != [49406, 320, 736, 7117, 525, 320, 1746, 5994, 49407]:
+        raise UsageError(
+            f"the built-in 'toy' model in {TOY_MODEL_DIR} is damaged (its tokenizer/ is missing or incomplete); "
+            "reinstall rebel-diffusion, or retrain it with `python scripts/train_toy.py`"
+        )
+    return pipe
 
 
 @contextlib.contextmanager

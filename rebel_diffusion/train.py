@@ -403,9 +403,11 @@ def _optimizer_step(run: Run) -> float:
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params if p.grad is not None]))
     norm = float(norm)
-    if math.isfinite(norm):
+    # fp16: the grad scaler must see every step (it skips non-finite ones and lowers its scale itself).
+    if math.isfinite(norm) or acc.scaler is not None:
         run.optimizer.step()
-        run.global_step += 1
+        if not acc.optimizer_step_was_skipped:
+            run.global_step += 1
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return norm

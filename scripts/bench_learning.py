@@ -8,7 +8,7 @@ of merit is the eval reward: the trained reward of fixed-seed samples of held-ou
 
 Writes one JSON (settings, machine, per-run curves, per-reward summary) and a plot::
 
-    python scripts/bench_learning.py                       # 3 rewards x 2 algorithms x 3 seeds
+    python scripts/bench_learning.py                       # 3 rewards x 2 algorithms x 2 seeds
     python scripts/bench_learning.py --rewards toy-alignment --seeds 0 1 --epochs 4
 """
 
@@ -47,6 +47,7 @@ def run_config(reward: str, algorithm: str, seed: int, args, out: Path) -> Train
     cfg.seed = seed
     cfg.epochs = args.epochs
     cfg.learning_rate = args.lr
+    cfg.images_per_prompt = args.images_per_prompt
     cfg.prompts_per_batch = args.prompts_per_batch
     cfg.batches_per_epoch = args.batches_per_epoch
     cfg.eval_num_images = args.eval_images
@@ -126,12 +127,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rewards", nargs="+", default=list(REWARDS))
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--prompts-per-batch", type=int, default=8)
     p.add_argument("--batches-per-epoch", type=int, default=2)
-    p.add_argument("--micro-batch", type=int, default=8, help="images per micro-batch (REBEL: half as many pairs)")
+    p.add_argument("--micro-batch", type=int, default=16, help="images per micro-batch (REBEL: half as many pairs)")
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--eval-images", type=int, default=16)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)")

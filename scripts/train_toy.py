@@ -29,8 +29,19 @@ background as::
     OMP_NUM_THREADS=1 nohup python scripts/train_toy.py > .toy_work/train.log 2>&1 &
     python scripts/train_toy.py --resume        # continue after an interruption
 
-Measured wall time (one thread of a shared 2-core AMD EPYC VM, default settings; the figures of
-the shipped model are in benchmarks/results/toy_model.json): WALL_TIME_PLACEHOLDER
+Measured wall time of the shipped model (seed 0, defaults, ``--threads 1`` on a 2-core AMD EPYC VM
+shared with other jobs, load average 2-6; figures in benchmarks/results/toy_model.json):
+
+    vae         1200 steps x 32 images    7.9 min  (0.39 s/step)
+    classifier   600 steps x 128 images   4.1 min
+    latents    32768 images encoded       1.1 min
+    unet        6500 steps x 64 latents  40.8 min  (0.38 s/step; 0.27-0.34 s/step on a free core)
+    export                                0.0 min
+    training total                       53.9 min  (about 40-48 min of CPU time on a free core)
+    eval                                  2.9 min  (2,560 samples + grid)
+
+Result: 10.9 MB (fp16 safetensors). Held-out captions, DDIM 20 steps, guidance 4: the toy
+classifier finds the prompted colour and shape in 94 % of samples (71 % without guidance).
 """
 
 from __future__ import annotations

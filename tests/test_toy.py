@@ -158,6 +158,8 @@ def _truncate(path: Path) -> None:
         lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
         lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
         lambda f: shutil.rmtree(f / "tokenizer"),
+        lambda f: (f / "tokenizer" / "merges.txt").write_text("#version: 0.2\n"),
+        lambda f: (f / "scheduler" / "scheduler_config.json").unlink(),
     ],
     ids=[
         "no-folder",
@@ -167,6 +169,8 @@ def _truncate(path: Path) -> None:
         "no-vae",
         "truncated-text-encoder",
         "no-tokenizer",
+        "empty-merges",
+        "no-scheduler",
     ],
 )
 def test_damaged_toy_gives_one_line_usage_error(tmp_path, monkeypatch, damage):
@@ -240,3 +244,12 @@ def test_reward_missing_or_damaged_classifier(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "TOY_MODEL_DIR", tmp_path)
     with pytest.raises(UsageError, match="damaged"):
         ToyAlignmentReward()(images, captions)
+
+
+def test_reward_is_in_the_table():
+    from rebel_diffusion.rewards import REWARDS, load_reward
+
+    assert REWARDS["toy-alignment"] is ToyAlignmentReward
+    reward = load_reward("toy-alignment", device="cpu", dtype=torch.float32, classifier_path=None)
+    images, _, captions = data.make_batch(4, seed=9)
+    assert float(reward(images, captions).mean()) > 0.8

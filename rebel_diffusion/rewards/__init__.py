@@ -35,6 +35,7 @@ from .base import CallableReward, Reward, short_cause
 from .clip_score import ClipScoreReward
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .preference import BradleyTerryPreference, CallablePreference, Preference
+from .toy_alignment import ToyAlignmentReward
 
 # The one table of reward names: new built-ins add a line here (e.g. "toy-alignment").
 REWARDS: dict[str, type[Reward]] = {
@@ -42,6 +43,7 @@ REWARDS: dict[str, type[Reward]] = {
     "clip": ClipScoreReward,
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
+    "toy-alignment": ToyAlignmentReward,
 }
 
 PREFERENCES: dict[str, type[Preference]] = {

@@ -154,8 +154,13 @@ class ToyAlignmentReward(Reward):
 
     name = "toy-alignment"
 
-    def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                 classifier_path: str | Path | None = None, include_background: bool = False):
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        classifier_path: str | Path | None = None,
+        include_background: bool = False,
+    ):
         super().__init__(device, dtype)
         self.classifier_path = classifier_path
         self.include_background = bool(include_background)
@@ -188,8 +193,9 @@ class ToyAlignmentReward(Reward):
         size = self.model.config["image_size"]
         x = images.to(self.dtype)
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
-                              align_corners=False).to(self.dtype)
+            x = F.interpolate(
+                x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            ).to(self.dtype)
         probs = {k: v.float().softmax(-1) for k, v in self.model(x).items()}  # {(B, n_k)}
 
         out: dict[str, torch.Tensor] = {}

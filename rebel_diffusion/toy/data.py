@@ -41,10 +41,20 @@ CAPTION_TEMPLATE = "{a} {colour} {shape} on {a_bg} {background} background"
 SIZE_RANGE = (6.0, 11.0)
 _SUPERSAMPLE = 4
 # Words that mean the same attribute in free-form prompts (parse_caption).
-_SHAPE_SYNONYMS = {"circle": "circle", "circles": "circle", "disc": "circle", "disk": "circle",
-                   "square": "square", "squares": "square", "box": "square",
-                   "triangle": "triangle", "triangles": "triangle",
-                   "cross": "cross", "crosses": "cross", "plus": "cross"}
+_SHAPE_SYNONYMS = {
+    "circle": "circle",
+    "circles": "circle",
+    "disc": "circle",
+    "disk": "circle",
+    "square": "square",
+    "squares": "square",
+    "box": "square",
+    "triangle": "triangle",
+    "triangles": "triangle",
+    "cross": "cross",
+    "crosses": "cross",
+    "plus": "cross",
+}
 _COLOUR_SYNONYMS = {**{c: c for c in COLOUR_NAMES}, "violet": "purple"}
 _BACKGROUND_WORDS = ("background", "backdrop", "ground")
 
@@ -80,7 +90,9 @@ def train_combos() -> list[tuple[int, int, int]]:
 def caption(shape: int, colour: int, background: int) -> str:
     """``'a red circle on a blue background'`` (``'an orange ...'``) for attribute ids."""
     col, bg = COLOUR_NAMES[colour], COLOUR_NAMES[background]
-    return CAPTION_TEMPLATE.format(a=_article(col), colour=col, shape=SHAPES[shape], a_bg=_article(bg), background=bg)
+    return CAPTION_TEMPLATE.format(
+        a=_article(col), colour=col, shape=SHAPES[shape], a_bg=_article(bg), background=bg
+    )
 
 
 def _article(word: str) -> str:
@@ -140,8 +152,13 @@ def sample_attributes(
     cx = margin + (size - 2 * margin) * torch.rand(n, generator=g)
     cy = margin + (size - 2 * margin) * torch.rand(n, generator=g)
     return {
-        "shape": triples[:, 0], "colour": triples[:, 1], "background": triples[:, 2], "combo": idx,
-        "cx": cx, "cy": cy, "radius": radius,
+        "shape": triples[:, 0],
+        "colour": triples[:, 1],
+        "background": triples[:, 2],
+        "combo": idx,
+        "cx": cx,
+        "cy": cy,
+        "radius": radius,
     }
 
 
@@ -195,8 +212,10 @@ def make_batch(
     Returns images (n, 3, size, size) in [0, 1], the labels of ``sample_attributes`` and captions.
     """
     attrs = sample_attributes(n, seed, combos, size=size)
-    caps = [caption(s, c, b) for s, c, b in zip(attrs["shape"].tolist(), attrs["colour"].tolist(),
-                                                 attrs["background"].tolist())]
+    caps = [
+        caption(s, c, b)
+        for s, c, b in zip(attrs["shape"].tolist(), attrs["colour"].tolist(), attrs["background"].tolist())
+    ]
     return render(attrs, size), attrs, caps
 
 
