@@ -168,11 +168,13 @@ PRESETS: dict[str, dict] = {
     "ddpo": dict(algorithm="ddpo", num_steps=50, ddim_eta=1.0, guidance_scale=5.0, learning_rate=3e-4,
                  images_per_prompt=2, prompts_per_batch=8, batches_per_epoch=4, train_batch_size=4,
                  gradient_accumulation_steps=4),
-    # The offline quick start: the built-in toy model on a CPU in minutes.
+    # The offline quick start: the built-in toy model toward JPEG compressibility, on a CPU in minutes.
+    # 4 images per prompt (6 pairs each) and a high step size make learning visible in a few epochs
+    # (tests/test_learning.py); the grids also show where it goes: flatter, simpler images.
     "toy": dict(model="toy", reward="jpeg-compressibility", prompts="toy_shapes", num_steps=10,
-                guidance_scale=3.0, prompts_per_batch=8, batches_per_epoch=2, train_batch_size=4,
-                gradient_accumulation_steps=2, learning_rate=3e-4, epochs=5, eval_prompts="toy_heldout",
-                heldout_prompts="toy_heldout"),
+                guidance_scale=3.0, images_per_prompt=4, prompts_per_batch=8, batches_per_epoch=2,
+                train_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-2, epochs=4,
+                eval_prompts="toy_heldout", eval_num_images=16, heldout_prompts="toy_heldout"),
 }
 
 
