@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--rewards", nargs="+", default=list(REWARDS))
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--prompts-per-batch", type=int, default=8)

@@ -9,7 +9,9 @@ Built-in rewards, by name (``REWARDS``):
 
 - ``aesthetic``: LAION aesthetic predictor v2 on OpenAI CLIP ViT-L/14 (``aesthetic``);
 - ``clip``: prompt-image cosine similarity of open_clip embeddings (``clip_score``);
-- ``jpeg-incompressibility`` / ``jpeg-compressibility``: JPEG size in kB, +/- (``jpeg``).
+- ``jpeg-incompressibility`` / ``jpeg-compressibility``: JPEG size in kB, +/- (``jpeg``);
+- ``toy-alignment``: P(prompted colour) x P(prompted shape) of the toy model's attribute classifier
+  (``toy_alignment``), the CPU analogue of ``clip``.
 
 Plug-ins: ``module.path:attribute`` names a class (instantiated with the options its ``__init__``
 accepts) or a plain function ``f(images, prompts) -> (B,)``.
