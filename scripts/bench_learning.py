@@ -123,6 +123,17 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """One JSON and plot from several runs of this script (say, one process per seed)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [r for part in parts for r in part["runs"]]
+    result = {"merged_from": [str(p) for p in paths], "machine": parts[0]["machine"],
+              "settings": parts[0]["settings"], "summary": summarize(runs), "runs": runs}
+    out.write_text(json.dumps(result, indent=1))
+    plot(runs, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rewards", nargs="+", default=list(REWARDS))
@@ -137,7 +148,11 @@ def main() -> None:
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--eval-images", type=int, default=16)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier results (e.g. one per seed) into --out")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"learning_cpu_{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
