@@ -115,7 +115,8 @@ def ddpo_accumulate(
     backward = backward or (lambda loss, last: loss.backward())
     num_terms = len(images) * len(steps)
     chunks = list(images.split(train_batch_size))
-    total, kl, clipfrac = 0.0, 0.0, 0.0
+    # Statistics stay on the device until the end: no host sync per backward.
+    total, kl, clipfrac = (torch.zeros((), device=traj.latents.device) for _ in range(3))
     for c, index in enumerate(chunks):
         adv = advantages[index].to(traj.latents.device)
         for s, j in enumerate(steps):
@@ -124,7 +125,7 @@ def ddpo_accumulate(
             old = traj.log_probs[index.to(traj.log_probs.device), j].to(logp.device)
             loss, stats = ppo_clip_loss(logp, old, adv, clip_range=clip_range, adv_clip_max=adv_clip_max)
             backward(loss / num_terms, c == len(chunks) - 1 and s == len(steps) - 1)
-            total += float(loss.detach()) / num_terms
-            kl += float(stats["approx_kl"]) * len(index) / num_terms
-            clipfrac += float(stats["clipfrac"]) * len(index) / num_terms
-    return {"loss": total, "approx_kl": kl, "clipfrac": clipfrac}
+            total += loss.detach() / num_terms
+            kl += stats["approx_kl"] * len(index) / num_terms
+            clipfrac += stats["clipfrac"] * len(index) / num_terms
+    return {"loss": float(total), "approx_kl": float(kl), "clipfrac": float(clipfrac)}
