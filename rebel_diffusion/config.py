@@ -60,6 +60,9 @@ class TrainConfig:
     batches_per_epoch: int = _f(4, "sampling batches per epoch, per process")
     train_batch_size: int = _f(2, "micro-batch: pairs (REBEL) or images (DDPO) per forward/backward")
     gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
+    steps_per_pass: int | None = _f(None, "denoising steps of a micro-batch trained in one UNet forward/backward: "
+                                    "activation memory grows with it, never with --num-steps; default 1 on a GPU, "
+                                    "10 on a CPU (where per-call overhead dominates)")
     inner_epochs: int = _f(1, "passes over each epoch's samples")
     # --- optimizer -------------------------------------------------------------------------------
     learning_rate: float = _f(1e-4, "AdamW learning rate (the paper: 1e-4)")
@@ -114,6 +117,8 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.sampler != "lcm" and not self.ddim_eta > 0:
             raise UsageError(f"--ddim-eta must be > 0 (got {self.ddim_eta}): eta = 0 DDIM has no log-prob to train")
+        if self.steps_per_pass is not None and self.steps_per_pass < 1:
+            raise UsageError(f"--steps-per-pass must be >= 1, got {self.steps_per_pass}")
         if self.resolution is not None and self.resolution < 1:
             raise UsageError(f"--resolution must be >= 1, got {self.resolution}")
         if not 0 < self.timestep_fraction <= 1:

@@ -85,7 +85,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_type: str = "epsilon"):
     """A small SD-shaped ``StableDiffusionPipeline`` with seeded random weights (32x32 images).
 
-    VAE scale factor 2 (latents 4x16x16), UNet (32, 64) with cross-attention, CLIP text encoder
+    VAE scale factor 4 (latents 4x8x8, as the toy model), UNet (32, 64) with cross-attention, CLIP text encoder
     with hidden size 32 and the real tokenizer. ``scheduler='lcm'`` adds a guidance embedding
     (``time_cond_proj_dim``) and an ``LCMScheduler``, as LCM Dreamshaper v7.
     """
@@ -103,7 +103,7 @@ def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_ty
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=16,
+            sample_size=8,
             in_channels=4,
             out_channels=4,
             layers_per_block=1,
@@ -118,9 +118,9 @@ def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_ty
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=8,

@@ -31,14 +31,19 @@ _MIN_VARIANCE = 1e-12  # below this a step is deterministic (exactly 0 when alph
 # Pure math
 
 
+def _math(t: torch.Tensor) -> torch.Tensor:
+    """The dtype of the step math: float32 for float32/16/bf16 inputs; float64 stays (exactness tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """log N(x; mean, std^2), elementwise, MEAN over all non-batch dims. (B, ...) -> (B,) float32.
 
     ``std``: a tensor broadcastable to x, or a python float (no device copy in the sampling loop).
     """
-    x, mean = x.float(), mean.float()
+    x, mean = _math(x), _math(mean)
     if isinstance(std, torch.Tensor):
-        std = std.float()
+        std = _math(std)
         log_std = torch.log(std)
     else:
         log_std = math.log(std)
@@ -61,10 +66,10 @@ def _as_timesteps(timestep, batch: int) -> list[int]:
 
 def _per_image(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
     """Per-image scalars -> a python float when all are equal (the sampling loop: no host-to-device
-    copy, which would wait for the GPU), else a (B, 1, 1, 1) float32 tensor on ``like``'s device."""
+    copy, which would wait for the GPU), else a (B, 1, 1, 1) tensor of ``like``'s dtype and device."""
     if all(v == values[0] for v in values):
         return float(values[0])
-    t = torch.tensor(values, dtype=torch.float32)
+    t = torch.tensor(values, dtype=torch.float64).to(like.dtype)
     return t.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -101,7 +106,7 @@ def _draw_or_score(mean, std, prev_sample, generator, noise_dtype):
     if prev_sample is None:
         # Same draw as diffusers' schedulers (shape, generator(s), device, dtype), so samples match.
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=noise_dtype)
-        prev_sample = mean + std * noise.float()
+        prev_sample = mean + std * _math(noise)
     return prev_sample
 
 
@@ -153,12 +158,12 @@ def ddim_step_with_logprob(
     dir_f = [math.sqrt(max(0.0, 1 - ap - s * s)) for ap, s in zip(a_prev, std_f)]
 
     # 3. x0_hat and eps_hat from the model output (float32 math whatever the model's dtype).
-    x = sample.float()
+    x = _math(sample)
     alpha_t = _per_image(a_t, x)
     sqrt_alpha_prev = _per_image([math.sqrt(a) for a in a_prev], x)
     direction = _per_image(dir_f, x)
     std = _per_image(std_f, x)
-    x0, eps = _predict_x0_eps(cfg.prediction_type, model_output.float(), x, alpha_t)
+    x0, eps = _predict_x0_eps(cfg.prediction_type, _math(model_output), x, alpha_t)
     if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
         x0 = _clip_x0(scheduler, x0)
 
@@ -166,7 +171,7 @@ def ddim_step_with_logprob(
     mean = sqrt_alpha_prev * x0 + direction * eps
 
     # 5. x_prev ~ N(mean, sigma_t^2), or the given one; its log-density.
-    prev = _draw_or_score(mean, std, None if prev_sample is None else prev_sample.float(), generator, model_output.dtype)
+    prev = _draw_or_score(mean, std, None if prev_sample is None else _math(prev_sample), generator, model_output.dtype)
     log_prob = None if all(deterministic) else gaussian_log_prob(prev, mean, std)
     return prev.to(sample.dtype), log_prob
 
@@ -205,13 +210,13 @@ def lcm_step_with_logprob(scheduler, model_output, timestep, sample, *, prev_sam
 
     # 2. Consistency-model boundary scalings c_skip(t), c_out(t).
     scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in ts]
-    x = sample.float()
+    x = _math(sample)
     c_skip = _per_image([float(s[0]) for s in scalings], x)
     c_out = _per_image([float(s[1]) for s in scalings], x)
     alpha_t = _per_image(a_t, x)
 
     # 3. x0_hat, then denoised.
-    x0, _ = _predict_x0_eps(cfg.prediction_type, model_output.float(), x, alpha_t)
+    x0, _ = _predict_x0_eps(cfg.prediction_type, _math(model_output), x, alpha_t)
     if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
         x0 = _clip_x0(scheduler, x0)
     denoised = c_out * x0 + c_skip * x
@@ -221,7 +226,7 @@ def lcm_step_with_logprob(scheduler, model_output, timestep, sample, *, prev_sam
     # 4. x_prev ~ N(sqrt(abar_prev) denoised, (1 - abar_prev) I).
     mean = _per_image([math.sqrt(a) for a in a_prev], x) * denoised
     std = _per_image([math.sqrt(1 - a) for a in a_prev], x)
-    prev = _draw_or_score(mean, std, None if prev_sample is None else prev_sample.float(), generator, model_output.dtype)
+    prev = _draw_or_score(mean, std, None if prev_sample is None else _math(prev_sample), generator, model_output.dtype)
     return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std)
 
 
@@ -332,7 +337,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 def guided_model_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale):
     """The policy's model output at ``timestep``: CFG-guided (one batched UNet call) or LCM-embedded.
 
-    latents (B, C, h, w), prompt_embeds (B, L, D), negative_embeds (B, L, D) or None (no
+    timestep: an int, or a (B,) tensor of per-sample timesteps. latents (B, C, h, w), prompt_embeds (B, L, D), negative_embeds (B, L, D) or None (no
     unconditional pass). Returns (B, C, h, w) in the UNet's output dtype.
     """
     config = unwrap(unet).config
@@ -343,7 +348,10 @@ def guided_model_output(unet, latents, timestep, prompt_embeds, negative_embeds,
         w = torch.full((batch,), float(guidance_scale), device=latents.device)
         cond = guidance_embedding(w, config.time_cond_proj_dim).to(dtype)
     x = latents.to(dtype)
-    t = torch.full((batch,), int(timestep), device=latents.device, dtype=torch.long)
+    if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:  # (B,) per-sample timesteps
+        t = timestep.to(latents.device, torch.long)
+    else:
+        t = torch.full((batch,), int(timestep), device=latents.device, dtype=torch.long)
     if negative_embeds is None:
         return unet(x, t, encoder_hidden_states=prompt_embeds.to(dtype), timestep_cond=cond, return_dict=False)[0]
     out = unet(
@@ -554,32 +562,62 @@ def sample_trajectories(
 # Re-scoring under the current weights
 
 
+def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=None) -> torch.Tensor:
+    """log pi_theta(latents[:, j+1] | latents[:, j]) for each j in ``steps``, in ONE UNet call: (b, m) float32.
+
+    Every (image, step) is its own sample of the batch, with its own timestep, so the result equals
+    ``step_log_prob`` step by step (tested); batching m steps cuts the per-call overhead that
+    dominates small models and CPUs, at m times the activation memory of one step. Differentiable
+    (call it inside ``torch.no_grad()`` when no gradient is wanted). ``index`` picks images of
+    ``traj`` (default all). ``scheduler`` comes from ``make_scheduler(pipe, traj.settings)``. Every
+    step must be stochastic (``traj.stochastic[j]``).
+    """
+    steps = [int(j) for j in steps]
+    for j in steps:
+        if not bool(traj.stochastic[j]):
+            raise ValueError(f"step {j} is deterministic and carries no log-prob")
+    device = traj.latents.device
+    rows = torch.arange(len(traj)) if index is None else torch.as_tensor(index).reshape(-1)
+    b, m = len(rows), len(steps)
+    rows, cols = rows.to(device)[:, None], torch.tensor(steps, device=device)[None, :]
+    x_t = traj.latents[rows, cols].flatten(0, 1)  # (b*m, C, h, w), image-major
+    x_prev = traj.latents[rows, cols + 1].flatten(0, 1)  # (b*m, C, h, w)
+    embeds = traj.prompt_embeds[rows[:, 0]].repeat_interleave(m, dim=0)  # (b*m, L, D)
+    negative = None if traj.negative_embeds is None else traj.negative_embeds[rows[:, 0]].repeat_interleave(m, dim=0)
+    if m == 1:
+        t = int(traj.timesteps[steps[0]])  # a host int: no host-to-device copy
+    else:
+        t = traj.timesteps.cpu()[steps].repeat(b)  # (b*m,) host tensor
+    model_in = scheduler.scale_model_input(x_t, t)
+    out = guided_model_output(unet, model_in, t, embeds, negative, traj.settings.guidance_scale)
+    _, logp = scheduler_step(scheduler, traj.settings, out, t, x_t, prev_sample=x_prev)
+    return logp.view(b, m)
+
+
 def step_log_prob(unet, scheduler, traj: Trajectories, j: int, index=None) -> torch.Tensor:
     """log pi_theta(latents[:, j+1] | latents[:, j]) under the current weights of ``unet``: (b,) float32.
 
-    Differentiable (call it inside ``torch.no_grad()`` when no gradient is wanted). ``index`` picks
-    images of ``traj`` (default all). ``scheduler`` comes from ``make_scheduler(pipe, traj.settings)``.
-    Step j must be stochastic (``traj.stochastic[j]``).
+    One step of ``steps_log_prob``; same contract.
     """
-    if not bool(traj.stochastic[j]):
-        raise ValueError(f"step {j} is deterministic and carries no log-prob")
-    sel = slice(None) if index is None else torch.as_tensor(index, device=traj.latents.device)
-    x_t = traj.latents[sel, j]
-    x_prev = traj.latents[sel, j + 1]
-    negative = None if traj.negative_embeds is None else traj.negative_embeds[sel]
-    t = int(traj.timesteps[j])
-    model_in = scheduler.scale_model_input(x_t, t)
-    out = guided_model_output(unet, model_in, t, traj.prompt_embeds[sel], negative, traj.settings.guidance_scale)
-    _, logp = scheduler_step(scheduler, traj.settings, out, t, x_t, prev_sample=x_prev)
-    return logp
+    return steps_log_prob(unet, scheduler, traj, [j], index)[:, 0]
+
+
+def step_groups(steps: list[int], steps_per_pass: int) -> list[list[int]]:
+    """Consecutive groups of at most ``steps_per_pass`` steps: the UNet calls of one micro-batch."""
+    if steps_per_pass < 1:
+        raise ValueError(f"steps_per_pass must be >= 1, got {steps_per_pass}")
+    return [list(steps[i : i + steps_per_pass]) for i in range(0, len(steps), steps_per_pass)]
 
 
 @torch.no_grad()
-def rescore_log_probs(unet, scheduler, traj: Trajectories, steps=None, index=None, batch_size: int | None = None):
+def rescore_log_probs(
+    unet, scheduler, traj: Trajectories, steps=None, index=None, batch_size: int | None = None, steps_per_pass: int = 1
+):
     """Recompute the recorded log-probs under the current weights, without a graph.
 
     Returns (b, S) float32 for the stochastic steps ``steps`` (default all of them). Before any
-    update it equals ``traj.log_probs`` up to numerics: the on-policy check.
+    update it equals ``traj.log_probs`` up to numerics: the on-policy check. UNet calls hold
+    ``batch_size`` images (default all) x ``steps_per_pass`` steps.
     """
     steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]] if steps is None else list(steps)
     index = torch.arange(len(traj)) if index is None else torch.as_tensor(index)
@@ -587,9 +625,9 @@ def rescore_log_probs(unet, scheduler, traj: Trajectories, steps=None, index=Non
         return torch.zeros(len(index), 0, device=traj.log_probs.device)
     bs = batch_size or len(index)
     cols = []
-    for j in steps:
-        cols.append(torch.cat([step_log_prob(unet, scheduler, traj, j, chunk) for chunk in index.split(bs)]))
-    return torch.stack(cols, dim=1)
+    for group in step_groups(steps, steps_per_pass):
+        cols.append(torch.cat([steps_log_prob(unet, scheduler, traj, group, chunk) for chunk in index.split(bs)]))
+    return torch.cat(cols, dim=1)
 
 
 def rescore_drift(unet, scheduler, traj: Trajectories, num_images: int = 2, num_steps: int = 2) -> float:

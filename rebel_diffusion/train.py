@@ -77,6 +77,7 @@ class Run:
     eval_prompts: list[str]
     heldout: dict | None  # held-out eval: prompts, rewards, diversity embedder (eval_every > 0)
     out: Path
+    steps_per_pass: int = 1  # denoising steps per training UNet call (resolved from the config)
     epoch: int = 0  # last completed epoch
     global_step: int = 0
     stop_requested: bool = False
@@ -105,6 +106,13 @@ def resolve_mixed_precision(value: str) -> str:
     if value != "auto":
         return value
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_steps_per_pass(value: int | None, device) -> int:
+    """None -> 1 on an accelerator (memory is what limits there), 10 on a CPU (call overhead is)."""
+    if value is not None:
+        return value
+    return 10 if torch.device(device).type == "cpu" else 1
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -215,6 +223,7 @@ def setup(cfg: TrainConfig) -> Run:
         eval_prompts=eval_prompts,
         heldout=heldout,
         out=out,
+        steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
         params=params,
     )
     if cfg.resume:
@@ -236,7 +245,9 @@ def _print_plan(run: Run, mixed_precision: str) -> None:
         f"{run.settings.height}x{run.settings.width}), reward {cfg.reward}, {len(run.prompts)} prompts, "
         f"{n} process(es), mixed precision {mixed_precision}\n"
         f"  per epoch: {cfg.images_per_epoch(n)} images, {pairs} pairs, "
-        f"{cfg.optimizer_steps_per_epoch()} optimizer steps; {cfg.epochs} epochs "
+        f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
+        f"{cfg.train_batch_size} {'pairs' if cfg.algorithm == 'rebel' else 'images'}, "
+        f"{run.steps_per_pass} step(s) per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
         f"{trainable:,} trainable parameters ({cfg.finetune}); output {run.out}"
     )
@@ -464,6 +475,7 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
                 train_batch_size=cfg.train_batch_size,
                 steps=steps,
                 step_scale=scale,
+                steps_per_pass=run.steps_per_pass,
                 on_policy=inner == 0 and s == 0,
                 backward=_backward(run),
                 autocast=acc.autocast,
@@ -505,6 +517,7 @@ def update_ddpo(run: Run, traj: Trajectories, advantages, finite, epoch: int) ->
                 adv_clip_max=cfg.adv_clip_max,
                 train_batch_size=cfg.train_batch_size,
                 steps=steps,
+                steps_per_pass=run.steps_per_pass,
                 backward=_backward(run),
                 autocast=acc.autocast,
             )

@@ -2,7 +2,9 @@
 
 Both losses are sums over (trajectory, step) terms once REBEL's residual is known, so each
 micro-batch and each step is backpropagated on its own: peak memory holds one UNet graph,
-whatever the number of steps T. ``backward(loss, last)`` is the caller's (``accelerator.backward``
+whatever the number of steps T. ``steps_per_pass`` steps share one UNet call (and graph): fewer,
+larger calls where per-call overhead dominates (small models, CPUs), at that many times the
+activation memory, still independent of T. ``backward(loss, last)`` is the caller's (``accelerator.backward``
 under ``no_sync`` until ``last``), so gradients are synchronised across processes once per
 optimizer step.
 """
@@ -15,17 +17,19 @@ import torch
 
 from .ddpo import ppo_clip_loss
 from .rebel import rebel_residual, rebel_surrogate
-from .sampling import Trajectories, rescore_log_probs, step_log_prob
+from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
 
 
-def log_ratios(unet, scheduler, traj: Trajectories, index: torch.Tensor, autocast=nullcontext) -> torch.Tensor:
+def log_ratios(
+    unet, scheduler, traj: Trajectories, index: torch.Tensor, autocast=nullcontext, steps_per_pass: int = 1
+) -> torch.Tensor:
     """ln pi_theta(y) - ln pi_t(y) of whole trajectories, no graph: (n,) float32 for images ``index``.
 
     Sums (re-scored - recorded) over every stochastic step.
     """
     steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
     with autocast():
-        new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index)  # (n, S)
+        new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index, steps_per_pass=steps_per_pass)  # (n, S)
     old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)
     return (new - old).sum(dim=1)
 
@@ -41,6 +45,7 @@ def rebel_accumulate(
     train_batch_size: int,
     steps: list[int],
     step_scale: float = 1.0,
+    steps_per_pass: int = 1,
     on_policy: bool = False,
     backward=None,
     autocast=nullcontext,
@@ -51,7 +56,7 @@ def rebel_accumulate(
 
     pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
     steps: the stochastic steps trained (all of them, or a subsample whose sum is multiplied by
-    ``step_scale`` = T/m to stay unbiased). on_policy: the weights are still those that sampled
+    ``step_scale`` = T/m to stay unbiased); ``steps_per_pass`` of them share a UNet call. on_policy: the weights are still those that sampled
     ``traj``, so every log-ratio is exactly 0 and the no-graph pass is skipped.
     ``score_unet``: the module for the no-graph pass (default ``unet``; pass the unwrapped module
     under DDP). ``valid``: (P,) bool, pairs to learn from (pairs with a non-finite reward keep their
@@ -59,7 +64,8 @@ def rebel_accumulate(
     mean(rho^2) over valid pairs before the step and the mean |log-ratio difference|.
 
     1. rho = (1/eta) (D(y) - D(y')) - target from whole-trajectory log-ratios D, without a graph;
-    2. for each micro-batch and step, backpropagate sum_p 2 rho_p / (eta P) [ln pi(y_t) - ln pi(y'_t)].
+    2. for each micro-batch and group of steps, backpropagate
+       sum_p 2 rho_p / (eta P) sum_{t in group} [ln pi(y_t) - ln pi(y'_t)].
     """
     backward = backward or (lambda loss, last: loss.backward())
     num_pairs = len(pairs)
@@ -69,25 +75,27 @@ def rebel_accumulate(
         diff = torch.zeros(num_pairs, device=device)
     else:
         images = torch.unique(pairs.flatten())
-        ratio = torch.zeros(len(traj), device=device)
-        ratio[images.to(device)] = log_ratios(score_unet or unet, scheduler, traj, images, autocast).to(device)
+        ratio_images = log_ratios(score_unet or unet, scheduler, traj, images, autocast, steps_per_pass).to(device)
+        ratio = torch.zeros(len(traj), device=device, dtype=ratio_images.dtype)
+        ratio[images.to(device)] = ratio_images
         diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
     residual = rebel_residual(diff, torch.zeros_like(diff), targets.to(device).float(), eta)  # (P,)
     valid = torch.ones(num_pairs, dtype=torch.bool) if valid is None else valid.cpu()
     residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
     num_valid = max(int(valid.sum()), 1)
 
-    # 2. One backward per micro-batch and step.
+    # 2. One backward per micro-batch and group of steps.
     chunks = list(torch.arange(num_pairs).split(train_batch_size))
+    groups = step_groups(steps, steps_per_pass)
     for c, chunk in enumerate(chunks):
         a, b = pairs[chunk, 0], pairs[chunk, 1]
         index = torch.cat([a, b])
-        for s, j in enumerate(steps):
+        for g, group in enumerate(groups):
             with autocast():
-                logp = step_log_prob(unet, scheduler, traj, j, index=index)  # (2p,)
-            la, lb = logp.float().split(len(chunk))
+                logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (2p, m)
+            la, lb = logp.sum(dim=1).split(len(chunk))  # float32 (float64 in exactness tests)
             surrogate = rebel_surrogate(la * step_scale, lb * step_scale, residual[chunk], eta, num_valid)
-            backward(surrogate, c == len(chunks) - 1 and s == len(steps) - 1)
+            backward(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
     return {
         "loss": float(residual.pow(2).sum() / num_valid),
         "log_ratio_diff_abs": float(diff.abs().mean()),
@@ -105,27 +113,34 @@ def ddpo_accumulate(
     adv_clip_max: float,
     train_batch_size: int,
     steps: list[int],
+    steps_per_pass: int = 1,
     backward=None,
     autocast=nullcontext,
 ) -> dict[str, float]:
     """Accumulate the DDPO (PPO-clip) gradient of one optimizer step: mean over images x ``steps``.
 
-    images: (N,) indices into ``traj``; advantages: (len(traj),) normalised rewards.
+    images: (N,) indices into ``traj``; advantages: (len(traj),) normalised rewards;
+    ``steps_per_pass`` steps share a UNet call.
     """
     backward = backward or (lambda loss, last: loss.backward())
     num_terms = len(images) * len(steps)
     chunks = list(images.split(train_batch_size))
     # Statistics stay on the device until the end: no host sync per backward.
     total, kl, clipfrac = (torch.zeros((), device=traj.latents.device) for _ in range(3))
+    groups = step_groups(steps, steps_per_pass)
     for c, index in enumerate(chunks):
         adv = advantages[index].to(traj.latents.device)
-        for s, j in enumerate(steps):
+        for g, group in enumerate(groups):
             with autocast():
-                logp = step_log_prob(unet, scheduler, traj, j, index=index)
-            old = traj.log_probs[index.to(traj.log_probs.device), j].to(logp.device)
-            loss, stats = ppo_clip_loss(logp, old, adv, clip_range=clip_range, adv_clip_max=adv_clip_max)
-            backward(loss / num_terms, c == len(chunks) - 1 and s == len(steps) - 1)
+                logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (n, m)
+            old = traj.log_probs[index.to(traj.log_probs.device)][:, group].to(logp.device)  # (n, m)
+            terms = logp.numel()
+            loss, stats = ppo_clip_loss(
+                logp.flatten(), old.flatten(), adv.repeat_interleave(len(group)),
+                clip_range=clip_range, adv_clip_max=adv_clip_max,
+            )
+            backward(loss / num_terms, c == len(chunks) - 1 and g == len(groups) - 1)
             total += loss.detach() / num_terms
-            kl += stats["approx_kl"] * len(index) / num_terms
-            clipfrac += stats["clipfrac"] * len(index) / num_terms
+            kl += stats["approx_kl"] * terms / num_terms
+            clipfrac += stats["clipfrac"] * terms / num_terms
     return {"loss": float(total), "approx_kl": float(kl), "clipfrac": float(clipfrac)}

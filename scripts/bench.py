@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="T of the naive full-graph step (default: --train-steps on CPU, 1,2,4,10 on CUDA; "
                         "stops at the first out-of-memory); 'none' to skip")
     p.add_argument("--train-micro-batch", type=int, default=2, help="pairs per forward/backward")
+    p.add_argument("--steps-per-pass", default=None,
+                   help="the trainer's --steps-per-pass values to time (default: 1,10 on CPU, 1,5 on CUDA)")
     p.add_argument("--train-pairs", type=int, default=None, help="pairs per optimizer step (default 2 micro-batches)")
     p.add_argument("--train-repeats", type=int, default=None, help="timed steps after the first (default 1 CPU, 2 GPU)")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -139,6 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --sections {unknown}; choose from {', '.join(SECTIONS)}")
     args.train_steps = _int_list(p, "--train-steps", args.train_steps)
+    args.steps_per_pass = _int_list(p, "--steps-per-pass", args.steps_per_pass or ("1,5" if cuda else "1,10"))
     if args.naive_steps is None:
         args.naive_steps = list(args.train_steps) if not cuda else [1, 2, 4, 10]
     elif args.naive_steps.strip().lower() == "none":
@@ -523,11 +526,20 @@ def sampling_flops(flops: dict, args, results: dict, device: torch.device) -> di
     return out
 
 
+def ours_mode(steps_per_pass: int) -> str:
+    """Result key of rebel_accumulate at a --steps-per-pass value: ours (1), ours_spp10, ..."""
+    return "ours" if steps_per_pass == 1 else f"ours_spp{steps_per_pass}"
+
+
+def mode_steps_per_pass(mode: str) -> int:
+    return int(mode.removeprefix("ours_spp")) if mode.startswith("ours_spp") else 1
+
+
 def training_flops(flops: dict, args, T: int, mode: str) -> dict:
     micro = args.train_micro_batch
     n_micro = args.train_pairs // micro
     fwd_bwd = T * n_micro * flops["train_lora_forward_backward_flops"]
-    rescore = T * n_micro * flops["train_lora_forward_flops"] if mode == "ours" else 0  # 2P images, no graph
+    rescore = T * n_micro * flops["train_lora_forward_flops"] if mode.startswith("ours") else 0  # no graph
     return {"gradient_flops": fwd_bwd, "rescore_flops": rescore, "executed_flops": fwd_bwd + rescore}
 
 
@@ -677,10 +689,10 @@ class TrainBench:
         optimizer = torch.optim.AdamW(self.params, lr=1e-4)
 
         def one_step():
-            if mode == "ours":
+            if mode.startswith("ours"):
                 stats = rebel_accumulate(self.unet, scheduler, traj, pairs, targets, eta=1.0,
                                          train_batch_size=s["micro_batch"], steps=steps, on_policy=False,
-                                         autocast=self.autocast)
+                                         steps_per_pass=mode_steps_per_pass(mode), autocast=self.autocast)
             else:
                 stats = naive_accumulate(self.unet, scheduler, traj, pairs, targets, eta=1.0,
                                          train_batch_size=s["micro_batch"], steps=steps, autocast=self.autocast)
@@ -693,8 +705,9 @@ class TrainBench:
             "T": T, "method": mode, "pairs": len(pairs), "micro_batch_pairs": s["micro_batch"],
             "trained_steps": len(steps), "trajectory_mib": round(traj.latents.numel() * 4 / MIB, 2),
             "trajectory_sample_seconds": round(sample_seconds, 3),
-            "unet_graphs_held_at_once": 1 if mode == "ours" else len(steps),
-            "on_policy": False if mode == "ours" else None,
+            "steps_per_pass": mode_steps_per_pass(mode) if mode.startswith("ours") else None,
+            "unet_graphs_held_at_once": 1 if mode.startswith("ours") else len(steps),
+            "on_policy": False if mode.startswith("ours") else None,
         }
         meter = MemoryMeter(device)
         try:
@@ -799,11 +812,12 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
         isolation = "inprocess" if device.type == "cuda" else "subprocess"
     spec = worker_spec(args)
     load_start = load_average()
-    results = {"ours": {}, "naive": {}}
+    ours_modes = [ours_mode(m) for m in args.steps_per_pass]
+    results = {**{m: {} for m in ours_modes}, "naive": {}}
     bench = TrainBench(spec) if isolation == "inprocess" else None
     if bench is not None:
         print(f"  attention processors: {attention_processors(bench.unet)}", flush=True)
-    jobs = [("ours", T) for T in args.train_steps] + [("naive", T) for T in args.naive_steps]
+    jobs = [(m, T) for m in ours_modes for T in args.train_steps] + [("naive", T) for T in args.naive_steps]
     naive_oom = False
     for mode, T in jobs:
         if mode == "naive" and naive_oom:
@@ -823,7 +837,7 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
         results[mode][str(T)] = r
         naive_oom = naive_oom or (mode == "naive" and bool(r.get("oom")))
         mem = r.get("memory", {}).get("peak_growth_mib")
-        print(f"  {mode:5s} T={T:3d}: " + (f"{r['pairs_per_s']:.3f} pairs/s, " if "pairs_per_s" in r else "")
+        print(f"  {mode:10s} T={T:3d}: " + (f"{r['pairs_per_s']:.3f} pairs/s, " if "pairs_per_s" in r else "")
               + (f"peak +{mem} MiB" if mem is not None else "") + (" OOM" if r.get("oom") else "")
               + (f" {r['error']}" if r.get("error") and not r.get("oom") else ""), flush=True)
     compile_info = None
@@ -838,17 +852,23 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
     def growth(mode):
         return {T: r["memory"]["peak_growth_mib"] for T, r in results[mode].items() if "memory" in r and not r.get("oom")}
 
-    ours_g, naive_g = growth("ours"), growth("naive")
+    growths = {m: growth(m) for m in [*ours_modes, "naive"]}
     summary = {
-        "ours_peak_growth_mib": ours_g,
-        "naive_peak_growth_mib": naive_g,
-        "ours_pairs_per_s": {T: r.get("pairs_per_s") for T, r in results["ours"].items()},
-        "naive_pairs_per_s": {T: r.get("pairs_per_s") for T, r in results["naive"].items()},
+        **{f"{m}_peak_growth_mib": g for m, g in growths.items()},
+        **{f"{m}_pairs_per_s": {T: r.get("pairs_per_s") for T, r in results[m].items()} for m in results},
         "naive_oom_at_T": [int(T) for T, r in results["naive"].items() if r.get("oom")],
     }
-    if len(ours_g) >= 2:
-        summary["ours_peak_max_over_min"] = round(max(ours_g.values()) / max(min(ours_g.values()), 1e-9), 3)
-    for name, g in (("ours", ours_g), ("naive", naive_g)):
+    for m in ours_modes:
+        g = growths[m]
+        if len(g) >= 2:
+            summary[f"{m}_peak_max_over_min"] = round(max(g.values()) / max(min(g.values()), 1e-9), 3)
+        if m != "ours":  # speed-up of m steps per UNet pass over one, per T
+            summary[f"{m}_speedup_over_ours"] = {
+                T: round(r["pairs_per_s"] / results["ours"][T]["pairs_per_s"], 3)
+                for T, r in results[m].items()
+                if r.get("pairs_per_s") and results.get("ours", {}).get(T, {}).get("pairs_per_s")
+            }
+    for name, g in growths.items():
         if len(g) >= 2:
             xs = [int(T) for T in g]
             ys = list(g.values())
@@ -867,6 +887,9 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
             "isolation": isolation,
             "ours": "rebel_accumulate(on_policy=False): no-graph re-scoring of all 2P images x T steps, then one "
                     "backward per micro-batch and step; + optimizer.step",
+            "ours_sppM": "the same with M steps per UNet pass (the trainer's --steps-per-pass M): M times fewer, "
+                         "M times larger UNet calls, in the re-scoring pass too",
+            "steps_per_pass": args.steps_per_pass,
             "naive": "all T steps' graphs of a micro-batch held, one backward per micro-batch; + optimizer.step",
             "memory": "peak growth of the FIRST step (includes AdamW state) over the memory just before it; "
                       "pairs/s from the median of the timed steps after it",
@@ -961,6 +984,7 @@ def bench_epoch(args, device: torch.device) -> dict:
 
             run.accelerator.unwrap_model(run.unet).set_attn_processor(AttnProcessor2_0())
         run.unet = prepare_unet(run.unet, args)
+        steps_per_pass = run.steps_per_pass
         epochs = []
         for epoch in range(1, args.epochs + 1):
             g0 = dynamo_graphs()
@@ -989,6 +1013,7 @@ def bench_epoch(args, device: torch.device) -> dict:
             "model", "num_steps", "ddim_eta", "guidance_scale", "resolution", "reward", "prompts",
             "images_per_prompt", "prompts_per_batch", "batches_per_epoch", "train_batch_size",
             "gradient_accumulation_steps", "lora_rank", "mixed_precision", "timestep_fraction", "rescore_check")},
+        "steps_per_pass": steps_per_pass,  # the trainer's default on this device
         "images_per_epoch": cfg.images_per_epoch(),
         "optimizer_steps_per_epoch": cfg.optimizer_steps_per_epoch(),
         "setup_seconds": round(setup_seconds, 2),
@@ -1102,8 +1127,8 @@ def print_summary(report: dict) -> None:
               f"{s['overhead']['ours_vs_diffusers_process_cpu_ratio']:.3f})")
     if "training" in report:
         sm = report["training"]["summary"]
-        print(f"training: ours pairs/s {sm['ours_pairs_per_s']}, peak growth MiB {sm['ours_peak_growth_mib']}; "
-              f"naive pairs/s {sm['naive_pairs_per_s']}, peak growth MiB {sm['naive_peak_growth_mib']}")
+        for m in report["training"]["results"]:
+            print(f"training {m}: pairs/s {sm[f'{m}_pairs_per_s']}, peak growth MiB {sm[f'{m}_peak_growth_mib']}")
     if "rewards" in report:
         print("rewards: " + ", ".join(f"{k} {v['images_per_s']:.2f}/s" for k, v in report["rewards"]["results"].items()))
     if "epoch" in report:

@@ -24,7 +24,7 @@ torch.set_num_threads(int(os.environ.get("REBEL_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    """``tiny``: SD-1.x-shaped, epsilon prediction, DDIM, 32x32 images (latents 4x16x16), fp32 CPU."""
+    """``tiny``: SD-1.x-shaped, epsilon prediction, DDIM, 32x32 images (latents 4x8x8), fp32 CPU."""
     return load_pipeline("tiny")
 
 

@@ -30,7 +30,7 @@ def test_training_worker_and_flops_json(bench, tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     report = bench.main([
         "--model", "tiny", "--device", "cpu", "--sections", "flops,training", "--train-steps", "2,4",
-        "--naive-steps", "2", "--train-repeats", "0", "--train-isolation", "inprocess", "--threads", "1",
+        "--naive-steps", "2", "--steps-per-pass", "1,3", "--train-repeats", "0", "--train-isolation", "inprocess", "--threads", "1",
         "--out", str(out),
     ])
     data = json.loads(out.read_text())
@@ -51,10 +51,12 @@ def test_training_worker_and_flops_json(bench, tmp_path, monkeypatch):
     training = data["training"]
     assert training["switches"]["dtype"] == "fp32"
     assert set(training["results"]["ours"]) == {"2", "4"} and set(training["results"]["naive"]) == {"2"}
-    for method, T in (("ours", 2), ("ours", 4), ("naive", 2)):
+    assert set(training["results"]["ours_spp3"]) == {"2", "4"}  # 3 steps per UNet pass
+    for method, T in (("ours", 2), ("ours", 4), ("ours_spp3", 4), ("naive", 2)):
         r = training["results"][method][str(T)]
         assert r["T"] == T and r["trained_steps"] == T and r["oom"] is False
-        assert r["unet_graphs_held_at_once"] == (1 if method == "ours" else T)
+        assert r["unet_graphs_held_at_once"] == (T if method == "naive" else 1)
+        assert r["steps_per_pass"] == {"ours": 1, "ours_spp3": 3, "naive": None}[method]
         assert set(r["memory"]) >= {"method", "baseline_mib", "peak_mib", "peak_growth_mib"}
         assert r["pairs_per_s"] > 0
         assert r["flops"]["executed_tflops"] > 0 and r["flops"]["executed_mfu"] is None
@@ -63,6 +65,7 @@ def test_training_worker_and_flops_json(bench, tmp_path, monkeypatch):
     summary = training["summary"]
     assert set(summary["ours_peak_growth_mib"]) == {"2", "4"}
     assert set(summary["naive_peak_growth_mib"]) == {"2"}
+    assert set(summary["ours_spp3_speedup_over_ours"]) == {"2", "4"}
     # The naive full-graph step computes the same gradient as ours (fp32).
     assert training["gradient_check"]["relative_l2_difference"] < 1e-4
 

@@ -50,6 +50,14 @@ def test_defaults_are_the_papers():
     cfg.validate()
 
 
+def test_steps_per_pass_default_depends_on_the_device():
+    from rebel_diffusion.train import resolve_steps_per_pass
+
+    assert resolve_steps_per_pass(None, "cpu") == 10  # CPUs: per-call overhead dominates
+    assert resolve_steps_per_pass(None, "cuda:0") == 1  # GPUs: memory limits, as the peers' micro-batches
+    assert resolve_steps_per_pass(4, "cuda") == resolve_steps_per_pass(4, "cpu") == 4
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_are_valid(name):
     cfg = parse(["--preset", name])

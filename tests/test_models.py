@@ -41,7 +41,7 @@ def one_line_usage_error(excinfo) -> str:
 def unet_inputs():
     g = torch.Generator().manual_seed(0)
     return (
-        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 4, 8, 8, generator=g),
         torch.tensor([500, 20]),
         torch.randn(2, 77, 32, generator=g),
     )
@@ -141,7 +141,7 @@ def test_builtin_variants(tiny_pipe, tiny_lcm_pipe, tiny_v_pipe):
     assert isinstance(tiny_v_pipe.scheduler, DDIMScheduler)
     assert tiny_v_pipe.scheduler.config.prediction_type == "v_prediction"
     for pipe in (tiny_pipe, tiny_lcm_pipe, tiny_v_pipe):
-        assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+        assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
         assert pipe.tokenizer.model_max_length == 77 and pipe.unet.dtype == torch.float32
     assert state_dicts_equal(tiny_v_pipe.unet, tiny_pipe.unet)  # same seed, only the scheduler differs
 

@@ -33,6 +33,7 @@ from rebel_diffusion.sampling import (
     rescore_log_probs,
     sample_trajectories,
     step_log_prob,
+    steps_log_prob,
 )
 
 CPU = torch.device("cpu")
@@ -380,7 +381,7 @@ def test_lcm_step_rejects_unknown_timestep():
 def test_trajectory_shapes_and_contents(tiny_pipe, ddim_traj):
     traj, b, t = ddim_traj, len(PROMPTS) * K, DDIM_SETTINGS.num_steps
     assert len(traj) == b and traj.prompts == [p for p in PROMPTS for _ in range(K)]
-    assert traj.latents.shape == (b, t + 1, 4, 16, 16) and traj.latents.dtype == torch.float32
+    assert traj.latents.shape == (b, t + 1, 4, 8, 8) and traj.latents.dtype == torch.float32
     assert traj.log_probs.shape == (b, t) and traj.log_probs.dtype == torch.float32
     assert traj.timesteps.shape == (t,) and traj.timesteps.dtype == torch.long
     assert traj.timesteps.tolist() == make_scheduler(tiny_pipe, traj.settings).timesteps.tolist()
@@ -392,7 +393,7 @@ def test_trajectory_shapes_and_contents(tiny_pipe, ddim_traj):
     assert traj.group.tolist() == [0, 0, 1, 1] and traj.seeds.tolist() == [SEED + i for i in range(b)]
     # x_T is each image's seeded N(0, I) draw, and the images decode x_0
     for i in range(b):
-        assert torch.equal(traj.latents[i, 0], randn_tensor((1, 4, 16, 16), generator=gen(SEED + i))[0])
+        assert torch.equal(traj.latents[i, 0], randn_tensor((1, 4, 8, 8), generator=gen(SEED + i))[0])
     assert_close(traj.images, decode_latents(tiny_pipe.vae, traj.latents[:, -1]))
     assert_close(traj.prompt_embeds[2], text_embeds(tiny_pipe, PROMPTS[1])[0])
     assert_close(traj.negative_embeds[0], text_embeds(tiny_pipe, "")[0])
@@ -431,7 +432,7 @@ def test_cfg_equals_manual_two_pass(tiny_pipe, ddim_traj):
     for i in (0, 2):
         sched = ddim_scheduler(DDIM_SETTINGS.num_steps)
         g = gen(int(ddim_traj.seeds[i]))
-        x = randn_tensor((1, 4, 16, 16), generator=g)
+        x = randn_tensor((1, 4, 8, 8), generator=g)
         cond = text_embeds(tiny_pipe, ddim_traj.prompts[i])
         for j, t in enumerate(sched.timesteps):
             e_u = tiny_pipe.unet(x, t, encoder_hidden_states=uncond).sample
@@ -460,7 +461,7 @@ def test_lcm_guidance_embedding_path(tiny_lcm_pipe, lcm_traj):
     sched = lcm_scheduler(LCM_SETTINGS.num_steps)
     i = 1
     g = gen(int(lcm_traj.seeds[i]))
-    x = randn_tensor((1, 4, 16, 16), generator=g)
+    x = randn_tensor((1, 4, 8, 8), generator=g)
     cond = text_embeds(pipe, lcm_traj.prompts[i])
     for j, t in enumerate(sched.timesteps):
         e = pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
@@ -534,6 +535,13 @@ def test_rescore_reproduces_recorded_log_probs(name, request):
     assert rescore_drift(pipe.unet, sched, traj) <= RESCORE_TOL
     some = rescore_log_probs(pipe.unet, sched, traj, steps=steps[1:], index=[3, 0], batch_size=1)
     assert_close(some, new[[3, 0]][:, 1:], rtol=0, atol=1e-6)
+    # Several steps in one UNet call (per-sample timesteps): the same log-probs as step by step.
+    for steps_per_pass in (2, len(steps)):
+        batched = rescore_log_probs(pipe.unet, sched, traj, steps_per_pass=steps_per_pass)
+        assert float((batched - traj.log_probs[:, steps]).abs().max()) <= RESCORE_TOL
+    mixed = steps_log_prob(pipe.unet, sched, traj, [steps[-1], steps[0]], index=[1, 2])  # any order, (2, 2)
+    assert_close(mixed, torch.stack([step_log_prob(pipe.unet, sched, traj, j, index=[1, 2])
+                                     for j in (steps[-1], steps[0])], dim=1), rtol=0, atol=1e-6)
 
 
 def test_rescore_without_stochastic_steps(tiny_lcm_pipe):

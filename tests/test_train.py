@@ -133,6 +133,7 @@ def test_overwrite_starts_afresh(tmp_path):
         (["--train-batch-size", "3"], "do not divide"),
         (["--ddim-eta", "0"], "eta"),
         (["--timestep-fraction", "1.5"], "timestep-fraction"),
+        (["--steps-per-pass", "0"], "--steps-per-pass"),
         (["--resume"], "config.yaml"),
         (["--resume", "--overwrite"], "exclude"),
     ],
