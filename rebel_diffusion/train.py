@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -53,7 +54,15 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    history = train(cfg)
+    try:
+        history = train(cfg)
+    except torch.OutOfMemoryError as e:
+        # One line that says what to change; the last checkpoint (if any) is intact for --resume.
+        print(f"rebel-diffusion train: error: out of memory ({str(e).splitlines()[0][:120]}); lower "
+              "--train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
+              "--steps-per-pass or --eval-num-images, or add --gradient-checkpointing, then --resume",
+              file=sys.stderr)
+        return 1
     stopped_early = bool(history) and history[-1]["epoch"] < cfg.epochs
     return 130 if stopped_early else 0  # 130: interrupted (Ctrl-C), as shells report it
 

@@ -146,6 +146,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert not out.exists()
 
 
+def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, capsys, monkeypatch):
+    import rebel_diffusion.train as train_module
+
+    def oom(run, epoch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(train_module, "train_epoch", oom)
+    assert main(["train", *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err, err
+    assert "--steps-per-pass" in err and "--train-batch-size" in err and "--resume" in err
+
+
 def test_unknown_algorithm_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--algorithm", "ppo2"])
