@@ -337,8 +337,9 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 def guided_model_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale):
     """The policy's model output at ``timestep``: CFG-guided (one batched UNet call) or LCM-embedded.
 
-    timestep: an int, or a (B,) tensor of per-sample timesteps. latents (B, C, h, w), prompt_embeds (B, L, D), negative_embeds (B, L, D) or None (no
-    unconditional pass). Returns (B, C, h, w) in the UNet's output dtype.
+    timestep: an int, or a (B,) tensor of per-sample timesteps. latents (B, C, h, w), prompt_embeds
+    (B, L, D), negative_embeds (B, L, D) or None (no unconditional pass). Returns (B, C, h, w) in the
+    UNet's output dtype.
     """
     config = unwrap(unet).config
     dtype = next(unwrap(unet).parameters()).dtype

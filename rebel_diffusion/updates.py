@@ -4,9 +4,9 @@ Both losses are sums over (trajectory, step) terms once REBEL's residual is know
 micro-batch and each step is backpropagated on its own: peak memory holds one UNet graph,
 whatever the number of steps T. ``steps_per_pass`` steps share one UNet call (and graph): fewer,
 larger calls where per-call overhead dominates (small models, CPUs), at that many times the
-activation memory, still independent of T. ``backward(loss, last)`` is the caller's (``accelerator.backward``
-under ``no_sync`` until ``last``), so gradients are synchronised across processes once per
-optimizer step.
+activation memory, still independent of T. ``backward(loss, last)`` is the caller's
+(``accelerator.backward`` under ``no_sync`` until ``last``), so gradients are synchronised across
+processes once per optimizer step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def log_ratios(
     """
     steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
     with autocast():
-        new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index, steps_per_pass=steps_per_pass)  # (n, S)
+        new = rescore_log_probs(unet, scheduler, traj, steps, index, steps_per_pass=steps_per_pass)  # (n, S)
     old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)
     return (new - old).sum(dim=1)
 
