@@ -1,7 +1,8 @@
 """The ``rebel-diffusion`` command: train, sample, eval, preview.
 
 Each subcommand lives in its own module, which offers ``add_arguments(parser)`` and ``run(args)``.
-Errors a user can fix (``UsageError``) print one line and exit with status 2.
+Errors a user can fix (``UsageError``) print one line and exit with status 2; a run that had to stop
+(``RunError``) prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 COMMANDS = {
     "train": ("train", "fine-tune a model toward a reward with REBEL (or DDPO)"),
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"rebel-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"rebel-diffusion {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,13 +47,24 @@ class TrainConfig:
     preference_temperature: float = _f(1.0, "temperature of the bradley-terry preference")
     # --- algorithm -------------------------------------------------------------------------------
     algorithm: str = _f("rebel", "update rule: rebel, or the ddpo (PPO-clip) baseline", ("rebel", "ddpo"))
-    eta: float = _f(1.0, "REBEL's eta: the log-ratio difference is scaled by 1/eta in the regression")
-    normalization: str = _f("per-prompt", "reward normalisation into advantages", ("per-prompt", "batch", "none"))
+    eta: float = _f(1.0, "REBEL's eta, against the trajectory log-likelihood (summed over latent dims and trained "
+                    "steps): the regression moves a pair's log-likelihood ratio by eta nats per unit of "
+                    "advantage gap, at any resolution")
+    normalization: str = _f("per-group", "reward normalisation into advantages: per-group (the k images of a "
+                            "prompt in this batch), per-prompt (running statistics), batch, none",
+                            ("per-group", "per-prompt", "batch", "none"))
+    adv_std_floor: float = _f(0.1, "the std that normalises rewards is at least this fraction of the batch's std "
+                              "(near-constant groups get small advantages, not exploding ones)")
     tracker_buffer_size: int = _f(32, "per-prompt normalisation: rewards kept per prompt")
     tracker_min_count: int = _f(16, "per-prompt normalisation: rewards a prompt needs before its own statistics are used")
-    clip_range: float = _f(1e-4, "DDPO: PPO clip range of the probability ratio")
-    adv_clip_max: float = _f(5.0, "DDPO: advantages are clipped to [-adv_clip_max, adv_clip_max]")
-    timestep_fraction: float = _f(1.0, "fraction of the stochastic steps trained per update (rescaled: unbiased)")
+    clip_range: float = _f(1e-4, "DDPO: PPO clip range of the per-step probability ratio (of per-dim mean "
+                           "log-probs, as DDPO)")
+    adv_clip_max: float = _f(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max] (REBEL and DDPO)")
+    skip_final_steps: int = _f(0, "leave the last N (lowest-noise) denoising steps out of training: they barely "
+                               "change the image but dominate the log-ratio")
+    kl_coef: float = _f(0.0, "KL regularisation toward the base model: adds kl_coef x the per-image KL of the "
+                        "trained steps to the loss (closed form, nats; LoRA's base: adapters disabled)")
+    timestep_fraction: float = _f(1.0, "fraction of the trained steps used per optimizer step (rescaled: unbiased)")
     # --- batches ---------------------------------------------------------------------------------
     epochs: int = _f(100, "training epochs (each: sample, score, update)")
     images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
@@ -70,7 +82,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0: off)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     lr_scheduler: str = _f("constant", "learning-rate schedule",
                            ("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "warm-up optimizer steps of the schedule")
@@ -101,32 +113,26 @@ class TrainConfig:
     overwrite: bool = _f(False, "delete an existing --output-dir and start afresh")
     checkpoint_every: int = _f(1, "write a resumable checkpoint every N epochs (and at the end)")
     checkpoints_keep: int = _f(2, "checkpoints kept (oldest deleted)")
+    stop_grace: float = _f(20.0, "seconds from SIGINT/SIGTERM to a written checkpoint: the epoch in progress is "
+                           "finished if it ends in time, else cut short (torch elastic kills workers after 30 s)")
     log_with: str = _f("none", "experiment tracker through accelerate", ("none", "tensorboard", "wandb"))
 
     # -------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``UsageError`` (one line) for a value the run cannot use, before any heavy work."""
-        for name in ("num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch",
-                     "train_batch_size", "gradient_accumulation_steps", "inner_epochs", "lora_rank",
-                     "eval_num_images", "checkpoint_every", "checkpoints_keep", "tracker_buffer_size",
-                     "tracker_min_count", "heldout_images"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("eta", "learning_rate", "preference_temperature", "clip_range", "adv_clip_max"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name, value in dataclasses.asdict(self).items():
+            if value is None or isinstance(value, bool | str):
+                continue
+            if not math.isfinite(value):
+                raise UsageError(f"--{_flag(name)} must be a finite number, got {value}")
+            if name in RANGES:
+                lo, hi = RANGES[name]
+                if (lo is not None and not lo(value)) or (hi is not None and not hi(value)):
+                    raise UsageError(f"--{_flag(name)} must be {RANGE_TEXT[name]}, got {value:g}")
         if self.sampler != "lcm" and not self.ddim_eta > 0:
             raise UsageError(f"--ddim-eta must be > 0 (got {self.ddim_eta}): eta = 0 DDIM has no log-prob to train")
-        if self.steps_per_pass is not None and self.steps_per_pass < 1:
-            raise UsageError(f"--steps-per-pass must be >= 1, got {self.steps_per_pass}")
-        if self.resolution is not None and self.resolution < 1:
-            raise UsageError(f"--resolution must be >= 1, got {self.resolution}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise UsageError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.eval_every < 0:
-            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
-        if self.lr_warmup_steps < 0:
-            raise UsageError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.skip_final_steps >= self.num_steps:
+            raise UsageError(f"--skip-final-steps {self.skip_final_steps} leaves none of --num-steps {self.num_steps}")
         for name, value in dataclasses.asdict(self).items():
             choices = _field(name).metadata["choices"]
             if choices and value not in choices:
@@ -159,7 +165,50 @@ class TrainConfig:
         return self.units_per_epoch() // (self.train_batch_size * self.gradient_accumulation_steps) * self.inner_epochs
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        """The run's stored configuration: every field but the actions (--resume, --overwrite)."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in ACTIONS}
+        return yaml.safe_dump(values, sort_keys=False)
+
+
+# What the command does with --output-dir, not part of a run: never stored, never read from a file.
+ACTIONS = ("resume", "overwrite")
+# The only fields a --resume may change: how long, how often to checkpoint, and logging.
+SAFE_ON_RESUME = ("epochs", "checkpoint_every", "checkpoints_keep", "log_with", "stop_grace", "output_dir") + ACTIONS
+
+
+def _ge(x):
+    return lambda v: v >= x
+
+
+def _gt(x):
+    return lambda v: v > x
+
+
+def _le(x):
+    return lambda v: v <= x
+
+
+def _lt(x):
+    return lambda v: v < x
+
+
+# Allowed range of each numeric field (every float must also be finite): (lower test, upper test), text.
+_RANGES = {
+    **{name: ((_ge(1), None), ">= 1") for name in (
+        "num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch", "train_batch_size",
+        "gradient_accumulation_steps", "inner_epochs", "lora_rank", "eval_num_images", "checkpoint_every",
+        "checkpoints_keep", "tracker_buffer_size", "tracker_min_count", "heldout_images", "steps_per_pass",
+        "resolution")},
+    **{name: ((_gt(0), None), "> 0") for name in (
+        "eta", "learning_rate", "preference_temperature", "stop_grace", "clip_range", "adv_clip_max", "adam_epsilon", "lora_alpha")},
+    **{name: ((_ge(0), None), ">= 0") for name in (
+        "adv_std_floor", "kl_coef", "skip_final_steps", "eval_every", "lr_warmup_steps", "weight_decay", "ddim_eta",
+        "guidance_scale", "max_grad_norm", "seed")},
+    **{name: ((_ge(0), _lt(1)), "in [0, 1)") for name in ("adam_beta1", "adam_beta2")},
+    "timestep_fraction": ((_gt(0), _le(1)), "in (0, 1]"),
+}
+RANGES = {name: tests for name, (tests, _) in _RANGES.items()}
+RANGE_TEXT = {name: text for name, (_, text) in _RANGES.items()}
 
 
 # Presets: named bundles of defaults (applied before --config and flags).
@@ -235,33 +284,76 @@ def _apply(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:
         raise UsageError(f"{source}: unknown config field(s) {', '.join(unknown)}")
     out = {}
     for k, v in values.items():
-        tp = _base_type(hints[k])
-        if v is not None and tp is float and isinstance(v, int | float):
-            v = float(v)
-        if v is not None and not isinstance(v, tp):
-            raise UsageError(f"{source}: {k} must be {tp.__name__}, got {v!r}")
-        out[k] = v
+        out[k] = _coerce(k, v, _base_type(hints[k]), source)
     return dataclasses.replace(cfg, **out)
 
 
+def _coerce(name: str, value, tp, source: str):
+    """A YAML/flag value as the field's type: 1e-4 (which PyYAML reads as a string) is a float; a bool is
+    never a number; an int is a float where a float is wanted."""
+    if value is None:
+        return None
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool):
+        raise UsageError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, tp):
+        raise UsageError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _without_actions(values: dict, source: str) -> dict:
+    """A stored or user config without --resume/--overwrite; either set to true there is refused."""
+    for name in ACTIONS:
+        if values.get(name):
+            raise UsageError(f"{source}: {name} is an action, not a config field: pass --{name} on the command line")
+    return {k: v for k, v in values.items() if k not in ACTIONS}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve the configuration from defaults, the run's saved config (on --resume), preset, file and flags."""
+    """Resolve the configuration from defaults, the run's saved config (on --resume), preset, file and flags.
+
+    On --resume a value that differs from the run's saved one is refused unless the field is in
+    ``SAFE_ON_RESUME``: the checkpoint, the batches and the random streams depend on the rest.
+    """
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig()
-    file_values = read_yaml(args.config) if getattr(args, "config", None) else {}
-    if (flags.get("resume") or file_values.get("resume")) and (flags.get("overwrite") or file_values.get("overwrite")):
+    file_values = _without_actions(read_yaml(args.config), f"--config {args.config}") if getattr(
+        args, "config", None) else {}
+    if flags.get("resume") and flags.get("overwrite"):
         raise UsageError("--resume and --overwrite exclude each other")
-    if flags.get("resume") or file_values.get("resume"):
+    saved_cfg = None
+    if flags.get("resume"):
         out = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.output_dir)
         saved = out / "config.yaml"
         if not saved.is_file():
             raise UsageError(f"--resume: {out} has no config.yaml (no run to resume there)")
-        cfg = _apply(cfg, read_yaml(saved, "--resume"), str(saved))
-        cfg.overwrite = False
+        # Format-1 runs stored the actions (as false): drop them.
+        stored = {k: v for k, v in read_yaml(saved, "--resume").items() if k not in ACTIONS}
+        cfg = saved_cfg = _apply(cfg, stored, str(saved))
     preset = getattr(args, "preset", None)
     if preset:
         cfg = _apply(cfg, PRESETS[preset], f"--preset {preset}")
     cfg = _apply(cfg, file_values, f"--config {args.config}" if file_values else "config")
     cfg = _apply(cfg, flags, "flags")
+    if saved_cfg is not None:
+        for name in (f.name for f in dataclasses.fields(TrainConfig)):
+            old, new = getattr(saved_cfg, name), getattr(cfg, name)
+            if name not in SAFE_ON_RESUME and old != new:
+                raise UsageError(
+                    f"--resume: --{_flag(name)} {new!r} differs from the run's {old!r}; a resumed run keeps its "
+                    f"settings except {', '.join('--' + _flag(n) for n in SAFE_ON_RESUME[:4])} "
+                    "(start a new run to change it)"
+                )
+    if cfg.resume and saved_cfg is not None and cfg.epochs != saved_cfg.epochs and cfg.lr_scheduler in (
+        "linear", "cosine"
+    ):
+        raise UsageError(f"--resume: --epochs changes the {cfg.lr_scheduler} learning-rate schedule of this run; "
+                         "only a constant schedule can be extended")
     cfg.validate()
     return cfg

@@ -1,5 +1,10 @@
-"""Errors a user can fix. The CLI prints their message as one line and exits with status 2."""
+"""Errors a user can act on. The CLI prints their message as one line."""
 
 
 class UsageError(Exception):
-    """Bad input: a wrong flag, path, name or count. The message says what to pass instead."""
+    """Bad input: a wrong flag, path, name or count. The message says what to pass instead. Exit 2."""
+
+
+class RunError(Exception):
+    """A run that had to stop (no finite reward, a fault of the disk or memory). The message says why
+    and what to do next; the last checkpoint is intact. Exit 1."""

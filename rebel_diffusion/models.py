@@ -359,13 +359,39 @@ def check_sd_components(pipe) -> None:
 # LoRA
 
 
-def add_lora(unet, *, rank: int = 8, alpha: float = 8.0, target_modules=DEFAULT_LORA_TARGETS) -> None:
+def parse_lora_targets(text: str) -> list[str]:
+    """'to_q, to_k,,to_v' -> ['to_q', 'to_k', 'to_v']; an empty list is a UsageError."""
+    targets = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not targets:
+        raise UsageError("--lora-targets is empty: name UNet modules separated by commas, e.g. to_q,to_k,to_v,to_out.0")
+    return list(dict.fromkeys(targets))
+
+
+def lora_target_matches(unet, target_modules) -> dict[str, int]:
+    """How many linear/conv modules of ``unet`` each target names (peft's rule: the name, or its suffix)."""
+    from torch import nn
+
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    return {t: sum(1 for n in names if n == t or n.endswith("." + t)) for t in target_modules}
+
+
+def add_lora(unet, *, rank: int = 8, alpha: float = 8.0, target_modules=DEFAULT_LORA_TARGETS) -> dict[str, int]:
     """Freeze ``unet`` and add trainable LoRA adapters (peft) on ``target_modules``, kept in fp32.
 
-    Paper default: rank 8, alpha 8 on the attention projections q, k, v, out.
+    Paper default: rank 8, alpha 8 on the attention projections q, k, v, out. Every target must
+    match at least one module (a silently empty or partial adapter trains nothing); returns
+    {target: modules matched}.
     """
     from peft import LoraConfig
 
+    target_modules = list(target_modules)
+    matches = lora_target_matches(unet, target_modules)
+    unmatched = [t for t, n in matches.items() if n == 0]
+    if unmatched:
+        raise UsageError(
+            f"--lora-targets: {', '.join(unmatched)} match(es) no linear or conv module of this UNet "
+            "(valid names include to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2)"
+        )
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
@@ -373,6 +399,7 @@ def add_lora(unet, *, rank: int = 8, alpha: float = 8.0, target_modules=DEFAULT_
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    return matches
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -409,6 +436,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``, replacing it; ``dst`` is never half-written."""
     import shutil
 
+    from .run_folder import readable_tree
+
+    readable_tree(src)  # some writers (safetensors) create files 0600
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
         if old.exists():

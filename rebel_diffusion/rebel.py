@@ -6,8 +6,11 @@ For a prompt x and two images y, y' drawn from the current policy pi_t, REBEL's 
                                     - ( A(x,y) - A(x,y') ) )^2 ]
 
 with A the (normalised) reward, or, for intransitive preferences, the target P(y > y' | x) - 1/2.
-For a diffusion model ln pi(y|x) is the trajectory log-prob: the sum over trained steps of the
-per-step log-density (MEAN over latent dims; see ``sampling``).
+For a diffusion model ln pi(y|x) is the trajectory log-likelihood: the sum over the trained steps
+of the per-step Gaussian log-density, summed over the D = C*h*w latent dims. ``--eta`` is defined
+against that sum, so it means the same at every resolution and latent size: the regression asks
+the trajectory log-likelihood ratio of a pair to move by eta nats per unit of advantage gap. The
+sampler records per-dim MEANS (see ``sampling``); the trainer converts with eta_mean = eta / D.
 
 Pairs: with k images per prompt, every pair of the group (k(k-1)/2 of them, equally weighted).
 
@@ -77,6 +80,40 @@ def pair_targets(
     if preference is not None:
         return preference.float() - 0.5
     return advantages[pairs[:, 0]] - advantages[pairs[:, 1]]
+
+
+def regression_fit(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """How well (1/eta) * log-ratio difference fits the target over pairs. (P,), (P,) -> stats.
+
+    r2 = 1 - sum (pred - target)^2 / sum (target - mean target)^2 (1: solved; 0: no better than a
+    constant; on-policy, pred = 0, it is about -mean^2/var); corr: Pearson correlation (nan when
+    either side is constant).
+    """
+    pred, tgt = prediction.double().flatten(), target.double().flatten()
+    if len(tgt) < 2:
+        return {"fit_r2": float("nan"), "fit_corr": float("nan")}
+    ss_tot = (tgt - tgt.mean()).pow(2).sum()
+    r2 = 1.0 - (pred - tgt).pow(2).sum() / ss_tot if ss_tot > 0 else torch.tensor(float("nan"))
+    pc, tc = pred - pred.mean(), tgt - tgt.mean()
+    denom = pc.norm() * tc.norm()
+    corr = (pc @ tc) / denom if denom > 0 else torch.tensor(float("nan"))
+    return {"fit_r2": float(r2), "fit_corr": float(corr)}
+
+
+def trained_steps(stochastic_steps: list[int], skip_final_steps: int) -> list[int]:
+    """The stochastic steps that train: all but the last ``skip_final_steps`` (the lowest-noise ones).
+
+    The last steps of a DDIM trajectory have the smallest noise std (on toy 0.04 and 0.02 against
+    0.26-0.78), so the log-prob is far more sensitive there while they barely change the image.
+    """
+    if skip_final_steps < 0:
+        raise ValueError(f"skip_final_steps must be >= 0, got {skip_final_steps}")
+    kept = list(stochastic_steps[: max(0, len(stochastic_steps) - skip_final_steps)])
+    if not kept:
+        raise ValueError(
+            f"no step left to train: {len(stochastic_steps)} stochastic step(s), {skip_final_steps} skipped"
+        )
+    return kept
 
 
 def subsample_steps(

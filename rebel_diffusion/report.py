@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .run_folder import readable_as_umask
+
 MIN_TILE = 128  # tiles are upscaled (nearest) to at least this many pixels so captions fit
 FONT_SIZE = 11
 MAX_CAPTION_LINES = 4
@@ -132,6 +134,7 @@ def _atomic_target(path: str | os.PathLike) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    readable_as_umask(Path(tmp))  # mkstemp makes 0600: teammates on a shared disk could not read it
     return path, Path(tmp)
 
 

@@ -51,6 +51,16 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     return logp.flatten(1).mean(dim=1)
 
 
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) in nats, SUMMED over all non-batch dims. -> (B,) float32.
+
+    = sum_d (mean_d - ref_mean_d)^2 / (2 std^2): the closed form for equal covariances.
+    """
+    diff = _math(mean) - _math(ref_mean)
+    std = _math(std) if isinstance(std, torch.Tensor) else std
+    return (diff.pow(2) / (2 * std**2)).flatten(1).sum(dim=1)
+
+
 def _as_timesteps(timestep, batch: int) -> list[int]:
     """int or (B,)/(1,) tensor -> list of B python ints (host values: no device sync for ints)."""
     if isinstance(timestep, torch.Tensor):
@@ -111,7 +121,7 @@ def _draw_or_score(mean, std, prev_sample, generator, noise_dtype):
 
 
 def ddim_step_with_logprob(
-    scheduler, model_output, timestep, sample, *, eta: float, prev_sample=None, generator=None
+    scheduler, model_output, timestep, sample, *, eta: float, prev_sample=None, generator=None, with_mean=False
 ):
     """One DDIM step (Song et al. 2021, eq. 12) that also returns the log-prob of ``prev_sample``.
 
@@ -127,7 +137,8 @@ def ddim_step_with_logprob(
     Returns:
         (prev_sample (B, C, h, w) in ``sample``'s dtype, log_prob (B,) float32), where log_prob is
         the Gaussian log-density of prev_sample, MEAN over C, h, w (module docstring). log_prob is
-        None for a deterministic (zero-variance) step.
+        None for a deterministic (zero-variance) step. ``with_mean``: also the step's Gaussian mean
+        (B, C, h, w) and std (a float or (B, 1, 1, 1)), for the KL to a reference policy.
 
     Notation -> names: abar_t = alpha_t, abar_prev = alpha_prev, sigma_t = std.
     """
@@ -173,10 +184,14 @@ def ddim_step_with_logprob(
     # 5. x_prev ~ N(mean, sigma_t^2), or the given one; its log-density.
     prev = _draw_or_score(mean, std, None if prev_sample is None else _math(prev_sample), generator, model_output.dtype)
     log_prob = None if all(deterministic) else gaussian_log_prob(prev, mean, std)
+    if with_mean:
+        return prev.to(sample.dtype), log_prob, mean, std
     return prev.to(sample.dtype), log_prob
 
 
-def lcm_step_with_logprob(scheduler, model_output, timestep, sample, *, prev_sample=None, generator=None):
+def lcm_step_with_logprob(
+    scheduler, model_output, timestep, sample, *, prev_sample=None, generator=None, with_mean=False
+):
     """One multistep LCM step (Luo et al. 2023, Alg. 1) that also returns the log-prob of ``prev_sample``.
 
     denoised = c_out(t) x0_hat + c_skip(t) x_t; then, except at the last step,
@@ -221,12 +236,14 @@ def lcm_step_with_logprob(scheduler, model_output, timestep, sample, *, prev_sam
         x0 = _clip_x0(scheduler, x0)
     denoised = c_out * x0 + c_skip * x
     if all(last):
-        return denoised.to(sample.dtype), None
+        return (denoised.to(sample.dtype), None, denoised, 0.0) if with_mean else (denoised.to(sample.dtype), None)
 
     # 4. x_prev ~ N(sqrt(abar_prev) denoised, (1 - abar_prev) I).
     mean = _per_image([math.sqrt(a) for a in a_prev], x) * denoised
     std = _per_image([math.sqrt(1 - a) for a in a_prev], x)
     prev = _draw_or_score(mean, std, None if prev_sample is None else _math(prev_sample), generator, model_output.dtype)
+    if with_mean:
+        return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std), mean, std
     return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std)
 
 
@@ -293,15 +310,19 @@ def make_scheduler(pipe, settings: SamplingSettings, device=None):
     return scheduler
 
 
-def scheduler_step(scheduler, settings, model_output, timestep, sample, *, prev_sample=None, generator=None):
+def scheduler_step(
+    scheduler, settings, model_output, timestep, sample, *, prev_sample=None, generator=None, with_mean=False
+):
     """Dispatch to the DDIM or LCM step with log-prob."""
     if settings.sampler == "lcm":
         return lcm_step_with_logprob(
-            scheduler, model_output, timestep, sample, prev_sample=prev_sample, generator=generator
-        )
+            scheduler, model_output, timestep, sample, prev_sample=prev_sample, generator=generator,
+            with_mean=with_mean,
+        )  # fmt: skip
     return ddim_step_with_logprob(
-        scheduler, model_output, timestep, sample, eta=settings.eta, prev_sample=prev_sample, generator=generator
-    )
+        scheduler, model_output, timestep, sample, eta=settings.eta, prev_sample=prev_sample, generator=generator,
+        with_mean=with_mean,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,7 +584,7 @@ def sample_trajectories(
 # Re-scoring under the current weights
 
 
-def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=None) -> torch.Tensor:
+def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=None, with_mean=False):
     """log pi_theta(latents[:, j+1] | latents[:, j]) for each j in ``steps``, in ONE UNet call: (b, m) float32.
 
     Every (image, step) is its own sample of the batch, with its own timestep, so the result equals
@@ -571,7 +592,8 @@ def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=
     dominates small models and CPUs, at m times the activation memory of one step. Differentiable
     (call it inside ``torch.no_grad()`` when no gradient is wanted). ``index`` picks images of
     ``traj`` (default all). ``scheduler`` comes from ``make_scheduler(pipe, traj.settings)``. Every
-    step must be stochastic (``traj.stochastic[j]``).
+    step must be stochastic (``traj.stochastic[j]``). ``with_mean``: return (log-probs (b, m), the
+    steps' Gaussian means (b*m, C, h, w), their stds (b*m, 1, 1, 1) or a float), image-major.
     """
     steps = [int(j) for j in steps]
     for j in steps:
@@ -591,6 +613,9 @@ def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=
         t = traj.timesteps.cpu()[steps].repeat(b)  # (b*m,) host tensor
     model_in = scheduler.scale_model_input(x_t, t)
     out = guided_model_output(unet, model_in, t, embeds, negative, traj.settings.guidance_scale)
+    if with_mean:
+        _, logp, mean, std = scheduler_step(scheduler, traj.settings, out, t, x_t, prev_sample=x_prev, with_mean=True)
+        return logp.view(b, m), mean, std
     _, logp = scheduler_step(scheduler, traj.settings, out, t, x_t, prev_sample=x_prev)
     return logp.view(b, m)
 

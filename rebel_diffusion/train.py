@@ -13,6 +13,7 @@ checkpoint), in the same order: the peers hung where only the main process did.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -28,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import report
+from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
 from .config import TrainConfig, add_config_arguments, config_from_args
-from .errors import UsageError
-from .models import add_lora, load_pipeline, save_lora
+from .errors import RunError, UsageError
+from .models import add_lora, load_pipeline, parse_lora_targets, save_lora
 from .prompts_io import load_prompts
-from .rebel import pair_indices, pair_targets, subsample_steps
+from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
 from .rewards import load_preference, load_reward
 from .sampling import (
     SamplingSettings,
@@ -42,6 +43,7 @@ from .sampling import (
     make_scheduler,
     rescore_drift,
     sample_trajectories,
+    steps_log_prob,
 )
 from .updates import ddpo_accumulate, rebel_accumulate
 
@@ -53,18 +55,47 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """The command: 0 when done, 130/143 when stopped by SIGINT/SIGTERM (with a checkpoint), 1 on a fault."""
     cfg = config_from_args(args)
     try:
-        history = train(cfg)
-    except torch.OutOfMemoryError as e:
-        # One line that says what to change; the last checkpoint (if any) is intact for --resume.
-        print(f"rebel-diffusion train: error: out of memory ({str(e).splitlines()[0][:120]}); lower "
-              "--train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
-              "--steps-per-pass or --eval-num-images, or add --gradient-checkpointing, then --resume",
-              file=sys.stderr)
-        return 1
-    stopped_early = bool(history) and history[-1]["epoch"] < cfg.epochs
-    return 130 if stopped_early else 0  # 130: interrupted (Ctrl-C), as shells report it
+        result = train(cfg)
+    except KeyboardInterrupt:
+        last = run_folder.latest_checkpoint(cfg.output_dir)
+        raise RunError(f"stopped at once (second Ctrl-C); {last or 'no checkpoint'} is intact: --resume") from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        raise RunError(message) from e
+    if result.stopped_by is not None:
+        return 128 + int(result.stopped_by)  # 130 for SIGINT, 143 for SIGTERM, as shells report it
+    return 0
+
+
+OOM_HINT = ("lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
+            "--steps-per-pass or --eval-num-images, or add --gradient-checkpointing, then --resume")
+
+
+def fault_message(e: BaseException) -> str | None:
+    """One line for a fault of memory or the OS, saying what to do; None for anything else (a bug)."""
+    text = _first_line(e)
+    if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in text or (
+        "not enough memory" in text
+    ):
+        return f"out of memory ({text[:120]}); {OOM_HINT}"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"{where}no space left on the device; free space, then --resume (the last checkpoint is intact)"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then --resume"
+        return f"{where}{e.strerror or text}; fix that, then --resume (the last checkpoint is intact)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 @dataclass
@@ -86,29 +117,21 @@ class Run:
     eval_prompts: list[str]
     heldout: dict | None  # held-out eval: prompts, rewards, diversity embedder (eval_every > 0)
     out: Path
+    ref_unet: object | None = None  # frozen base UNet for the KL term (full fine-tune with --kl-coef)
     steps_per_pass: int = 1  # denoising steps per training UNet call (resolved from the config)
     epoch: int = 0  # last completed epoch
     global_step: int = 0
-    stop_requested: bool = False
     params: list = field(default_factory=list)
+    # Stopping on a signal: which one and when, and what the grace-period decision needs.
+    stop_signal: int | None = None
+    stop_time: float = 0.0
+    epoch_started: float = 0.0
+    last_epoch_seconds: float | None = None
+    checkpointed_epoch: int | None = 0  # the last epoch on disk (0: the start needs no checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
 # setup
-
-
-def check_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to touch an existing run folder unless --resume or --overwrite says what to do with it."""
-    out = Path(cfg.output_dir)
-    if cfg.resume:
-        if not latest_checkpoint(out):
-            raise UsageError(f"--resume: {out} has no checkpoint to resume from (checkpoints/epoch_NNNN)")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UsageError(
-            f"{out} already exists: pass --resume to continue that run, --overwrite to delete it, "
-            "or another --output-dir"
-        )
-    return out
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -128,12 +151,15 @@ def setup(cfg: TrainConfig) -> Run:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    # 1. Cheap checks first: output folder, prompts, reward and preference names.
-    out = check_output_dir(cfg)
+    # 1. Cheap checks first: output folder, prompts, reward and preference names. Nothing is written
+    #    until every check (model, LoRA targets, checkpoint) has passed: a failed start leaves no trace.
+    out = Path(cfg.output_dir)
+    run_folder.check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts or cfg.prompts)
     heldout_prompts = load_prompts(cfg.heldout_prompts) if cfg.eval_every else None
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_tracker(cfg.log_with)
     accelerator = Accelerator(
         # Several processes on a machine without GPUs: gloo on the CPU (accelerate would run them apart).
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -141,6 +167,8 @@ def setup(cfg: TrainConfig) -> Run:
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_dir=str(out),
     )
+    if cfg.resume:
+        check_resumable(out, accelerator.num_processes)
     reward_options = {
         k: v for k, v in (("aesthetic_head", cfg.aesthetic_head), ("clip_model", cfg.clip_model),
                           ("clip_pretrained", cfg.clip_pretrained)) if v is not None
@@ -164,15 +192,6 @@ def setup(cfg: TrainConfig) -> Run:
                                     aesthetic_head=cfg.aesthetic_head),
             "diversity": load_diversity_model(cfg.eval_diversity, device=accelerator.device) if accelerator.is_main_process else None,
         }
-    accelerator.wait_for_everyone()  # every rank has checked the folder before the main one changes it
-    if accelerator.is_main_process:
-        if out.exists() and cfg.overwrite:
-            shutil.rmtree(out)
-        (out / "grids").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        _atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    accelerator.wait_for_everyone()
-
     # 2. Model: frozen parts in the mixed-precision dtype; trainable weights in fp32.
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process
     pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device)
@@ -188,8 +207,15 @@ def setup(cfg: TrainConfig) -> Run:
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     unet = pipe.unet
+    ref_unet = None
+    if cfg.kl_coef > 0 and cfg.finetune == "full":  # LoRA's base is the same UNet with adapters disabled
+        import copy
+
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    lora_matches = {}
     if cfg.finetune == "lora":
-        add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets.split(","))
+        lora_matches = add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                target_modules=parse_lora_targets(cfg.lora_targets))
     else:
         unet.to(torch.float32).requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -232,33 +258,81 @@ def setup(cfg: TrainConfig) -> Run:
         eval_prompts=eval_prompts,
         heldout=heldout,
         out=out,
+        ref_unet=ref_unet,
         steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
         params=params,
     )
     if cfg.resume:
-        load_checkpoint(run, latest_checkpoint(out))
+        load_checkpoint(run, run_folder.latest_checkpoint(out))
+    # 4. Every check has passed: now the run folder changes (config.yaml only as a run starts).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.resume:
+            run_folder.write_config(out, cfg.to_yaml())
+            report.truncate_metrics(out / run_folder.METRICS, run.epoch)
+        else:
+            run_folder.start(out, cfg.to_yaml(), num_processes=accelerator.num_processes, overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
     if cfg.log_with != "none":
         accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
-    _print_plan(run, mixed_precision)
+    _print_plan(run, mixed_precision, lora_matches)
     return run
 
 
-def _print_plan(run: Run, mixed_precision: str) -> None:
+def check_tracker(log_with: str) -> None:
+    """The experiment tracker's package must be importable before anything runs."""
+    import importlib.util
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(log_with, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise UsageError(f"--log-with {log_with}: the {packages[0]} package is not installed; pip install {packages[0]}")
+
+
+def check_resumable(out: Path, num_processes: int) -> None:
+    """A run resumes only in the format and with the process count it was written with."""
+    marker = run_folder.read_marker(out)
+    if marker.get("format") != run_folder.FORMAT:
+        raise UsageError(
+            f"--resume: {out} was written by an earlier rebel-diffusion (run format {marker.get('format')}, with eta "
+            "per latent dim): it cannot continue exactly; start a new run (its lora/ loads with --model's LoRA tools)"
+        )
+    saved = int(marker.get("num_processes", 1))
+    if saved != num_processes:
+        raise UsageError(
+            f"--resume: {out} was trained with {saved} process(es), not {num_processes}: the batch and the random "
+            f"streams depend on it; launch it with --num_processes {saved}"
+        )
+
+
+def _print_plan(run: Run, mixed_precision: str, lora_matches: dict[str, int]) -> None:
     cfg, acc = run.cfg, run.accelerator
     n = acc.num_processes
     k = cfg.images_per_prompt
     pairs = cfg.prompts_per_batch * cfg.batches_per_epoch * k * (k - 1) // 2 * n
     trainable = sum(p.numel() for p in run.params)
+    dims = run.pipe.unet.config.in_channels * (run.settings.height // run.pipe.vae_scale_factor) * (
+        run.settings.width // run.pipe.vae_scale_factor
+    )
+    if cfg.algorithm == "rebel":
+        step_size = (f"eta {cfg.eta:g} nats of trajectory log-likelihood per unit advantage "
+                     f"(= {cfg.eta / dims:.3g} per latent dim, D = {dims})")
+    else:
+        step_size = f"PPO clip range {cfg.clip_range:g} (per-dim mean log-prob ratio, D = {dims})"
+    regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
     acc.print(
         f"rebel-diffusion: {cfg.algorithm} on {cfg.model} ({run.settings.sampler}, {run.settings.num_steps} steps, "
         f"{run.settings.height}x{run.settings.width}), reward {cfg.reward}, {len(run.prompts)} prompts, "
         f"{n} process(es), mixed precision {mixed_precision}\n"
+        f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
+        f"clip {cfg.adv_clip_max:g}); {regulariser}; last {cfg.skip_final_steps} step(s) not trained\n"
         f"  per epoch: {cfg.images_per_epoch(n)} images, {pairs} pairs, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
         f"{cfg.train_batch_size} {'pairs' if cfg.algorithm == 'rebel' else 'images'}, "
         f"{run.steps_per_pass} step(s) per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
-        f"{trainable:,} trainable parameters ({cfg.finetune}); output {run.out}"
+        f"{trainable:,} trainable parameters ({cfg.finetune}"
+        + (": LoRA on " + ", ".join(f"{t} ({n} modules)" for t, n in lora_matches.items()) if lora_matches else "")
+        + f"); output {run.out}"
     )
 
 
@@ -266,39 +340,124 @@ def _print_plan(run: Run, mixed_precision: str) -> None:
 # train
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run the whole recipe; returns the metrics of the epochs run."""
+@dataclass
+class TrainResult:
+    history: list[dict]  # the metrics of the epochs run
+    stopped_by: int | None = None  # the signal that stopped the run early (SIGINT, SIGTERM), if any
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the whole recipe.
+
+    SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and torch elastic send before they kill)
+    stop the run with a checkpoint: the epoch in progress is finished if it is expected to end
+    within --stop-grace seconds of the signal, otherwise it is cut short and the state it started
+    from is the checkpoint. Every process decides the same way, at the same point.
+    """
     run = setup(cfg)
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda *_: _request_stop(run, previous))
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, _frame: _request_stop(run, signum))
     history = []
     try:
         if run.epoch == 0:
             eval_and_report(run, epoch=0, metrics={"epoch": 0})
         for epoch in range(run.epoch + 1, cfg.epochs + 1):
-            metrics = train_epoch(run, epoch)
+            # The state this epoch starts from, kept only when it is not on disk already.
+            start_state = capture_state(run) if run.checkpointed_epoch != epoch - 1 else None
+            run.epoch_started = time.monotonic()
+            try:
+                metrics = train_epoch(run, epoch)
+            except StopEpoch:
+                if start_state is not None:
+                    restore_state(run, start_state)
+                    save_checkpoint(run, epoch - 1, start_state)
+                run.accelerator.print(
+                    f"{signal.Signals(run.stop_signal).name}: epoch {epoch} cut short; checkpoint "
+                    f"{run_folder.latest_checkpoint(run.out)} holds epoch {epoch - 1}; continue with --resume",
+                    file=sys.stderr,
+                )
+                break
             eval_and_report(run, epoch, metrics)
             history.append(metrics)
-            stop = _any_process(run, run.stop_requested)
+            run.last_epoch_seconds = time.monotonic() - run.epoch_started
+            stop = _any_process(run, run.stop_signal is not None)
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or stop:
                 save_checkpoint(run, epoch)
             run.epoch = epoch
             if stop:
-                run.accelerator.print(f"stopped after epoch {epoch}; continue with --resume")
+                run.accelerator.print(f"stopped after epoch {epoch}; continue with --resume", file=sys.stderr)
                 break
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         cleanup(run)
-    return history
+    stopped_by = _agreed_signal(run)
+    return TrainResult(history, stopped_by)
 
 
-def _request_stop(run: Run, previous) -> None:
-    # First Ctrl-C: finish the epoch, checkpoint, stop. Second: stop now.
-    if run.stop_requested:
-        raise KeyboardInterrupt
-    run.stop_requested = True
-    signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
-    run.accelerator.print("\nCtrl-C: finishing this epoch, then writing a checkpoint (Ctrl-C again to stop now)")
+class StopEpoch(Exception):
+    """A stop was requested and the epoch in progress cannot finish within --stop-grace."""
+
+
+def _request_stop(run: Run, signum: int) -> None:
+    # First signal: stop with a checkpoint. A second Ctrl-C (a second after the first): stop at once.
+    # torch elastic follows a terminal's SIGINT with its own SIGTERM; that one does not escalate.
+    now = time.monotonic()
+    if run.stop_signal is not None:
+        if signum == signal.SIGINT == run.stop_signal and now - run.stop_time > 1.0:
+            raise KeyboardInterrupt
+        return
+    run.stop_signal, run.stop_time = signum, now
+    if run.accelerator.is_local_main_process:
+        print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint within --stop-grace "
+              f"{run.cfg.stop_grace:g} s (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def stop_point(run: Run) -> None:
+    """A point every process reaches in step (after a sampling batch, after an optimizer step).
+
+    If any process was asked to stop and the epoch is not expected to end within the grace period
+    (from the previous epoch's duration), every process raises ``StopEpoch`` here.
+    """
+    now = time.monotonic()
+    asked = run.stop_signal is not None
+    waited = now - run.stop_time if asked else 0.0
+    remaining = math.inf if run.last_epoch_seconds is None else run.last_epoch_seconds - (now - run.epoch_started)
+    local = torch.tensor([1.0 if asked else 0.0, waited, min(max(remaining, 0.0), 1e9)], device=run.accelerator.device)
+    flag, waited, remaining = run.accelerator.reduce(local, reduction="max").tolist() if run.accelerator.num_processes > 1 \
+        else local.tolist()
+    if flag > 0 and waited + remaining + CHECKPOINT_SECONDS > run.cfg.stop_grace:
+        if run.stop_signal is None:  # another process was signalled: stop with its signal's exit code
+            run.stop_signal, run.stop_time = signal.SIGTERM, now
+        raise StopEpoch
+
+
+CHECKPOINT_SECONDS = 5.0  # kept free within the grace period for writing the checkpoint
+
+
+def _agreed_signal(run: Run) -> int | None:
+    return run.stop_signal
+
+
+def restore_state(run: Run, state: dict) -> None:
+    """Put a ``capture_state`` snapshot back: weights, optimizer, schedule, tracker, step count."""
+    named = dict(run.accelerator.unwrap_model(run.unet).named_parameters())
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            named[name].copy_(value.to(named[name].device))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.tracker.load_state_dict(state["tracker"])
+    run.global_step = state["global_step"]
+
+
+def _all_processes_zero(run: Run, count: int) -> bool:
+    t = torch.tensor([float(count)], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(t, reduction="sum").item() == 0)
 
 
 def _any_process(run: Run, flag: bool) -> bool:
@@ -315,17 +474,27 @@ def train_epoch(run: Run, epoch: int) -> dict:
     # 2. Score, and gather every process's rewards for the statistics.
     rewards = score(run.reward, traj)  # (B,)
     all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+    # Group ids are per process; offset them so that groups of different processes stay apart.
+    groups_per_process = cfg.prompts_per_batch * cfg.batches_per_epoch
+    all_groups = acc.gather((traj.group + acc.process_index * groups_per_process).to(acc.device)).cpu()
     all_prompts = _gather_prompts(run, traj.prompts)
     finite_all = torch.isfinite(all_rewards)
     finite = torch.isfinite(rewards)
-    if not bool(finite_all.all()):
-        acc.print(f"warning: {int((~finite_all).sum())} non-finite reward(s) dropped from their pairs")
+    if not bool(finite_all.any()):
+        raise RunError(
+            f"epoch {epoch}: no image had a finite reward ({cfg.reward} returned NaN or inf for all "
+            f"{len(all_rewards)}); nothing was trained, the last checkpoint is intact"
+        )
+    if not bool(finite_all.all()) and acc.is_main_process:
+        print(f"warning: {int((~finite_all).sum())} non-finite reward(s) dropped from their pairs", file=sys.stderr)
     # 3. Normalise into advantages (the tracker sees the same gathered data on every process).
     adv_all = torch.zeros_like(all_rewards)
     kept = finite_all.nonzero().flatten().tolist()
-    adv_all[kept] = normalize_rewards(
-        all_rewards[kept], [all_prompts[i] for i in kept], cfg.normalization, run.tracker
-    )
+    adv_kept, used = normalize_rewards(
+        all_rewards[kept], [all_prompts[i] for i in kept], cfg.normalization, run.tracker,
+        group=all_groups[kept], std_floor=cfg.adv_std_floor, adv_clip_max=cfg.adv_clip_max,
+    )  # fmt: skip
+    adv_all[kept] = adv_kept
     rank_slice = slice(acc.process_index * len(traj), (acc.process_index + 1) * len(traj))
     advantages = adv_all[rank_slice]  # (B,)
     drift = rescore_check(run, traj) if cfg.rescore_check else float("nan")
@@ -336,11 +505,14 @@ def train_epoch(run: Run, epoch: int) -> dict:
     t_train = time.perf_counter()
     images = cfg.images_per_epoch(acc.num_processes)
     kept_rewards = all_rewards[finite_all]
+    extra = {f"normalized_by/{kind}": n for kind, n in used.items()}
     return {
         "epoch": epoch,
         "reward_mean": float(kept_rewards.mean()) if len(kept_rewards) else float("nan"),
         "reward_std": float(kept_rewards.std(unbiased=False)) if len(kept_rewards) else float("nan"),
         "reward_nonfinite": int((~finite_all).sum()),
+        "advantage_abs_max": float(adv_all.abs().max()),
+        **extra,
         **update,
         "rescore_drift": drift,
         "lr": float(run.lr_scheduler.get_last_lr()[0]),
@@ -388,6 +560,7 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
                     group_offset=b * cfg.prompts_per_batch,
                 )
             )
+        stop_point(run)
     return Trajectories.cat(parts)
 
 
@@ -413,6 +586,36 @@ def rescore_check(run: Run, traj: Trajectories) -> float:
     """Max |re-scored - recorded| log-prob on a few images and steps before the update (on-policy)."""
     with run.accelerator.autocast():
         return rescore_drift(run.accelerator.unwrap_model(run.unet), run.scheduler, traj)
+
+
+def latent_dim(traj: Trajectories) -> int:
+    """D = C*h*w: the per-step log-probs are means over D dims; --eta is against their sum."""
+    return traj.latents[0, 0].numel()
+
+
+def run_trained_steps(run: Run, traj: Trajectories) -> list[int]:
+    """The stochastic steps the update trains: all but the --skip-final-steps lowest-noise ones."""
+    stochastic = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    return trained_steps(stochastic, run.cfg.skip_final_steps)
+
+
+def reference_mean(run: Run, traj: Trajectories):
+    """(steps, index) -> (b*m, C, h, w): the base policy's step means at the recorded x_t, no graph.
+
+    The base is the same UNet with its LoRA adapters disabled (full fine-tune: a frozen copy).
+    """
+    unet = run.accelerator.unwrap_model(run.unet)
+
+    def mean(steps: list[int], index: torch.Tensor) -> torch.Tensor:
+        if run.ref_unet is not None:
+            return steps_log_prob(run.ref_unet, run.scheduler, traj, steps, index=index, with_mean=True)[1]
+        unet.disable_adapters()
+        try:
+            return steps_log_prob(unet, run.scheduler, traj, steps, index=index, with_mean=True)[1]
+        finally:
+            unet.enable_adapters()
+
+    return mean
 
 
 def _optimizer_step(run: Run) -> float:
@@ -451,6 +654,11 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
     cfg, acc = run.cfg, run.accelerator
     pairs = pair_indices(traj.group)  # (P, 2)
     valid = finite[pairs[:, 0]] & finite[pairs[:, 1]]
+    if _all_processes_zero(run, int(valid.sum())):
+        raise RunError(
+            f"epoch {epoch}: no pair of images had two finite rewards ({cfg.reward}); nothing was trained, "
+            "the last checkpoint is intact"
+        )
     if run.preference is not None:
         with torch.no_grad():
             pref = torch.cat([
@@ -462,10 +670,12 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
     else:
         targets = pair_targets(advantages, pairs)
     targets = torch.where(valid, targets, torch.zeros_like(targets))
-    stochastic = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    trained = run_trained_steps(run, traj)
+    eta_mean = cfg.eta / latent_dim(traj)  # --eta is against summed log-likelihoods; log-probs are means
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
     score_unet = acc.unwrap_model(run.unet)
-    stats = {"loss": [], "log_ratio_diff_abs": [], "grad_norm": []}
+    stats = {"loss": [], "log_ratio_diff_abs": [], "grad_norm": [], **({"kl": []} if cfg.kl_coef > 0 else {})}
+    fit = {"prediction": [], "target": []}  # the last pass's pairs, each measured before its step
     steps_total = cfg.inner_epochs * (len(pairs) // per_step)
     bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", disable=not acc.is_local_main_process)
     for inner in range(cfg.inner_epochs):
@@ -473,14 +683,14 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
         order = torch.randperm(len(pairs), generator=gen)
         for s in range(len(pairs) // per_step):
             idx = order[s * per_step : (s + 1) * per_step]
-            steps, scale = subsample_steps(stochastic, cfg.timestep_fraction, gen)
+            steps, scale = subsample_steps(trained, cfg.timestep_fraction, gen)
             step_stats = rebel_accumulate(
                 run.unet,
                 run.scheduler,
                 traj,
                 pairs[idx],
                 targets[idx],
-                eta=cfg.eta,
+                eta=eta_mean,
                 train_batch_size=cfg.train_batch_size,
                 steps=steps,
                 step_scale=scale,
@@ -490,14 +700,36 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
                 autocast=acc.autocast,
                 score_unet=score_unet,
                 valid=valid[idx],
+                ratio_steps=trained,
+                kl_coef=cfg.kl_coef,
+                reference_mean=reference_mean(run, traj),
             )
             stats["grad_norm"].append(_optimizer_step(run))
+            stop_point(run)
             stats["loss"].append(step_stats["loss"])
-            stats["log_ratio_diff_abs"].append(step_stats["log_ratio_diff_abs"])
+            if cfg.kl_coef > 0:
+                stats["kl"].append(step_stats["kl"])
+            # In nats of trajectory log-likelihood (the units of --eta).
+            stats["log_ratio_diff_abs"].append(step_stats["log_ratio_diff_abs"] * latent_dim(traj))
+            if inner == cfg.inner_epochs - 1:
+                fit["prediction"].append(step_stats["prediction"])
+                fit["target"].append(step_stats["target"])
             bar.update(1)
     bar.close()
     pairs_total = acc.reduce(torch.tensor([float(valid.sum())], device=acc.device), reduction="sum")
-    return {**_mean_across(run, stats), "pairs": int(pairs_total.item()), "optimizer_steps": steps_total}
+    fit_stats = regression_fit(_gather_cat(run, fit["prediction"]), _gather_cat(run, fit["target"]))
+    return {**_mean_across(run, stats), **fit_stats, "pairs": int(pairs_total.item()),
+            "optimizer_steps": steps_total}
+
+
+def _gather_cat(run: Run, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate this process's (n_i,) tensors, then every process's (variable lengths). -> (N,)."""
+    from accelerate.utils import gather_object
+
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    if run.accelerator.num_processes == 1:
+        return local
+    return torch.tensor([v for chunk in gather_object([local.tolist()]) for v in chunk])
 
 
 def update_ddpo(run: Run, traj: Trajectories, advantages, finite, epoch: int) -> dict:
@@ -506,16 +738,16 @@ def update_ddpo(run: Run, traj: Trajectories, advantages, finite, epoch: int) ->
 
     cfg, acc = run.cfg, run.accelerator
     advantages = torch.where(finite, advantages, torch.zeros_like(advantages))  # no gradient from those
-    stochastic = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    trained = run_trained_steps(run, traj)
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+    stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], **({"kl": []} if cfg.kl_coef > 0 else {})}
     steps_total = cfg.inner_epochs * (len(traj) // per_step)
     bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", disable=not acc.is_local_main_process)
     for inner in range(cfg.inner_epochs):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, inner, 2]).generate_state(1)[0]))
         order = torch.randperm(len(traj), generator=gen)
         for s in range(len(traj) // per_step):
-            steps, _ = subsample_steps(stochastic, cfg.timestep_fraction, gen)  # a mean: no rescaling
+            steps, _ = subsample_steps(trained, cfg.timestep_fraction, gen)  # a mean: no rescaling
             step_stats = ddpo_accumulate(
                 run.unet,
                 run.scheduler,
@@ -529,9 +761,12 @@ def update_ddpo(run: Run, traj: Trajectories, advantages, finite, epoch: int) ->
                 steps_per_pass=run.steps_per_pass,
                 backward=_backward(run),
                 autocast=acc.autocast,
+                kl_coef=cfg.kl_coef,
+                reference_mean=reference_mean(run, traj),
             )
             stats["grad_norm"].append(_optimizer_step(run))
-            for key in ("loss", "approx_kl", "clipfrac"):
+            stop_point(run)
+            for key in stats.keys() - {"grad_norm"}:
                 stats[key].append(step_stats[key])
             bar.update(1)
     bar.close()
@@ -619,52 +854,80 @@ def _log_grid(run: Run, grid, epoch: int) -> None:
 # save_checkpoint / load_checkpoint
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    folder = Path(out) / "checkpoints"
-    done = sorted(p for p in folder.glob("epoch_*") if p.is_dir() and (p / "state.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
-
-
 def _trainable_state(run: Run) -> dict[str, torch.Tensor]:
     unet = run.accelerator.unwrap_model(run.unet)
     return {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run: Run, epoch: int) -> Path:
+def capture_state(run: Run) -> dict:
+    """Everything a checkpoint holds, copied to the CPU now: trainable weights, optimizer, LR schedule,
+    stat tracker, step count and this process's RNG state."""
+    return {
+        "weights": _trainable_state(run),
+        "optimizer": _cpu_clone(run.optimizer.state_dict()),
+        "lr_scheduler": _cpu_clone(run.lr_scheduler.state_dict()),
+        "tracker": json.loads(json.dumps(run.tracker.state_dict())),
+        "global_step": run.global_step,
+        "rng": _rng_state(),
+    }
+
+
+def _cpu_clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_clone(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_clone(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
     """Write checkpoints/epoch_NNNN atomically (a temp folder renamed when complete), on every process.
 
-    Holds the trainable weights, optimizer, LR schedule, stat tracker, epoch, and each process's RNG
-    state; keeps the last ``checkpoints_keep``; refreshes lora/ (or unet/) for plain diffusers use.
+    ``state``: from ``capture_state`` (default: now). Keeps the last ``checkpoints_keep``; refreshes
+    lora/ (or unet/) for plain diffusers use. A write that fails (disk full, read-only) removes the
+    temp folder and raises ``RunError``: the previous checkpoint stays intact.
     """
     from safetensors.torch import save_file
 
     acc, cfg = run.accelerator, run.cfg
-    folder = run.out / "checkpoints"
+    state = state or capture_state(run)
+    folder = run.out / run_folder.CHECKPOINTS
     final = folder / f"epoch_{epoch:04d}"
     tmp = folder / f".tmp-epoch_{epoch:04d}"
-    if acc.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    _check_in_sync(run, state["weights"])
+    try:
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(state["rng"], tmp / f"rng_{acc.process_index}.pt")
+        if acc.is_main_process:
+            save_file(state["weights"], str(tmp / "trainable.safetensors"))
+            torch.save(state["optimizer"], tmp / "optimizer.pt")
+            torch.save(state["lr_scheduler"], tmp / "lr_scheduler.pt")
+            (tmp / "tracker.json").write_text(json.dumps(state["tracker"]))
+            (tmp / run_folder.STATE).write_text(json.dumps({"epoch": epoch, "global_step": state["global_step"]}))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            run_folder.readable_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted(p for p in folder.glob("epoch_*") if p.is_dir())[: -cfg.checkpoints_keep]:
+                shutil.rmtree(old)
+            export_weights(run)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = run_folder.latest_checkpoint(run.out)
+        raise RunError(
+            f"cannot write checkpoint {final.name} ({_first_line(e)}); free disk space or fix the folder's "
+            f"permissions, then --resume (from {last.name if last else 'the start'}: it is intact)"
+        ) from e
     acc.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{acc.process_index}.pt")
-    state = _trainable_state(run)  # every process computes it (cheap); main writes
-    _check_in_sync(run, state)
-    if acc.is_main_process:
-        save_file(state, str(tmp / "trainable.safetensors"))
-        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(run.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        (tmp / "tracker.json").write_text(json.dumps(run.tracker.state_dict()))
-        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "global_step": run.global_step}))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(p for p in folder.glob("epoch_*") if p.is_dir())[: -cfg.checkpoints_keep]:
-            shutil.rmtree(old)
-        export_weights(run)
-    acc.wait_for_everyone()
+    run.checkpointed_epoch = epoch
     return final
 
 
@@ -718,10 +981,8 @@ def load_checkpoint(run: Run, folder: Path) -> None:
             _set_rng_state(torch.load(rng, weights_only=False))
     except Exception as e:
         raise UsageError(f"--resume: checkpoint {folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    run.epoch = int(state["epoch"])
+    run.epoch = run.checkpointed_epoch = int(state["epoch"])
     run.global_step = int(state["global_step"])
-    if acc.is_main_process:
-        report.truncate_metrics(run.out / "metrics.jsonl", run.epoch)
     acc.print(f"resumed from {folder} (epoch {run.epoch})")
 
 
@@ -753,12 +1014,6 @@ def cleanup(run: Run) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _flat_config(cfg: TrainConfig) -> dict:

@@ -17,17 +17,24 @@ import torch
 
 from .ddpo import ppo_clip_loss
 from .rebel import rebel_residual, rebel_surrogate
-from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
+from .sampling import Trajectories, gaussian_kl, rescore_log_probs, step_groups, steps_log_prob
 
 
 def log_ratios(
-    unet, scheduler, traj: Trajectories, index: torch.Tensor, autocast=nullcontext, steps_per_pass: int = 1
+    unet,
+    scheduler,
+    traj: Trajectories,
+    index: torch.Tensor,
+    autocast=nullcontext,
+    steps_per_pass: int = 1,
+    steps: list[int] | None = None,
 ) -> torch.Tensor:
     """ln pi_theta(y) - ln pi_t(y) of whole trajectories, no graph: (n,) float32 for images ``index``.
 
-    Sums (re-scored - recorded) over every stochastic step.
+    Sums (re-scored - recorded) over ``steps`` (default: every stochastic step).
     """
-    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    if steps is None:
+        steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
     with autocast():
         new = rescore_log_probs(unet, scheduler, traj, steps, index, steps_per_pass=steps_per_pass)  # (n, S)
     old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)
@@ -51,7 +58,10 @@ def rebel_accumulate(
     autocast=nullcontext,
     score_unet=None,
     valid: torch.Tensor | None = None,
-) -> dict[str, float]:
+    ratio_steps: list[int] | None = None,
+    kl_coef: float = 0.0,
+    reference_mean=None,
+) -> dict:
     """Accumulate the REBEL loss gradient of one optimizer step into ``unet``'s parameters.
 
     pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
@@ -60,8 +70,16 @@ def rebel_accumulate(
     ``traj``, so every log-ratio is exactly 0 and the no-graph pass is skipped.
     ``score_unet``: the module for the no-graph pass (default ``unet``; pass the unwrapped module
     under DDP). ``valid``: (P,) bool, pairs to learn from (pairs with a non-finite reward keep their
-    place, so every process runs the same backward passes, but add no gradient). Returns the loss
-    mean(rho^2) over valid pairs before the step and the mean |log-ratio difference|.
+    place, so every process runs the same backward passes, but add no gradient). ``ratio_steps``:
+    the steps whose log-ratios make up D (default: every stochastic step; the trainer passes the
+    trained steps, of which ``steps`` may be a subsample). eta is in the units of the log-probs
+    given (per-dim means: the trainer passes its eta divided by C*h*w). Returns the loss mean(rho^2)
+    over valid pairs before the step, the mean |log-ratio difference|, and (P,) tensors
+    ``prediction`` = (1/eta) (D(y) - D(y')) and ``target`` for the fit statistics.
+
+    kl_coef > 0 adds kl_coef * mean over the pairs' images of sum_t KL(pi_theta || pi_ref) at the
+    recorded x_t (closed form, nats), with ``reference_mean(steps, index)`` -> (b*m, C, h, w) the
+    reference policy's step means (no graph); ``kl`` in the result is that mean before the step.
 
     1. rho = (1/eta) (D(y) - D(y')) - target from whole-trajectory log-ratios D, without a graph;
     2. for each micro-batch and group of steps, backpropagate
@@ -75,7 +93,9 @@ def rebel_accumulate(
         diff = torch.zeros(num_pairs, device=device)
     else:
         images = torch.unique(pairs.flatten())
-        ratio_images = log_ratios(score_unet or unet, scheduler, traj, images, autocast, steps_per_pass).to(device)
+        ratio_images = log_ratios(
+            score_unet or unet, scheduler, traj, images, autocast, steps_per_pass, ratio_steps
+        ).to(device)
         ratio = torch.zeros(len(traj), device=device, dtype=ratio_images.dtype)
         ratio[images.to(device)] = ratio_images
         diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
@@ -87,18 +107,33 @@ def rebel_accumulate(
     # 2. One backward per micro-batch and group of steps.
     chunks = list(torch.arange(num_pairs).split(train_batch_size))
     groups = step_groups(steps, steps_per_pass)
+    kl_total = torch.zeros((), device=device, dtype=torch.float64)
     for c, chunk in enumerate(chunks):
         a, b = pairs[chunk, 0], pairs[chunk, 1]
         index = torch.cat([a, b])
+        member = valid[chunk].repeat(2).to(device)  # (2p,) images of valid pairs carry the KL term
         for g, group in enumerate(groups):
             with autocast():
-                logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (2p, m)
+                if kl_coef > 0:
+                    logp, mean, std = steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
+                else:
+                    logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (2p, m)
             la, lb = logp.sum(dim=1).split(len(chunk))  # float32 (float64 in exactness tests)
             surrogate = rebel_surrogate(la * step_scale, lb * step_scale, residual[chunk], eta, num_valid)
+            if kl_coef > 0:
+                with torch.no_grad(), autocast():
+                    ref = reference_mean(group, index)
+                kl = gaussian_kl(mean, ref, std).view(len(index), len(group)).sum(dim=1) * step_scale  # (2p,)
+                kl = torch.where(member, kl, torch.zeros_like(kl))
+                surrogate = surrogate + kl_coef * kl.sum() / (2 * num_valid)
+                kl_total += kl.detach().sum() / (2 * num_valid)
             backward(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
     return {
         "loss": float(residual.pow(2).sum() / num_valid),
+        "kl": float(kl_total),
         "log_ratio_diff_abs": float(diff.abs().mean()),
+        "prediction": (diff / eta).detach().cpu()[valid],
+        "target": targets.detach().float().cpu()[valid],
     }
 
 
@@ -116,31 +151,44 @@ def ddpo_accumulate(
     steps_per_pass: int = 1,
     backward=None,
     autocast=nullcontext,
+    kl_coef: float = 0.0,
+    reference_mean=None,
 ) -> dict[str, float]:
     """Accumulate the DDPO (PPO-clip) gradient of one optimizer step: mean over images x ``steps``.
 
     images: (N,) indices into ``traj``; advantages: (len(traj),) normalised rewards;
-    ``steps_per_pass`` steps share a UNet call.
+    ``steps_per_pass`` steps share a UNet call. kl_coef, reference_mean: as ``rebel_accumulate``
+    (kl_coef * mean over images of sum_t KL).
     """
     backward = backward or (lambda loss, last: loss.backward())
     num_terms = len(images) * len(steps)
     chunks = list(images.split(train_batch_size))
     # Statistics stay on the device until the end: no host sync per backward.
-    total, kl, clipfrac = (torch.zeros((), device=traj.latents.device) for _ in range(3))
+    total, kl, clipfrac, kl_ref = (torch.zeros((), device=traj.latents.device, dtype=torch.float64) for _ in range(4))
     groups = step_groups(steps, steps_per_pass)
     for c, index in enumerate(chunks):
         adv = advantages[index].to(traj.latents.device)
         for g, group in enumerate(groups):
             with autocast():
-                logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (n, m)
+                if kl_coef > 0:
+                    logp, mean, std = steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
+                else:
+                    logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (n, m)
             old = traj.log_probs[index.to(traj.log_probs.device)][:, group].to(logp.device)  # (n, m)
             terms = logp.numel()
             loss, stats = ppo_clip_loss(
                 logp.flatten(), old.flatten(), adv.repeat_interleave(len(group)),
                 clip_range=clip_range, adv_clip_max=adv_clip_max,
             )
-            backward(loss / num_terms, c == len(chunks) - 1 and g == len(groups) - 1)
-            total += loss.detach() / num_terms
+            loss = loss / num_terms
+            if kl_coef > 0:
+                with torch.no_grad(), autocast():
+                    ref = reference_mean(group, index)
+                kl_img = gaussian_kl(mean, ref, std).sum() / len(images)  # this group's share of the mean
+                loss = loss + kl_coef * kl_img
+                kl_ref += kl_img.detach()
+            backward(loss, c == len(chunks) - 1 and g == len(groups) - 1)
+            total += loss.detach()
             kl += stats["approx_kl"] * terms / num_terms
             clipfrac += stats["clipfrac"] * terms / num_terms
-    return {"loss": float(total), "approx_kl": float(kl), "clipfrac": float(clipfrac)}
+    return {"loss": float(total), "approx_kl": float(kl), "clipfrac": float(clipfrac), "kl": float(kl_ref)}

@@ -16,9 +16,18 @@ from rebel_diffusion.rebel import (
     rebel_loss,
     rebel_residual,
     rebel_surrogate,
+    regression_fit,
     subsample_steps,
+    trained_steps,
 )
-from rebel_diffusion.sampling import SamplingSettings, make_scheduler, sample_trajectories, step_log_prob
+from rebel_diffusion.sampling import (
+    SamplingSettings,
+    gaussian_kl,
+    make_scheduler,
+    sample_trajectories,
+    step_log_prob,
+    steps_log_prob,
+)
 from rebel_diffusion.updates import ddpo_accumulate, log_ratios, rebel_accumulate
 
 # ------------------------------------------------------------------------------------------------
@@ -82,11 +91,13 @@ def test_stat_tracker_batch_then_prompt_statistics():
     tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
     prompts = ["a", "a", "b", "b"]
     r1 = np.array([1.0, 3.0, 10.0, 14.0])
-    adv = tracker.update(prompts, r1)
-    # fewer than min_count per prompt: the batch's statistics
+    adv, fallback = tracker.update(prompts, r1)
+    # fewer than min_count per prompt: the batch's statistics, and the fall-back is reported
     np.testing.assert_allclose(adv, (r1 - r1.mean()) / (r1.std() + 1e-6))
+    assert fallback == 4
     r2 = np.array([5.0, 7.0, 12.0, 16.0])
-    adv = tracker.update(prompts, r2)
+    adv, fallback = tracker.update(prompts, r2)
+    assert fallback == 0
     buf_a = np.array([1.0, 3.0, 5.0, 7.0])
     buf_b = np.array([10.0, 14.0, 12.0, 16.0])
     np.testing.assert_allclose(adv[:2], (r2[:2] - buf_a.mean()) / (buf_a.std() + 1e-6))
@@ -96,16 +107,65 @@ def test_stat_tracker_batch_then_prompt_statistics():
     assert list(tracker.stats["a"]) == [3.0, 5.0, 7.0, 100.0]
     clone = PerPromptStatTracker()
     clone.load_state_dict(tracker.state_dict())
-    np.testing.assert_allclose(clone.update(["a"], np.array([1.0])), tracker.update(["a"], np.array([1.0])))
+    np.testing.assert_allclose(clone.update(["a"], np.array([1.0]))[0], tracker.update(["a"], np.array([1.0]))[0])
 
 
 def test_normalize_modes():
     r = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    torch.testing.assert_close(normalize_rewards(r, list("abcd"), "none"), r)
-    z = normalize_rewards(r, list("abcd"), "batch")
+    adv, used = normalize_rewards(r, list("abcd"), "none")
+    torch.testing.assert_close(adv, r)
+    assert used == {"none": 4}
+    z, used = normalize_rewards(r, list("abcd"), "batch")
     assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    assert used == {"batch": 4}
     with pytest.raises(ValueError):
         normalize_rewards(r, list("abcd"), "per-prompt")
+    with pytest.raises(ValueError):
+        normalize_rewards(r, list("abcd"), "per-group")
+
+
+def test_per_group_normalisation_uses_each_group_alone():
+    r = torch.tensor([1.0, 3.0, 10.0, 30.0, 5.0, 5.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, used = normalize_rewards(r, list("aabbcc"), "per-group", group=group)
+    # each pair of two is (-1, +1) whatever its scale; a constant group gives 0, not a blow-up
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    assert used == {"per-group": 6}
+
+
+def test_std_floor_and_advantage_clip():
+    # A near-constant group: its own std is 0.01, the batch's is large; the floor caps |A|.
+    r = torch.tensor([1.0, 1.02, 0.0, 10.0])
+    group = torch.tensor([0, 0, 1, 1])
+    batch_std = float(r.double().std(unbiased=False))
+    adv, _ = normalize_rewards(r, list("aabb"), "per-group", group=group, std_floor=0.1)
+    expected_first = 0.01 / (0.1 * batch_std + 1e-6)
+    assert adv[1].item() == pytest.approx(expected_first, rel=1e-4) and adv[1].item() < 1.0
+    unfloored, _ = normalize_rewards(r, list("aabb"), "per-group", group=group)
+    assert unfloored[1].item() == pytest.approx(1.0, rel=1e-3)
+    # One failure among saturated images under batch statistics: |A| ~ 7.9, clipped to 5.
+    r = torch.tensor([1.0] * 63 + [0.0])
+    adv, _ = normalize_rewards(r, ["p"] * 64, "batch")
+    assert adv.min().item() == pytest.approx(-63 / 63**0.5, rel=1e-3)
+    clipped, _ = normalize_rewards(r, ["p"] * 64, "batch", adv_clip_max=5.0)
+    assert clipped.min().item() == pytest.approx(-5.0)
+
+
+def test_regression_fit_closed_forms():
+    target = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    assert regression_fit(target, target) == pytest.approx({"fit_r2": 1.0, "fit_corr": 1.0})
+    # predicting the target's mean explains nothing; on-policy (prediction 0) R^2 = -mean^2 / var
+    fit = regression_fit(torch.full((4,), 0.5), target)
+    assert fit["fit_r2"] == pytest.approx(0.0, abs=1e-12) and np.isnan(fit["fit_corr"])
+    assert regression_fit(torch.zeros(4), target)["fit_r2"] == pytest.approx(-(0.5**2) / 1.25)
+    assert regression_fit(2 * target + 1, target)["fit_corr"] == pytest.approx(1.0)
+
+
+def test_trained_steps_leave_out_the_last():
+    assert trained_steps([0, 1, 2, 3, 4], 2) == [0, 1, 2]
+    assert trained_steps([0, 1, 2], 0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="no step left"):
+        trained_steps([0, 1], 2)
 
 
 def test_ppo_clip_loss_closed_form():
@@ -134,6 +194,32 @@ EXACTNESS_CASES = [  # (dtype, steps_per_pass)
     pytest.param(torch.float64, 1, id="fp64-1-step-per-pass"),
     pytest.param(torch.float64, 3, id="fp64-3-steps-per-pass"),
 ]
+
+
+@pytest.mark.parametrize("skip", [1, 2])
+def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
+    """--skip-final-steps: the regression and its gradient cover the trained steps alone, exactly."""
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    pairs = pair_indices(traj.group)
+    targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+    steps = trained_steps([j for j in range(len(traj.timesteps)) if traj.stochastic[j]], skip)
+    assert len(steps) == 4 - skip
+    pipe.unet.zero_grad()
+    stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
+                             steps_per_pass=2, ratio_steps=steps)
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    images = torch.arange(len(traj))
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
+    loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, 0.5)
+    loss.backward()
+    naive = _grads(lora)
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-9)
+    # the fit statistics' prediction is (1/eta) (D(y) - D(y')) over those steps
+    torch.testing.assert_close(stats["prediction"].double(), ((ratio[pairs[:, 0]] - ratio[pairs[:, 1]]) / 0.5).detach(),
+                               rtol=1e-6, atol=1e-9)
 
 
 def _lora_setup(dtype):
@@ -270,3 +356,77 @@ def test_rebel_steps_move_log_ratio_toward_target(sign):
     assert np.all(np.abs(diffs[-1] - sign * eta) < np.abs(0.0 - sign * eta))
     # ...and the regression loss falls.
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    std = torch.tensor([0.3, 0.5, 1.2]).view(3, 1, 1, 1)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref, std.expand_as(ref))
+    ).flatten(1).sum(1)
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), expected)
+    torch.testing.assert_close(gaussian_kl(mean, ref, 0.5), gaussian_kl(mean, ref, torch.full((3, 1, 1, 1), 0.5)))
+
+
+def _reference_mean(pipe, scheduler, traj):
+    """The base policy's step means: the same UNet with its LoRA adapters disabled (as the trainer)."""
+
+    def mean(steps, index):
+        pipe.unet.disable_adapters()
+        try:
+            return steps_log_prob(pipe.unet, scheduler, traj, steps, index=index, with_mean=True)[1]
+        finally:
+            pipe.unet.enable_adapters()
+
+    return mean
+
+
+def _naive_kl(pipe, scheduler, traj, steps, images):
+    """sum_t KL_t of each image by full-graph autograd: (n,)."""
+    out = []
+    for j in steps:
+        _, mean, std = steps_log_prob(pipe.unet, scheduler, traj, [j], index=images, with_mean=True)
+        with torch.no_grad():
+            ref = _reference_mean(pipe, scheduler, traj)([j], images)
+        out.append(gaussian_kl(mean, ref, std))
+    return torch.stack(out, dim=1).sum(dim=1)
+
+
+@pytest.mark.parametrize("algorithm", ["rebel", "ddpo"])
+def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorithm):
+    """The KL term toward the base (adapters disabled) adds exactly its gradient, step by step."""
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    steps, coef = [0, 1, 2], 0.3
+    images = torch.arange(len(traj))
+    pipe.unet.zero_grad()
+    if algorithm == "rebel":
+        pairs = pair_indices(traj.group)
+        targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+        stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
+                                 steps_per_pass=2, ratio_steps=steps, kl_coef=coef,
+                                 reference_mean=_reference_mean(pipe, scheduler, traj))
+    else:
+        adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
+        stats = ddpo_accumulate(pipe.unet, scheduler, traj, images, adv, clip_range=0.2, adv_clip_max=5.0,
+                                train_batch_size=4, steps=steps, steps_per_pass=2, kl_coef=coef,
+                                reference_mean=_reference_mean(pipe, scheduler, traj))
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    kl = _naive_kl(pipe, scheduler, traj, steps, images)  # (B,)
+    if algorithm == "rebel":
+        ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
+        members = pairs.flatten()  # each image once per pair it is in
+        loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, 0.5) + coef * kl[members].mean()
+        expected_kl = kl[members].mean()
+    else:
+        old = traj.log_probs[:, steps]
+        ppo, _ = ppo_clip_loss(new.flatten(), old.flatten(), adv[:, None].expand_as(new).flatten(), clip_range=0.2)
+        loss = ppo / new.numel() + coef * kl.mean()
+        expected_kl = kl.mean()
+    loss.backward()
+    naive = _grads(lora)
+    assert expected_kl.item() > 1e-6  # off the base: the term is not zero
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
+    assert stats["kl"] == pytest.approx(expected_kl.item(), rel=1e-9)

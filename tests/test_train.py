@@ -115,12 +115,13 @@ def test_refuses_existing_output_dir_and_touches_nothing(finished_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
 
 
-def test_overwrite_starts_afresh(tmp_path):
+def test_overwrite_replaces_a_run(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    assert main(["train", *SMALL, "--epochs", "1", "--output-dir", str(out)]) == 0
     (out / "old.txt").write_text("x")
-    assert main(["train", *SMALL, "--epochs", "1", "--overwrite", "--output-dir", str(out)]) == 0
+    assert main(["train", *SMALL, "--epochs", "1", "--seed", "1", "--overwrite", "--output-dir", str(out)]) == 0
     assert not (out / "old.txt").exists() and (out / "lora").is_dir()
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
 
 
 @pytest.mark.parametrize(
