@@ -430,6 +430,7 @@ class Trajectories:
     log_probs: (B, T) float32, log pi(latents[:, j+1] | latents[:, j]) (MEAN over C, h, w);
         0 where ``stochastic`` is False.  stochastic: (T,) bool, steps that carry a log-prob.
     images: (B, 3, H, W) float32 in [0, 1].  settings: the resolved ``SamplingSettings``.
+    step_std: (T,) float32, the noise std of each step's Gaussian (0 where deterministic).
     """
 
     prompts: list[str]
@@ -443,6 +444,7 @@ class Trajectories:
     stochastic: torch.Tensor
     images: torch.Tensor
     settings: SamplingSettings = field(default_factory=SamplingSettings)
+    step_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -545,7 +547,7 @@ def sample_trajectories(
         # 2. x_T ~ N(0, I) per image (the same draw as diffusers' pipelines with a generator list).
         x = randn_tensor((len(generators), c, h, w), generator=generators, device=device, dtype=torch.float32)
         x = x * scheduler.init_noise_sigma
-        traj, logps, stochastic = [x], [], []
+        traj, logps, stochastic, stds = [x], [], [], []
         # 3. Denoise, recording x_t and log pi(x_prev | x_t) of every step.
         with torch.no_grad():
             for t in timesteps:
@@ -553,8 +555,9 @@ def sample_trajectories(
                 out = guided_model_output(
                     unet, model_in, t, embeds[sl], None if negative is None else negative[sl], settings.guidance_scale
                 )
-                x, logp = scheduler_step(scheduler, settings, out, t, x, generator=generators)
+                x, logp, _, std = scheduler_step(scheduler, settings, out, t, x, generator=generators, with_mean=True)
                 stochastic.append(logp is not None)
+                stds.append(float(std) if logp is not None else 0.0)  # one timestep: a python float
                 logps.append(logp if logp is not None else torch.zeros(x.shape[0], device=device))
                 if record:
                     traj.append(x)
@@ -574,6 +577,7 @@ def sample_trajectories(
                 stochastic=torch.tensor(stochastic),
                 images=images,
                 settings=settings,
+                step_std=torch.tensor(stds, dtype=torch.float32),
             )
         )
     bar.close()

@@ -324,7 +324,7 @@ def _print_plan(run: Run, mixed_precision: str, lora_matches: dict[str, int]) ->
         f"{run.settings.height}x{run.settings.width}), reward {cfg.reward}, {len(run.prompts)} prompts, "
         f"{n} process(es), mixed precision {mixed_precision}\n"
         f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
-        f"clip {cfg.adv_clip_max:g}); {regulariser}; last {cfg.skip_final_steps} step(s) not trained\n"
+        f"clip {cfg.adv_clip_max:g}); {regulariser}; steps trained: noise std >= {cfg.min_step_std:g}\n"
         f"  per epoch: {cfg.images_per_epoch(n)} images, {pairs} pairs, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
         f"{cfg.train_batch_size} {'pairs' if cfg.algorithm == 'rebel' else 'images'}, "
@@ -375,16 +375,18 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if start_state is not None:
                     restore_state(run, start_state)
                     save_checkpoint(run, epoch - 1, start_state)
+                last = run_folder.latest_checkpoint(run.out)
                 run.accelerator.print(
-                    f"{signal.Signals(run.stop_signal).name}: epoch {epoch} cut short; checkpoint "
-                    f"{run_folder.latest_checkpoint(run.out)} holds epoch {epoch - 1}; continue with --resume",
+                    f"{signal.Signals(run.stop_signal).name}: epoch {epoch} cut short; "
+                    + (f"checkpoint {last} holds epoch {epoch - 1}; continue with --resume" if last
+                       else "it was the first epoch: nothing to resume, start again"),
                     file=sys.stderr,
-                )
+                )  # fmt: skip
                 break
             eval_and_report(run, epoch, metrics)
             history.append(metrics)
             run.last_epoch_seconds = time.monotonic() - run.epoch_started
-            stop = _any_process(run, run.stop_signal is not None)
+            stop = _agree_on_stop(run)
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or stop:
                 save_checkpoint(run, epoch)
             run.epoch = epoch
@@ -395,8 +397,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for s, handler in previous.items():
             signal.signal(s, handler)
         cleanup(run)
-    stopped_by = _agreed_signal(run)
-    return TrainResult(history, stopped_by)
+    return TrainResult(history, run.stop_signal)
 
 
 class StopEpoch(Exception):
@@ -439,8 +440,13 @@ def stop_point(run: Run) -> None:
 CHECKPOINT_SECONDS = 5.0  # kept free within the grace period for writing the checkpoint
 
 
-def _agreed_signal(run: Run) -> int | None:
-    return run.stop_signal
+def _agree_on_stop(run: Run) -> bool:
+    """True on every process when any was signalled; each then records the same signal."""
+    t = torch.tensor([float(run.stop_signal or 0)], device=run.accelerator.device)
+    signum = int(run.accelerator.reduce(t, reduction="max").item()) if run.accelerator.num_processes > 1 else int(t)
+    if signum:
+        run.stop_signal = run.stop_signal or signum
+    return bool(signum)
 
 
 def restore_state(run: Run, state: dict) -> None:
@@ -458,11 +464,6 @@ def restore_state(run: Run, state: dict) -> None:
 def _all_processes_zero(run: Run, count: int) -> bool:
     t = torch.tensor([float(count)], device=run.accelerator.device)
     return bool(run.accelerator.reduce(t, reduction="sum").item() == 0)
-
-
-def _any_process(run: Run, flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=run.accelerator.device)
-    return bool(run.accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def train_epoch(run: Run, epoch: int) -> dict:
@@ -594,9 +595,11 @@ def latent_dim(traj: Trajectories) -> int:
 
 
 def run_trained_steps(run: Run, traj: Trajectories) -> list[int]:
-    """The stochastic steps the update trains: all but the --skip-final-steps lowest-noise ones."""
-    stochastic = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
-    return trained_steps(stochastic, run.cfg.skip_final_steps)
+    """The stochastic steps the update trains: those whose noise std is at least --min-step-std."""
+    try:
+        return trained_steps(traj.step_std.tolist(), run.cfg.min_step_std)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def reference_mean(run: Run, traj: Trajectories):

@@ -38,3 +38,8 @@ def tiny_lcm_pipe():
 def tiny_v_pipe():
     """``tiny-v``: as ``tiny`` with a v-prediction DDIM scheduler, fp32 CPU."""
     return load_pipeline("tiny-v")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast tests first, then the ones marked slow (end-to-end runs), so a failure shows early."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

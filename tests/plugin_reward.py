@@ -42,3 +42,8 @@ def out_of_range(images_a, images_b, prompts):
 
 
 NOT_CALLABLE = 42
+
+
+def nan_reward(images, prompts):
+    """A broken reward: NaN for every image."""
+    return torch.full((images.shape[0],), float("nan"))

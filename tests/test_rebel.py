@@ -161,11 +161,12 @@ def test_regression_fit_closed_forms():
     assert regression_fit(2 * target + 1, target)["fit_corr"] == pytest.approx(1.0)
 
 
-def test_trained_steps_leave_out_the_last():
-    assert trained_steps([0, 1, 2, 3, 4], 2) == [0, 1, 2]
-    assert trained_steps([0, 1, 2], 0) == [0, 1, 2]
+def test_trained_steps_leave_out_the_lowest_noise():
+    std = [0.78, 0.5, 0.26, 0.041, 0.021, 0.0]  # toy's shape, and a deterministic last step
+    assert trained_steps(std, 0.1) == [0, 1, 2]
+    assert trained_steps(std, 0.0) == [0, 1, 2, 3, 4]  # never a deterministic step
     with pytest.raises(ValueError, match="no step left"):
-        trained_steps([0, 1], 2)
+        trained_steps(std, 1.0)
 
 
 def test_ppo_clip_loss_closed_form():
@@ -198,12 +199,14 @@ EXACTNESS_CASES = [  # (dtype, steps_per_pass)
 
 @pytest.mark.parametrize("skip", [1, 2])
 def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
-    """--skip-final-steps: the regression and its gradient cover the trained steps alone, exactly."""
+    """--min-step-std: the regression and its gradient cover the trained steps alone, exactly."""
     pipe, traj, scheduler, lora = lora_setups[torch.float64]
     pairs = pair_indices(traj.group)
     targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
-    steps = trained_steps([j for j in range(len(traj.timesteps)) if traj.stochastic[j]], skip)
-    assert len(steps) == 4 - skip
+    std = traj.step_std.tolist()
+    assert std == sorted(std, reverse=True) and min(std) > 0  # DDIM: the noise falls step by step
+    steps = trained_steps(std, (std[-skip] + std[-skip - 1]) / 2)  # a threshold between two steps
+    assert steps == list(range(4 - skip))
     pipe.unet.zero_grad()
     stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
                              steps_per_pass=2, ratio_steps=steps)

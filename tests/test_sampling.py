@@ -646,3 +646,20 @@ def test_guidance_embedding_matches_reference_formula():
     freqs = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
     arg = ((w - 1) * 1000)[:, None] * freqs[None]
     assert_close(guidance_embedding(w, dim), torch.cat([arg.sin(), arg.cos()], dim=1))
+
+
+def test_recorded_step_std_is_ddims_closed_form(tiny_pipe):
+    """Trajectories.step_std: eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) per step."""
+    from rebel_diffusion.sampling import SamplingSettings, make_scheduler, sample_trajectories
+
+    settings = SamplingSettings(num_steps=4, guidance_scale=1.0, eta=0.7)
+    traj = sample_trajectories(tiny_pipe, ["a cat"], settings=settings)
+    scheduler = make_scheduler(tiny_pipe, traj.settings)
+    acp = scheduler.alphas_cumprod.double()
+    step = scheduler.config.num_train_timesteps // 4
+    expected = []
+    for t in scheduler.timesteps.tolist():
+        a_t = acp[t]
+        a_prev = acp[t - step] if t - step >= 0 else torch.tensor(float(scheduler.final_alpha_cumprod)).double()
+        expected.append(0.7 * float(((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()))
+    torch.testing.assert_close(traj.step_std.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)

@@ -263,6 +263,7 @@ print("fp16 ok")
 """
 
 
+@pytest.mark.slow
 def test_fp16_trains_fp32_lora_on_a_frozen_fp16_unet(tmp_path):
     """--mixed-precision fp16 (a fresh process: accelerate fixes the precision once per process).
 
@@ -289,6 +290,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_stops(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -307,6 +309,7 @@ def test_ctrl_c_checkpoints_and_stops(tmp_path):
     assert "--resume" in output
 
 
+@pytest.mark.slow
 def test_two_processes_one_set_of_outputs(tmp_path):
     out = tmp_path / "run"
     cmd = [
