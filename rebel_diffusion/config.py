@@ -1,8 +1,10 @@
 """The training configuration: one dataclass whose fields carry their help text and become CLI flags.
 
 Precedence, lowest first: field defaults < ``--preset`` < ``--config FILE.yaml`` < command-line flags.
-On ``--resume`` the run's own ``config.yaml`` takes the place of the defaults. Every field is used
-by the recipe in ``train.py``; the resolved configuration is written to ``OUTPUT_DIR/config.yaml``.
+On ``--resume`` the run's own ``config.yaml`` takes the place of the defaults, and only the fields in
+``SAFE_ON_RESUME`` may differ from it. Every field is used by the recipe in ``train.py``; the
+resolved configuration (less the actions --resume and --overwrite) is written to
+``OUTPUT_DIR/config.yaml`` when the run starts. Every number is checked (finite, in ``RANGES``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ METRICS = "metrics.jsonl"
 GRIDS = "grids"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"  # inside a checkpoint: its epoch; present only in a complete one
+TRAINABLE = "trainable.safetensors"  # inside a checkpoint: the trainable weights (LoRA or UNet)
 FORMAT = 2  # 1: eta per latent dim and per-prompt statistics by default (before run.json existed)
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from . import run_folder
 from .errors import UsageError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-CHECKPOINT_FILE = "trainable.safetensors"  # the trainer's checkpoints/epoch_NNNN/ hold this
+CHECKPOINT_FILE = run_folder.TRAINABLE  # the trainer's checkpoints/epoch_NNNN/ hold this
 GRID_TILE_MAX = 256  # grid tiles larger than this are downscaled: a 512px grid of 100 images is huge
 
 
@@ -53,7 +54,7 @@ def read_run(path: str | Path) -> tuple[Path, dict]:
     if not path.exists():
         raise UsageError(f"--run {path}: no such folder")
     for folder in (path, path.parent, path.parent.parent):
-        cfg_file = folder / "config.yaml"
+        cfg_file = folder / run_folder.CONFIG
         if cfg_file.is_file():
             try:
                 cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}

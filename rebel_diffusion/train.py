@@ -1,9 +1,11 @@
 """The training recipe: ``rebel-diffusion train``. Read it top to bottom:
 
-    setup            output folder, prompts, reward, accelerate, model, LoRA, optimizer, resume
-    train            per epoch: sample -> score -> normalise -> pair -> update -> eval grid -> log
+    setup            every check first (folder, prompts, reward, model, LoRA targets, checkpoint),
+                     then the run folder is written (``run_folder``): a failed start leaves nothing
+    train            per epoch: sample -> score -> normalise -> pair -> update -> eval grid -> log;
+                     SIGINT/SIGTERM stop it with a checkpoint within --stop-grace seconds
     save_checkpoint  trainable weights, optimizer, LR schedule, stat tracker, RNG, epoch: atomically
-    cleanup          trackers, final LoRA, the reward curve
+    cleanup          the trackers
 
 Every source of randomness is derived from (seed, epoch, batch, process), so a resumed run
 repeats an uninterrupted one exactly. Every process runs every collective (gather, barrier,
@@ -908,7 +910,7 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
         acc.wait_for_everyone()
         torch.save(state["rng"], tmp / f"rng_{acc.process_index}.pt")
         if acc.is_main_process:
-            save_file(state["weights"], str(tmp / "trainable.safetensors"))
+            save_file(state["weights"], str(tmp / run_folder.TRAINABLE))
             torch.save(state["optimizer"], tmp / "optimizer.pt")
             torch.save(state["lr_scheduler"], tmp / "lr_scheduler.pt")
             (tmp / "tracker.json").write_text(json.dumps(state["tracker"]))
@@ -966,8 +968,8 @@ def load_checkpoint(run: Run, folder: Path) -> None:
 
     acc = run.accelerator
     try:
-        state = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "trainable.safetensors"))
+        state = json.loads((folder / run_folder.STATE).read_text())
+        weights = load_file(str(folder / run_folder.TRAINABLE))
         unet = acc.unwrap_model(run.unet)
         missing = set(n for n, p in unet.named_parameters() if p.requires_grad) - set(weights)
         if missing:
