@@ -1050,7 +1050,7 @@ def main(argv=None) -> dict:
         "switches": switches(args),
         "settings": {k: v for k, v in vars(args).items() if k != "train_worker"},
         "peak_tflops": args.peak_tflops if device.type == "cuda" else None,
-        "peak_tflops_note": "dense bf16 peak (H100/H200 ~790 TFLOP/s on a large matmul, FIELD_NOTES s7); "
+        "peak_tflops_note": "dense bf16 peak (H100/H200 ~790 TFLOP/s on a large matmul); "
                             "MFU only on CUDA" if device.type == "cuda" else "CPU: achieved TFLOP/s only, no MFU",
     }
     print(f"bench: {args.model} on {report['device']['name']} ({device}, {args.dtype}), sections "

@@ -3,7 +3,7 @@
 
     rebel-diffusion train --model tiny --reward jpeg-compressibility --epochs 3 --output-dir DIR
 
-(issue 4's target: under 3 minutes on a 2-core CPU). The command runs in a subprocess (startup and
+(target: under 3 minutes on a 2-core CPU). The command runs in a subprocess (startup and
 imports included) into a temporary folder; the JSON records the wall time, the per-epoch
 ``images_per_second`` and ``steps_per_pass`` the run used, the machine (CPU count, load average
 before and after) and the versions. ``--variant "ARGS"`` adds a variant of the command with extra
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     variants = [[], *[shlex.split(v) for v in args.variant]]
     runs = [run_demo(extra) for _ in range(args.repeats) for extra in variants]
     report = {
-        "what": "wall time of the offline plumbing demo command (issue 4: < 180 s on a 2-core CPU)",
+        "what": "wall time of the offline plumbing demo command (target: < 180 s on a 2-core CPU)",
         "date": dt.date.today().isoformat(),
         "device": bench.device_info(device),
         "versions": bench.versions(device),

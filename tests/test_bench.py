@@ -1,4 +1,4 @@
-"""Smoke test of ``scripts/bench.py`` (issue 6): the training-memory worker and the FLOP count on the
+"""Smoke test of ``scripts/bench.py``: the training-memory worker and the FLOP count on the
 tiny model, T = 2 and 4, in-process; checks the JSON's structure. No timing assertions: speed
 figures live in benchmarks/results, never in tests.
 """
@@ -77,3 +77,35 @@ def test_arguments_are_checked(bench):
         bench.parse_args(["--train-pairs", "3", "--train-micro-batch", "2"])
     args = bench.parse_args(["--device", "cpu", "--naive-steps", "none"])
     assert args.naive_steps == [] and args.dtype == "fp32" and args.threads == 1
+
+
+@pytest.fixture(scope="module")
+def bench_learning():
+    path = SCRIPT.parent / "bench_learning.py"
+    spec = importlib.util.spec_from_file_location("rebel_bench_learning_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_learning_benchmark_statistics(bench_learning):
+    """95% t-interval over seeds, queries-to-reach, and the per-task summary of REBEL vs DDPO."""
+    ci = bench_learning.interval([1.0, 2.0, 3.0])
+    assert ci["mean"] == pytest.approx(2.0) and ci["ci95"] == pytest.approx(4.303 * 1.0 / 3**0.5)
+    run = {"reward_queries": [0, 64, 128], "heldout_reward": [0.5, 0.7, 0.9]}
+    assert bench_learning.queries_to_reach(run, 0.7, 1.0) == 64
+    assert bench_learning.queries_to_reach(run, 1.0, 1.0) is None
+
+    def fake(algorithm, seed, curve):
+        return {"task": "toy", "reward": "r", "algorithm": algorithm, "seed": seed, "learning_rate": 1e-3,
+                "reward_queries": [0, 64, 128], "heldout_reward": curve, "heldout_alignment": [0.9, 0.9, 0.8]}
+
+    runs = [fake("rebel", s, [0.0, 0.2 + s / 10, 0.4]) for s in range(2)] + [
+        fake("ddpo", s, [0.0, 0.1, 0.2 + s / 10]) for s in range(2)]
+    summary = bench_learning.summarize(runs)["toy"]
+    assert summary["rebel"]["heldout_reward_gain"]["mean"] == pytest.approx(0.4)
+    assert summary["ddpo"]["heldout_reward_final"]["mean"] == pytest.approx(0.25)
+    assert summary["rebel_queries_to_ddpo_final"] == [128, 64]  # first evaluation at or above 0.25
+    assert summary["rebel"]["heldout_alignment_change"]["mean"] == pytest.approx(-0.1)

@@ -294,19 +294,21 @@ def _wait_for(path: Path, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_and_exits_with_its_code(tmp_path, signum, code):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rebel_diffusion", "train", *SMALL, "--epochs", "50", "--output-dir", str(out)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     _wait_for(out / "checkpoints" / "epoch_0001", 240)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, output
-    assert "SIGTERM" in output and "--resume" in output
+    assert proc.returncode == code, output
+    assert signal.Signals(signum).name in output and "--resume" in output
     last = run_folder.latest_checkpoint(out)
-    assert last is not None and int(last.name.split("_")[1]) < 50
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert last.name == f"epoch_{epochs[-1]:04d}" and epochs[-1] < 50  # the checkpoint is the last epoch logged
 
 
 @pytest.mark.slow

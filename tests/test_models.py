@@ -1,4 +1,4 @@
-"""Model loading, the offline tokenizer and tiny pipelines, and LoRA helpers (issue 2, item 2)."""
+"""Model loading, the offline tokenizer and tiny pipelines, and LoRA helpers."""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def test_ppo_clip_loss_closed_form():
 # the exact step-by-step gradient on the tiny model
 
 
-# fp32: the bound (1e-5; batching changes fp32 summation order at that level). fp64: the
+# fp32: the target bound (1e-5; batching changes fp32 summation order at that level). fp64: the
 # same computation in double precision, where any algebraic difference would show above 1e-12.
 GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 EXACTNESS_CASES = [  # (dtype, steps_per_pass)

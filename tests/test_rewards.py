@@ -1,4 +1,4 @@
-"""Rewards (issue 3): offline, on a tiny random open_clip model and the real LAION head when present."""
+"""Rewards: offline, on a tiny random open_clip model and the real LAION head when present."""
 
 from __future__ import annotations
 

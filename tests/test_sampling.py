@@ -1,4 +1,4 @@
-"""The DDIM and LCM steps with log-probs, the trajectory sampler and re-scoring (issue 2, items 3-5).
+"""The DDIM and LCM steps with log-probs, the trajectory sampler and re-scoring.
 
 References are independent of ``rebel_diffusion.sampling``: ``torch.distributions.Normal``, diffusers'
 own ``DDIMScheduler.step`` / ``LCMScheduler.step`` / ``StableDiffusionPipeline``, and manual
@@ -44,7 +44,7 @@ K = 2  # images per prompt
 SEED = 100
 DDIM_SETTINGS = SamplingSettings(sampler="ddim", num_steps=4, eta=1.0, guidance_scale=5.0)
 LCM_SETTINGS = SamplingSettings(num_steps=4, guidance_scale=8.0)
-RESCORE_TOL = 1e-5  # fp32 CPU, issue 2
+RESCORE_TOL = 1e-5  # fp32 CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def lcm_scheduler(n: int = 4, **overrides) -> LCMScheduler:
 
 
 def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
-    """Closed-form DDIM Gaussian (FIELD_NOTES section 3) in float64: (mean, std, x0_hat)."""
+    """Closed-form DDIM Gaussian (Song et al. 2021, eq. 12, as DDPO) in float64: (mean, std, x0_hat)."""
     acp = sched.alphas_cumprod.double()
     cfg = sched.config
     t_prev = t - cfg.num_train_timesteps // sched.num_inference_steps
@@ -495,7 +495,7 @@ def test_per_image_seed_reproducible(tiny_pipe, ddim_traj):
     def sample(prompts, **kw):
         return sample_trajectories(tiny_pipe, prompts, settings=DDIM_SETTINGS, **kw)
 
-    def same(a, b):  # images to 1e-5 (issue 2); latents (|x| up to ~4) to batched-conv rounding
+    def same(a, b):  # images to 1e-5; latents (|x| up to ~4) to batched-conv rounding
         assert_close(a.images, b.images, rtol=0, atol=1e-5)
         assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-4)
         assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-4)
