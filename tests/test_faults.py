@@ -114,7 +114,7 @@ def test_actions_are_not_stored_and_not_taken_from_files(run_copy, tmp_path, cap
 @pytest.mark.parametrize(
     "flags, name",
     [(["--lora-rank", "4"], "--lora-rank"), (["--model", "tiny-v"], "--model"), (["--seed", "3"], "--seed"),
-     (["--eta", "2"], "--eta"), (["--prompts-per-batch", "1"], "--prompts-per-batch")],
+     (["--eta", "3"], "--eta"), (["--prompts-per-batch", "1"], "--prompts-per-batch")],
 )  # fmt: skip
 def test_resume_refuses_a_change_of_what_the_run_is(run_copy, capsys, flags, name):
     before = snapshot(run_copy)
