@@ -296,7 +296,7 @@ def check_resumable(out: Path, num_processes: int) -> None:
     if marker.get("format") != run_folder.FORMAT:
         raise UsageError(
             f"--resume: {out} was written by an earlier rebel-diffusion (run format {marker.get('format')}, with eta "
-            "per latent dim): it cannot continue exactly; start a new run (its lora/ loads with --model's LoRA tools)"
+            "per latent dim): it cannot continue exactly; start a new run (its lora/ still loads in sample and diffusers)"
         )
     saved = int(marker.get("num_processes", 1))
     if saved != num_processes:
@@ -408,7 +408,7 @@ class StopEpoch(Exception):
 
 def _request_stop(run: Run, signum: int) -> None:
     # First signal: stop with a checkpoint. A second Ctrl-C (a second after the first): stop at once.
-    # torch elastic follows a terminal's SIGINT with its own SIGTERM; that one does not escalate.
+    # torch elastic follows a terminal's SIGINT with its own closing signal at once; that one does not escalate.
     now = time.monotonic()
     if run.stop_signal is not None:
         if signum == signal.SIGINT == run.stop_signal and now - run.stop_time > 1.0:

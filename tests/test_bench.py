@@ -15,14 +15,19 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("rebel_bench_script", SCRIPT)
+def _load_script(path: Path, name: str):
+    """Import a script of scripts/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield _load_script(SCRIPT, "rebel_bench_script")
+    sys.modules.pop("rebel_bench_script", None)
 
 
 def test_training_worker_and_flops_json(bench, tmp_path, monkeypatch):
@@ -81,13 +86,8 @@ def test_arguments_are_checked(bench):
 
 @pytest.fixture(scope="module")
 def bench_learning():
-    path = SCRIPT.parent / "bench_learning.py"
-    spec = importlib.util.spec_from_file_location("rebel_bench_learning_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield _load_script(SCRIPT.parent / "bench_learning.py", "rebel_bench_learning_script")
+    sys.modules.pop("rebel_bench_learning_script", None)
 
 
 def test_learning_benchmark_statistics(bench_learning):
