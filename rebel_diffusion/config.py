@@ -1,6 +1,7 @@
 """The training configuration: one dataclass whose fields carry their help text and become CLI flags.
 
-Precedence, lowest first: field defaults < ``--preset`` < ``--config FILE.yaml`` < command-line flags.
+Precedence, lowest first: field defaults < ``--preset`` < ``--config FILE.yaml`` < command-line flags
+(``resolve_config``; the ``train`` command turns every field into a flag).
 On ``--resume`` the run's own ``config.yaml`` takes the place of the defaults, and only the fields in
 ``SAFE_ON_RESUME`` may differ from it. Every field is used by the recipe in ``train.py``; the
 resolved configuration (less the actions --resume and --overwrite) is written to
@@ -9,16 +10,17 @@ resolved configuration (less the actions --resume and --overwrite) is written to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from . import run_folder
 from .errors import UsageError
 from .models import DEFAULT_LORA_TARGETS, DEFAULT_MODEL
 
@@ -99,16 +101,16 @@ class TrainConfig:
     xformers: bool = _f(False, "xformers attention (extra: xformers) instead of torch SDPA")
     # --- eval, logging, output -------------------------------------------------------------------
     seed: int = _f(0, "seed of prompts, noise and LoRA initialisation (process r adds r to its sampling seeds)")
-    eval_prompts: str | None = _f(None, "prompts of the fixed per-epoch eval grid (default: the training prompts)")
-    eval_num_images: int = _f(8, "images in the per-epoch eval grid (fixed prompts and seeds)")
-    eval_every: int = _f(0, "every N epochs (and before training) score held-out prompts with --eval-rewards "
-                         "and a diversity figure into metrics.jsonl as eval/<name> (0: off)")
-    eval_rewards: str | None = _f(None, "comma-separated rewards of the held-out eval (default: the trained reward "
-                                  "and the jpeg ones)")
-    heldout_prompts: str = _f("heldout_animals", "prompts of the held-out eval (none of them trained on)")
+    grid_prompts: str | None = _f(None, "prompts of the fixed per-epoch image grid (default: the training prompts)")
+    grid_num_images: int = _f(8, "images in the per-epoch grid (fixed prompts and seeds), scored into grid_reward_mean")
+    heldout_every: int = _f(0, "every N epochs (and before training) score held-out prompts with --heldout-rewards "
+                            "and a diversity figure into metrics.jsonl as heldout/<name> (0: off)")
+    heldout_rewards: str | None = _f(None, "comma-separated rewards of the held-out evaluation (default: the "
+                                     "trained reward and the jpeg ones)")
+    heldout_prompts: str = _f("heldout_animals", "prompts of the held-out evaluation (none of them trained on)")
     heldout_images: int = _f(2, "images per held-out prompt (>= 2 gives the diversity figure)")
-    eval_diversity: str = _f("auto", "image embedding of the diversity figure: auto, clip, pixels, none, "
-                             "clip:MODEL:PRETRAINED")
+    heldout_diversity: str = _f("auto", "image embedding of the held-out diversity figure: auto, clip, pixels, "
+                                "none, clip:MODEL:PRETRAINED")
     rescore_check: bool = _f(True, "re-score a few recorded steps each epoch and log the drift (on-policy check)")
     output_dir: str = _f("runs/rebel-diffusion", "run folder (refused if it exists, unless --resume or --overwrite)")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
@@ -170,6 +172,16 @@ class TrainConfig:
         return yaml.safe_dump(values, sort_keys=False)
 
 
+# Field names of the previous release, read (with a warning) from flags and files; a run's own
+# config.yaml written before the rename reads silently.
+RENAMED = {
+    "eval_prompts": "grid_prompts",
+    "eval_num_images": "grid_num_images",
+    "eval_every": "heldout_every",
+    "eval_rewards": "heldout_rewards",
+    "eval_diversity": "heldout_diversity",
+}
+
 # What the command does with --output-dir, not part of a run: never stored, never read from a file.
 ACTIONS = ("resume", "overwrite")
 # The only fields a --resume may change: how long, how often to checkpoint, and logging.
@@ -196,13 +208,13 @@ def _lt(x):
 _RANGES = {
     **{name: ((_ge(1), None), ">= 1") for name in (
         "num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch", "train_batch_size",
-        "gradient_accumulation_steps", "inner_epochs", "lora_rank", "eval_num_images", "checkpoint_every",
+        "gradient_accumulation_steps", "inner_epochs", "lora_rank", "grid_num_images", "checkpoint_every",
         "checkpoints_keep", "tracker_buffer_size", "tracker_min_count", "heldout_images", "steps_per_pass",
         "resolution")},
     **{name: ((_gt(0), None), "> 0") for name in (
         "eta", "learning_rate", "preference_temperature", "stop_grace", "clip_range", "adv_clip_max", "adam_epsilon", "lora_alpha")},
     **{name: ((_ge(0), None), ">= 0") for name in (
-        "adv_std_floor", "kl_coef", "min_step_std", "eval_every", "lr_warmup_steps", "weight_decay", "ddim_eta",
+        "adv_std_floor", "kl_coef", "min_step_std", "heldout_every", "lr_warmup_steps", "weight_decay", "ddim_eta",
         "guidance_scale", "max_grad_norm", "seed")},
     **{name: ((_ge(0), _lt(1)), "in [0, 1)") for name in ("adam_beta1", "adam_beta2")},
     "timestep_fraction": ((_gt(0), _le(1)), "in (0, 1]"),
@@ -216,7 +228,7 @@ RANGE_TEXT = {name: text for name, (_, text) in _RANGES.items()}
 # KL 0.1, the two lowest-noise steps (std 0.04, 0.02) left out by --min-step-std 0.1.
 _TOY = dict(model="toy", prompts="toy_shapes", num_steps=10, images_per_prompt=4, prompts_per_batch=8,
             batches_per_epoch=2, train_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
-            max_grad_norm=0.0, eval_prompts="toy_heldout", eval_num_images=16, heldout_prompts="toy_heldout")
+            max_grad_norm=0.0, grid_prompts="toy_heldout", grid_num_images=16, heldout_prompts="toy_heldout")
 
 # Presets: named bundles of defaults (applied before --config and flags).
 PRESETS: dict[str, dict] = {
@@ -256,21 +268,6 @@ def _base_type(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (``--field-name``), plus ``--config`` and ``--preset``. Unset flags stay unset."""
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a bundle of defaults: " + ", ".join(
-        f"{k} ({v.get('model', 'any model')})" for k, v in PRESETS.items()))
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = _base_type(hints[f.name])
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
-        if tp is bool:
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{_flag(f.name)}", type=tp, choices=f.metadata["choices"], **kwargs)
 
 
 def read_yaml(path: str | Path, what: str = "--config") -> dict:
@@ -325,31 +322,35 @@ def _without_actions(values: dict, source: str) -> dict:
     return {k: v for k, v in values.items() if k not in ACTIONS}
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve the configuration from defaults, the run's saved config (on --resume), preset, file and flags.
+def resolve_config(flags: dict, *, config_file: str | None = None, preset: str | None = None) -> TrainConfig:
+    """The configuration from defaults, the run's saved config (on resume), preset, file and ``flags``
+    ({field: value} of the fields given on the command line), in that order of precedence.
 
-    On --resume a value that differs from the run's saved one is refused unless the field is in
+    On resume a value that differs from the run's saved one is refused unless the field is in
     ``SAFE_ON_RESUME``: the checkpoint, the batches and the random streams depend on the rest.
     """
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    flags = _renamed(flags, "flags", warn=True)
     cfg = TrainConfig()
-    file_values = _without_actions(read_yaml(args.config), f"--config {args.config}") if getattr(
-        args, "config", None) else {}
+    file_values = {}
+    if config_file:
+        file_values = _renamed(_without_actions(read_yaml(config_file), f"--config {config_file}"),
+                               f"--config {config_file}", warn=True)
     if flags.get("resume") and flags.get("overwrite"):
         raise UsageError("--resume and --overwrite exclude each other")
     saved_cfg = None
     if flags.get("resume"):
         out = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.output_dir)
-        saved = out / "config.yaml"
+        saved = out / run_folder.CONFIG
         if not saved.is_file():
-            raise UsageError(f"--resume: {out} has no config.yaml (no run to resume there)")
-        # Format-1 runs stored the actions (as false): drop them.
+            raise UsageError(f"--resume: {out} has no {run_folder.CONFIG} (no run to resume there)")
+        # Format-1 runs stored the actions (as false), and runs before the rename the old field names.
         stored = {k: v for k, v in read_yaml(saved, "--resume").items() if k not in ACTIONS}
-        cfg = saved_cfg = _apply(cfg, stored, str(saved))
-    preset = getattr(args, "preset", None)
+        cfg = saved_cfg = _apply(cfg, _renamed(stored, str(saved), warn=False), str(saved))
     if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset {preset}: unknown; choose one of {', '.join(sorted(PRESETS))}")
         cfg = _apply(cfg, PRESETS[preset], f"--preset {preset}")
-    cfg = _apply(cfg, file_values, f"--config {args.config}" if file_values else "config")
+    cfg = _apply(cfg, file_values, f"--config {config_file}" if file_values else "config")
     cfg = _apply(cfg, flags, "flags")
     if saved_cfg is not None:
         for name in (f.name for f in dataclasses.fields(TrainConfig)):
@@ -367,3 +368,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                          "only a constant schedule can be extended")
     cfg.validate()
     return cfg
+
+
+def _renamed(values: dict, source: str, *, warn: bool) -> dict:
+    """``values`` with the field names of the previous release (``RENAMED``) replaced by today's."""
+    out = {}
+    for key, value in values.items():
+        new = RENAMED.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in values:
+            raise UsageError(f"{source}: both {key} and its new name {new} are set; keep {new}")
+        if warn:
+            warnings.warn(f"{source}: {key} is deprecated and will be removed in the next release; use {new}",
+                          FutureWarning, stacklevel=3)
+        out[new] = value
+    return out
+
+
+def field_help(name: str) -> str:
+    """A field's help text with its default, as the ``train`` command shows it."""
+    f = _field(name)
+    text = f.metadata["help"]
+    if "(default" in text or f.default is None:  # the help says it, or there is nothing to show
+        return text
+    return f"{text} (default: {f.default})"
+
+
+def field_type(name: str):
+    """The field's value type (``int | None`` -> int)."""
+    return _base_type(typing.get_type_hints(TrainConfig)[name])

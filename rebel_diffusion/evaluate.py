@@ -1,11 +1,11 @@
-"""``rebel-diffusion eval``: base vs fine-tuned on held-out prompts, with several rewards and diversity.
+"""Evaluation: base vs fine-tuned on held-out prompts, with several rewards and diversity.
 
 Reward hacking shows first in the rewards a run was NOT trained on and in diversity: the
 training reward goes up while the others, and the spread of images per prompt, go down.
 
 - ``evaluate_pipelines``: sample both models with the same prompts and seeds, score every reward,
-  and measure diversity; the trainer calls it every N epochs (``eval_metrics`` gives the
-  ``eval/<name>`` keys for ``metrics.jsonl``).
+  and measure diversity; the trainer calls it every N epochs (``heldout_metrics`` gives the
+  ``heldout/<name>`` keys for ``metrics.jsonl``).
 - Diversity: for each prompt, the mean pairwise cosine distance 1 - cos(e_i, e_j) of the image
   embeddings of its K images, averaged over prompts. The embedding is chosen with
   ``--diversity-model`` (``load_diversity_model``) and always named in the outputs.
@@ -13,7 +13,6 @@ training reward goes up while the others, and the spread of images per prompt, g
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import socket
@@ -246,7 +245,7 @@ def evaluate_pipelines(base_pipe, tuned_pipe, prompts: list[str], rewards: dict,
     Returns a JSON-ready dict: ``rewards[name]`` = {base, tuned, delta, base_std, tuned_std, ...},
     ``diversity`` = {base, tuned, delta, model} or None, and the prompts, seeds and settings used.
     """
-    from .sample import sample_images
+    from .generation import sample_images
 
     settings = settings.resolve(tuned_pipe)
     k = len(seeds)
@@ -282,11 +281,11 @@ def _compare(by_side: dict) -> dict:
     return out
 
 
-def eval_metrics(result: dict) -> dict:
-    """The fine-tuned model's figures as ``eval/<name>`` keys for ``metrics.jsonl`` (and the curve)."""
-    out = {f"eval/{name}": v["tuned"] for name, v in result["rewards"].items()}
+def heldout_metrics(result: dict) -> dict:
+    """The fine-tuned model's figures as ``heldout/<name>`` keys for ``metrics.jsonl`` (and the curve)."""
+    out = {f"heldout/{name}": v["tuned"] for name, v in result["rewards"].items()}
     if result.get("diversity"):
-        out["eval/diversity"] = result["diversity"]["tuned"]
+        out["heldout/diversity"] = result["diversity"]["tuned"]
     return out
 
 
@@ -343,7 +342,7 @@ def markdown_report(result: dict, header: dict) -> str:
     s = result["settings"]
     lines += [
         f"- prompts: {result['num_prompts']} x {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})",
-        f"- sampling: {s['sampler']} {s['num_steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']}, "
+        f"- sampling: {s['sampler']} {s['num_steps']} steps, DDIM eta {s['ddim_eta']}, guidance {s['guidance_scale']}, "
         f"{s['width']}x{s['height']}",
         "",
         "| metric | base | fine-tuned | delta |",
@@ -392,8 +391,8 @@ def comparison_grid(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str],
     base, tuned: (P*K, 3, H, W) prompt-major images; the first ``max_prompts`` prompts and
     ``max_seeds`` seeds are shown.
     """
+    from .generation import grid_tiles
     from .report import make_grid
-    from .sample import grid_tiles
 
     k = len(seeds)
     p_n, k_n = min(len(prompts), max_prompts), min(k, max_seeds)
@@ -404,63 +403,3 @@ def comparison_grid(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str],
                 tiles.append(images[p * k + j].cpu())
                 captions.append(f"{side}: {prompts[p]} (seed {seeds[j]})")
     return make_grid(grid_tiles(torch.stack(tiles)), captions, ncols=2 * k_n)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sample import add_sampling_arguments, add_source_arguments
-
-    add_source_arguments(parser)
-    g = parser.add_argument_group("what to measure")
-    g.add_argument("--rewards", help="comma-separated rewards (aesthetic, clip, jpeg-compressibility, "
-                   "jpeg-incompressibility, toy-alignment, module:attr); default: the run's reward and the jpeg ones")
-    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head (default: the run's, "
-                   "else the model hub)")
-    g.add_argument("--prompts", default="heldout_animals", metavar="NAME_OR_FILE",
-                   help="held-out prompts: a set in prompts/ or a file (default: heldout_animals)")
-    g.add_argument("--num-images", type=int, default=4, help="images per prompt (>= 2 for diversity; default 4)")
-    g.add_argument("--seed", type=int, default=0, help="first seed; prompt p's images use seeds seed..seed+K-1")
-    g.add_argument("--diversity-model", default="auto", metavar="SPEC",
-                   help=f"image embedding for diversity: {DIVERSITY_CHOICES} (default auto: CLIP ViT-L-14/openai "
-                   "from the hub cache or the hub, else pixel embeddings with a warning; reports name the one used). "
-                   "OpenAI weights from a local file: clip:ViT-L-14-quickgelu:/path/to/open_clip_model.safetensors")
-    add_sampling_arguments(parser)
-    parser.add_argument("--output-dir", help="where eval.json, eval.md, eval_grid.png go (default: RUN/eval, else ./eval)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .prompts_io import load_prompts
-    from .sample import describe, load_models, pick_device, pick_dtype, resolve_source, settings_from_args
-
-    # Cheap checks first: names, counts, paths, rewards; models last.
-    if args.num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    source = resolve_source(args)
-    if source.finetune is None:
-        raise UsageError("eval compares a fine-tune with its base model: pass --run DIR or --finetune PATH")
-    prompts = load_prompts(args.prompts)
-    settings = settings_from_args(args, source.config)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    names = parse_reward_names(args.rewards, source.config.get("reward"))
-    rewards = load_rewards(names, device=device, dtype=dtype,
-                           aesthetic_head=args.aesthetic_head or source.config.get("aesthetic_head"))
-    diversity = load_diversity_model(args.diversity_model, device) if args.num_images > 1 else None
-    out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "eval"
-
-    base, tuned = load_models(source, device=device, dtype=dtype, with_base=True)
-    seeds = list(range(args.seed, args.seed + args.num_images))
-    print(f"eval: {len(prompts)} prompts x {len(seeds)} seeds, base vs {describe(source)}, rewards {', '.join(names)}",
-          file=sys.stderr)
-    result = evaluate_pipelines(base, tuned, prompts, rewards, seeds, settings, diversity=diversity,
-                                batch_size=args.batch_size, progress=not args.quiet, keep_images=True)
-    header = {"model": source.model, "finetune": str(source.finetune), "run": str(source.run_dir or ""),
-              "prompt_set": args.prompts}
-    write_reports(out, result, header)
-    print(markdown_report(result, header))
-    print(f"wrote eval.json, eval.md and eval_grid.png to {out}")
-    return 0

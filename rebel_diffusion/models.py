@@ -7,6 +7,8 @@ Built-in names (no download, no internet):
 - ``tiny-v``: the same as ``tiny`` with a v-prediction scheduler (as SD 2.x at 768px).
 - ``toy``: a small text-to-image model trained by ``scripts/train_toy.py`` on synthetic shapes and
   shipped with the package; learning is visible on it on a CPU.
+- ``sd15-random``: the Stable Diffusion 1.5 architecture at 512x512 with seeded random weights
+  (``build_sd15_random_pipeline``): full-size timing and memory without a download; its images are noise.
 
 All of them use the real CLIP tokenizer, rebuilt offline from open_clip's bundled BPE vocabulary.
 """
@@ -26,7 +28,7 @@ import torch
 from .errors import UsageError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy")
+BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy", "sd15-random")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 
 # Stable Diffusion 1.x's noise schedule (its scheduler_config.json), shared by the built-ins.
@@ -40,6 +42,7 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, found by pipe.load_lora_weights(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str |
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a Stable Diffusion pipeline from a built-in name, a local folder, a file or a hub id.
 
-    - ``tiny``, ``tiny-lcm``, ``tiny-v``, ``toy``: built-ins (module docstring);
+    - ``tiny``, ``tiny-lcm``, ``tiny-v``, ``toy``, ``sd15-random``: built-ins (module docstring);
     - an existing folder: a diffusers pipeline folder (``model_index.json``);
     - an existing ``.safetensors``/``.ckpt`` file: a single-file SD checkpoint;
     - otherwise a model-hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
@@ -252,6 +255,8 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
         pipe = build_tiny_pipeline(scheduler="lcm")
     elif model == "toy":
         pipe = _load_toy(dtype)
+    elif model == "sd15-random":
+        pipe = build_sd15_random_pipeline(dtype, device)  # weights created on the device: fast on a GPU
     else:
         pipe = _load_external(model, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -427,12 +432,13 @@ def save_lora(unet, folder: str | os.PathLike) -> Path:
         unet_lora_layers=lora_state_dict(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         safe_serialization=True,
+        weight_name=LORA_FILE,
     )
-    _replace_dir(tmp, folder)
-    return folder / "pytorch_lora_weights.safetensors"
+    replace_dir(tmp, folder)
+    return folder / LORA_FILE
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``, replacing it; ``dst`` is never half-written."""
     import shutil
 
@@ -450,33 +456,22 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def load_finetune(pipe, path: str | os.PathLike) -> str:
-    """Apply a fine-tune to ``pipe``: a LoRA folder/file, a ``unet/`` folder, or a training run folder.
+def load_lora(pipe, file: Path) -> None:
+    """Apply a diffusers LoRA file to ``pipe``; a LoRA that does not fit is a one-line ``UsageError``."""
+    file = Path(file)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    except Exception as e:
+        raise UsageError(f"{file}: this LoRA does not fit the model ({_first_line(e)})") from e
+    _check_lora_applied(pipe, file)
 
-    Returns what was loaded (``'lora'`` or ``'unet'``). Raises ``UsageError`` with one line when
-    the path holds neither, or the LoRA does not fit the model.
-    """
+
+def load_unet(pipe, folder: Path) -> None:
+    """Replace ``pipe.unet`` by the diffusers UNet folder ``folder`` (a full fine-tune)."""
     from diffusers import UNet2DConditionModel
 
-    path = Path(path)
-    for cand in (path / "lora", path):
-        f = cand / "pytorch_lora_weights.safetensors" if cand.is_dir() else cand
-        if f.is_file() and f.suffix == ".safetensors":
-            try:
-                pipe.load_lora_weights(str(f.parent), weight_name=f.name)
-            except Exception as e:
-                raise UsageError(f"{f}: this LoRA does not fit the model ({_first_line(e)})") from e
-            _check_lora_applied(pipe, f)
-            return "lora"
-    for cand in (path / "unet", path):
-        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
-            unet = UNet2DConditionModel.from_pretrained(str(cand))
-            pipe.unet = unet.to(device=pipe.device, dtype=pipe.unet.dtype)
-            return "unet"
-    raise UsageError(
-        f"{path}: holds no LoRA (lora/pytorch_lora_weights.safetensors) and no unet/ folder; "
-        "pass a training run folder or its lora/ folder"
-    )
+    unet = UNet2DConditionModel.from_pretrained(str(folder))
+    pipe.unet = unet.to(device=pipe.device, dtype=pipe.unet.dtype)
 
 
 def _check_lora_applied(pipe, f: Path) -> None:

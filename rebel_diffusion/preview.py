@@ -1,8 +1,8 @@
-"""``rebel-diffusion preview --run OUTPUT_DIR``: a Gradio page to see what training did.
+"""The preview page: a Gradio app to see what training did (``rebel-diffusion preview --run DIR``).
 
 - Before/after: a prompt and a seed give the base and the fine-tuned image side by side (same
   seed, so the same starting noise), with the run's reward of each.
-- History: the run's per-epoch eval grids as a gallery to step through, and the reward curves
+- History: the run's per-epoch grids as a gallery to step through, and the reward curves
   (re-read from disk on each page load and on "Refresh", so a live run can be watched).
 
 Gradio is an optional extra (``pip install 'rebel-diffusion[preview]'``) imported only here, inside
@@ -12,13 +12,11 @@ or ``--share`` says otherwise.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import os
 import re
 import socket
-import sys
 import tempfile
 import threading
 import warnings
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import run_folder
 from .errors import UsageError
 
 DEFAULT_PROMPT = "a photo of an otter"
@@ -125,19 +124,19 @@ def epoch_grids(run_dir: Path | None) -> list[tuple[Path, str]]:
     """[(grids/epoch_NNNN.png, 'epoch N: reward ...')] in epoch order."""
     from .report import read_metrics
 
-    if run_dir is None or not (run_dir / "grids").is_dir():
+    if run_dir is None or not (run_dir / run_folder.GRIDS).is_dir():
         return []
-    by_epoch = {r.get("epoch"): r for r in read_metrics(run_dir / "metrics.jsonl")}
+    by_epoch = {r.get("epoch"): r for r in read_metrics(run_dir / run_folder.METRICS)}
     out = []
-    for path in sorted((run_dir / "grids").glob("epoch_*.png")):
+    for path in sorted((run_dir / run_folder.GRIDS).glob("epoch_*.png")):
         m = re.fullmatch(r"epoch_(\d+)\.png", path.name)
         if not m:
             continue
         epoch = int(m.group(1))
         caption = f"epoch {epoch}"
         record = by_epoch.get(epoch, {})
-        if isinstance(record.get("eval_reward_mean"), (int, float)):
-            caption += f": eval reward {record['eval_reward_mean']:.4g}"
+        if isinstance(record.get("grid_reward_mean"), (int, float)):
+            caption += f": grid reward {record['grid_reward_mean']:.4g}"
         out.append((path, caption))
     return out
 
@@ -148,10 +147,10 @@ def reward_curve(run_dir: Path | None, scratch: Path) -> Path | None:
 
     if run_dir is None:
         return None
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = read_metrics(run_dir / run_folder.METRICS)
     if metrics:
-        return plot_reward_curve(metrics, scratch / "reward_curve.png")
-    png = run_dir / "reward_curve.png"
+        return plot_reward_curve(metrics, scratch / run_folder.REWARD_CURVE)
+    png = run_dir / run_folder.REWARD_CURVE
     return png if png.is_file() else None
 
 
@@ -200,29 +199,25 @@ def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pip
     API: ``/compare`` (prompt, seed) -> (base image, fine-tuned image, text); ``/history`` () ->
     (gallery, reward curve). The page opens with the default prompt and seed already compared.
     """
-    from .sample import Source, load_models, resolve_source, settings_from_args
+    from .generation import Source, load_models, resolve_source, sampling_settings
 
     gr = import_gradio()
     run_dir = Path(run_dir) if run_dir else None
     source = Source(model=model or "", finetune=finetune)
     if base_pipe is None or tuned_pipe is None:
-        ns = argparse.Namespace(run=str(run_dir) if run_dir else None, model=model,
-                                finetune=str(finetune) if finetune else None)
-        source = resolve_source(ns)
+        source = resolve_source(run=run_dir, model=model, finetune=finetune)
         base_pipe, tuned_pipe = load_models(source, device=torch.device(device), dtype=dtype or torch.float32,
                                             with_base=True)
     elif run_dir is not None:
-        from .sample import read_run
-
-        run_dir, cfg = read_run(run_dir)
+        run_dir, cfg = run_folder.read_config(run_dir)
         source.config, source.run_dir = cfg, run_dir
     run_dir = source.run_dir or run_dir
     if settings is None:
-        settings = settings_from_args(argparse.Namespace(), source.config)
+        settings = sampling_settings(source.config)
     reward, reward_name = _resolve_reward(reward, source.config, device, aesthetic_head)
     comparer = Comparer(base_pipe, tuned_pipe, settings, reward, reward_name)
     scratch = Path(tempfile.mkdtemp(prefix="rebel_preview_"))
-    prompt0 = default_prompt or DEFAULT_PROMPT
+    prompt0 = default_prompt or first_run_prompt(source.config) or DEFAULT_PROMPT
 
     # Startup renders a first comparison and the history into the page itself, so it shows images
     # as soon as it loads (and the first click does not pay for warm-up).
@@ -242,7 +237,7 @@ def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pip
         info = gr.Textbox(first[2], label="rewards", lines=2, interactive=False)
         gr.Markdown("### Training history")
         with gr.Row():
-            gallery = gr.Gallery(grids0, label="eval grid per epoch (click one, then step with the arrows)",
+            gallery = gr.Gallery(grids0, label="grid per epoch (click one, then step with the arrows)",
                                  columns=4, format="png", allow_preview=True, object_fit="contain", scale=3)
             curve = gr.Image(curve0, label="reward curve", type="pil", format="png", interactive=False, height=420,
                              scale=2)
@@ -259,6 +254,24 @@ def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pip
         app.load(history, None, [gallery, curve], show_progress="hidden", **_event_options(app.load, hidden=True))
     app.comparer = comparer  # for tests and callers that want the models without the page
     return app
+
+
+def first_run_prompt(cfg: dict) -> str | None:
+    """The first of a run's own prompts (its grid's, else its training prompts), or None."""
+    from .prompts_io import load_prompts
+
+    for key in ("grid_prompts", "eval_prompts", "heldout_prompts", "prompts"):  # eval_prompts: older runs
+        name = cfg.get(key)
+        if isinstance(name, list) and name:
+            return str(name[0])
+        if name:
+            try:
+                prompts = load_prompts(name)
+            except UsageError:
+                continue
+            if prompts:
+                return prompts[0]
+    return None
 
 
 def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
@@ -289,13 +302,13 @@ def _summary(source, run_dir, comparer) -> str:
         lines.append("- no fine-tune: both sides show the base model")
     if run_dir:
         lines.append(f"- run: `{run_dir}`")
-    lines.append(f"- sampling: {s.sampler}, {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, "
+    lines.append(f"- sampling: {s.sampler}, {s.num_steps} steps, DDIM eta {s.ddim_eta}, guidance {s.guidance_scale}, "
                  f"{s.width}x{s.height}; reward: {comparer.reward_name or 'none'}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Serving
 
 
 def check_port(host: str, port: int) -> int:
@@ -319,41 +332,3 @@ def launch(app, *, host: str = "127.0.0.1", port: int, share: bool = False, bloc
                    prevent_thread_lock=not block, ssr_mode=False)
     params = inspect.signature(app.launch).parameters
     return app.launch(**{k: v for k, v in options.items() if k in params})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sample import add_source_arguments
-
-    add_source_arguments(parser)
-    g = parser.add_argument_group("page")
-    g.add_argument("--reward", help="reward shown beside the images (default: the run's)")
-    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head for --reward aesthetic")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt compared on page load (default {DEFAULT_PROMPT!r})")
-    g.add_argument("--seed", type=int, default=0, help="seed compared on page load (default 0)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
-    g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
-    s = parser.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 opens it to the network)")
-    s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
-    s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .sample import pick_device, pick_dtype, read_run, settings_from_args
-
-    if not (args.run or args.model or args.finetune):
-        raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
-    import_gradio()  # before loading models: a missing extra is a one-line error, at once
-    port = check_port(args.host, args.port)
-    device = pick_device(args.device)
-    app = build_app(args.run, model=args.model, finetune=args.finetune, reward=args.reward, device=device,
-                    dtype=pick_dtype(args.dtype, device), aesthetic_head=args.aesthetic_head,
-                    default_prompt=args.prompt, default_seed=args.seed,
-                    settings=settings_from_args(args, read_run(args.run)[1] if args.run else {}))
-    print(f"preview on http://{args.host}:{port} (Ctrl-C to stop)", file=sys.stderr)
-    try:
-        launch(app, host=args.host, port=port, share=args.share)
-    except OSError as e:  # the port was taken between the check and the launch
-        raise UsageError(f"--port {port}: cannot start the server on {args.host} ({e})") from e
-    return 0

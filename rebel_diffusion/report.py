@@ -179,11 +179,26 @@ def append_metrics(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+# Keys of runs written before the grid and the held-out evaluation got their own names.
+RENAMED_KEYS = {"eval_reward_mean": "grid_reward_mean", "eval_reward_std": "grid_reward_std"}
+RENAMED_PREFIX = ("eval/", "heldout/")
+
+
+def _current_keys(record: dict) -> dict:
+    out = {}
+    for k, v in record.items():
+        if k.startswith(RENAMED_PREFIX[0]):
+            k = RENAMED_PREFIX[1] + k[len(RENAMED_PREFIX[0]):]
+        out[RENAMED_KEYS.get(k, k)] = v
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl`` file in order; [] when it does not exist.
 
     A line that does not parse (a crash mid-write leaves a partial last line) is skipped with a
-    warning rather than making the whole log unreadable.
+    warning rather than making the whole log unreadable. Keys of older runs read as today's
+    (``eval/<name>`` as ``heldout/<name>``, ``eval_reward_mean`` as ``grid_reward_mean``).
     """
     path = Path(path)
     if not path.exists():
@@ -198,7 +213,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             warnings.warn(f"{path}:{n}: skipping a line that is not JSON", stacklevel=2)
             continue
         if isinstance(record, dict):
-            records.append(record)
+            records.append(_current_keys(record))
     return records
 
 
@@ -234,23 +249,23 @@ def _series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def eval_keys(metrics: list[dict]) -> list[str]:
-    """The ``eval/<name>`` keys present in ``metrics``, in first-seen order."""
-    return list(dict.fromkeys(k for r in metrics for k in r if k.startswith("eval/")))
+def heldout_keys(metrics: list[dict]) -> list[str]:
+    """The ``heldout/<name>`` keys present in ``metrics``, in first-seen order."""
+    return list(dict.fromkeys(k for r in metrics for k in r if k.startswith("heldout/")))
 
 
 def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     """Plot the training reward against the epoch and save a PNG atomically.
 
-    Top panel: ``reward_mean`` with a +-``reward_std`` band and ``eval_reward_mean``. One more panel
-    per ``eval/<name>`` key (held-out rewards and diversity live on different scales), so reward
+    Top panel: ``reward_mean`` with a +-``reward_std`` band and ``grid_reward_mean``. One more panel
+    per ``heldout/<name>`` key (held-out rewards and diversity live on different scales), so reward
     hacking (training reward up, the others down) is visible at a glance.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    extra = eval_keys(metrics)
+    extra = heldout_keys(metrics)
     fig = Figure(figsize=(6.4, 3.2 + 1.8 * len(extra)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1 + len(extra), 1, sharex=True, squeeze=False)[:, 0]
@@ -287,9 +302,9 @@ def _plot_training(ax, metrics: list[dict]) -> None:
                 color="tab:blue",
                 label="+- reward_std",
             )
-    ex, ev = _series(metrics, "eval_reward_mean")
+    ex, ev = _series(metrics, "grid_reward_mean")
     if ex:
-        ax.plot(ex, ev, marker="s", ms=3, label="eval_reward_mean", color="tab:orange")
+        ax.plot(ex, ev, marker="s", ms=3, label="grid_reward_mean", color="tab:orange")
     if xs or ex:
         ax.legend(fontsize=8)
     else:

@@ -1,11 +1,20 @@
-"""The run folder: its layout, its marker, and the checks made before anything in it is written or deleted.
+"""The run folder: its layout, its checkpoints and exported weights, and the checks made before
+anything in it is written or deleted. The one module that knows these file names::
 
     OUTPUT_DIR/
       run.json              the marker: a rebel-diffusion run (format, process count); written last at start
       config.yaml           the resolved configuration; changes only when a run (or its resume) starts
       metrics.jsonl, reward_curve.png, grids/epoch_NNNN.png
-      checkpoints/epoch_NNNN/   complete checkpoints (each has state.json; written atomically)
-      lora/ or unet/        the exported weights, for plain diffusers
+      checkpoints/epoch_NNNN/   complete checkpoints, written atomically:
+          state.json            epoch and optimizer step; present only in a complete checkpoint
+          trainable.safetensors the trainable weights (LoRA or whole UNet), by parameter name
+          optimizer.pt, lr_scheduler.pt, tracker.json, rng_<process>.pt
+      lora/pytorch_lora_weights.safetensors or unet/   the exported weights, for plain diffusers
+
+Writing a checkpoint (``begin_checkpoint``, ``write_process_state``, ``write_shared_state``,
+``commit_checkpoint``) is split into phases so that several processes can each write their own
+RNG state between barriers; ``read_checkpoint`` reads one back. ``find_weights`` and
+``apply_weights`` give the inference commands the fine-tune of a run, a checkpoint or a LoRA.
 
 ``--overwrite`` deletes a folder only when it carries the marker (or, for runs written before the
 marker existed, config.yaml beside checkpoints/), never the current, home or root folder, and only
@@ -16,19 +25,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
 
 from .errors import UsageError
 
 MARKER = "run.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+REWARD_CURVE = "reward_curve.png"
 GRIDS = "grids"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"  # inside a checkpoint: its epoch; present only in a complete one
 TRAINABLE = "trainable.safetensors"  # inside a checkpoint: the trainable weights (LoRA or UNet)
+OPTIMIZER = "optimizer.pt"
+LR_SCHEDULER = "lr_scheduler.pt"
+TRACKER = "tracker.json"
+LORA_DIR = "lora"  # exported LoRA, diffusers' file name inside (models.LORA_FILE)
+UNET_DIR = "unet"  # exported full fine-tune, a diffusers UNet folder
 FORMAT = 2  # 1: eta per latent dim and per-prompt statistics by default (before run.json existed)
 
 
@@ -50,11 +68,23 @@ def read_marker(path: Path) -> dict:
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (``checkpoints/epoch_NNNN`` with its state.json), or None."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (incomplete and temporary ones are left out)."""
     folder = Path(out) / CHECKPOINTS
     if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.glob("epoch_*") if p.is_dir() and (p / STATE).is_file())
-    return done[-1] if done else None
+        return []
+    return sorted(
+        (p for p in folder.glob("epoch_*") if p.is_dir() and (p / STATE).is_file()), key=_natural_key
+    )
+
+
+def _natural_key(path: Path):
+    # epoch_9999 before epoch_10000.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def _protected(path: Path) -> bool:
@@ -140,3 +170,235 @@ def readable_as_umask(path: Path) -> None:
     os.umask(umask)
     mode = (0o777 if Path(path).is_dir() else 0o666) & ~umask
     os.chmod(path, mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's configuration, for the inference commands
+
+
+def read_config(path: str | Path) -> tuple[Path, dict]:
+    """(run folder, its config.yaml as a dict) for a run folder or a folder inside it (a checkpoint,
+    ``lora/``). Raises ``UsageError`` when no ``config.yaml`` is found in the folder or its two parents."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"--run {path}: no such folder")
+    for folder in (path, path.parent, path.parent.parent):
+        cfg_file = folder / CONFIG
+        if cfg_file.is_file():
+            try:
+                cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise UsageError(f"{cfg_file}: not valid YAML ({str(e).splitlines()[0]})") from e
+            if not isinstance(cfg, dict):
+                raise UsageError(f"{cfg_file}: expected a mapping of settings, got {type(cfg).__name__}")
+            return folder, cfg
+    raise UsageError(
+        f"--run {path}: not a training run folder (no {CONFIG}); "
+        "pass a LoRA with --finetune and its base model with --model instead"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: write (in phases, for several processes), read, prune
+
+
+def checkpoint_dir(out: Path, epoch: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"epoch_{epoch:04d}"
+
+
+def _temp_dir(out: Path, epoch: int) -> Path:
+    return Path(out) / CHECKPOINTS / f".tmp-epoch_{epoch:04d}"
+
+
+def _rng_file(process_index: int) -> str:
+    return f"rng_{process_index}.pt"
+
+
+def begin_checkpoint(out: Path, epoch: int) -> Path:
+    """Create the (empty) temporary folder of checkpoint ``epoch``; the main process calls this once."""
+    tmp = _temp_dir(out, epoch)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_process_state(out: Path, epoch: int, process_index: int, rng: dict) -> None:
+    """Each process's own part of the checkpoint: its RNG state."""
+    torch.save(rng, _temp_dir(out, epoch) / _rng_file(process_index))
+
+
+def write_shared_state(out: Path, epoch: int, state: dict) -> None:
+    """What all processes share, written once: weights {name: tensor}, optimizer and LR-schedule
+    state dicts, the stat tracker's JSON state, and ``global_step``. ``state.json`` goes last: it
+    marks the checkpoint complete."""
+    from safetensors.torch import save_file
+
+    tmp = _temp_dir(out, epoch)
+    save_file(state["weights"], str(tmp / TRAINABLE))
+    torch.save(state["optimizer"], tmp / OPTIMIZER)
+    torch.save(state["lr_scheduler"], tmp / LR_SCHEDULER)
+    (tmp / TRACKER).write_text(json.dumps(state["tracker"]))
+    (tmp / STATE).write_text(json.dumps({"epoch": epoch, "global_step": state["global_step"]}))
+
+
+def commit_checkpoint(out: Path, epoch: int, *, keep: int) -> Path:
+    """Rename the temporary folder into place (atomic) and delete all but the newest ``keep``."""
+    tmp, final = _temp_dir(out, epoch), checkpoint_dir(out, epoch)
+    readable_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def abort_checkpoint(out: Path, epoch: int) -> None:
+    """Remove what a failed write left; the previous checkpoints are untouched."""
+    shutil.rmtree(_temp_dir(out, epoch), ignore_errors=True)
+
+
+def read_checkpoint(folder: Path, process_index: int = 0) -> dict:
+    """A checkpoint back as written: the keys of ``write_shared_state`` plus ``epoch`` and ``rng``
+    (None when this process has no RNG file: another process count). Raises what the readers raise."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / STATE).read_text())
+    rng = folder / _rng_file(process_index)
+    return {
+        "epoch": int(meta["epoch"]),
+        "global_step": int(meta["global_step"]),
+        "weights": load_file(str(folder / TRAINABLE)),
+        "optimizer": torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True),
+        "lr_scheduler": torch.load(folder / LR_SCHEDULER, weights_only=True),
+        "tracker": json.loads((folder / TRACKER).read_text()),
+        "rng": torch.load(rng, weights_only=False) if rng.is_file() else None,
+    }
+
+
+def load_trainable(unet, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy checkpoint weights {parameter name: tensor} into ``unet``; a weight the UNet lacks, or of
+    another shape, is a one-line ``UsageError``."""
+    named = dict(unet.named_parameters())
+    unknown = [k for k in weights if k not in named]
+    misfit = [k for k in weights if k in named and named[k].shape != weights[k].shape]
+    if unknown or misfit:
+        bad = (unknown or misfit)[0]
+        raise UsageError(
+            f"{where}: this checkpoint does not fit the model ({len(unknown) + len(misfit)} weights do not "
+            f"match, e.g. {bad})"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            named[name].copy_(value.to(device=named[name].device, dtype=named[name].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported weights, and the fine-tune the inference commands apply
+
+
+def export_weights(out: Path, unet, finetune: str) -> Path:
+    """Refresh lora/ (``finetune='lora'``) or unet/ (``'full'``) for plain diffusers; atomic."""
+    from .models import replace_dir, save_lora
+
+    if finetune == "lora":
+        return save_lora(unet, Path(out) / LORA_DIR)
+    tmp = Path(out) / f".{UNET_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unet.save_pretrained(str(tmp), safe_serialization=True)
+    replace_dir(tmp, Path(out) / UNET_DIR)
+    return Path(out) / UNET_DIR
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A trainer checkpoint (``checkpoints/epoch_NNNN``): raw trainable weights, no diffusers LoRA."""
+    return (Path(folder) / TRAINABLE).is_file() and not (Path(folder) / LORA_DIR).is_dir()
+
+
+def _lora_file(folder: Path) -> Path | None:
+    from .models import LORA_FILE
+
+    if folder.is_file():
+        return folder if folder.suffix == ".safetensors" else None
+    for cand in (folder / LORA_FILE, folder / LORA_DIR / LORA_FILE):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _unet_dir(folder: Path) -> Path | None:
+    for cand in (folder / UNET_DIR, folder):
+        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
+            return cand
+    return None
+
+
+def find_weights(path: str | Path) -> Path:
+    """The fine-tuned weights at ``path``: a LoRA file or folder, a unet/ folder, a checkpoint, or a
+    run folder (its lora/ or unet/, else its newest complete checkpoint). ``UsageError`` if none."""
+    from .models import LORA_FILE
+
+    path = Path(path).expanduser()
+    if _lora_file(path) or _unet_dir(path) or is_checkpoint(path):
+        return path
+    last = latest_checkpoint(path)
+    if last is not None:
+        return last
+    raise UsageError(
+        f"{path}: no fine-tuned weights: no {LORA_DIR}/{LORA_FILE}, no {UNET_DIR}/ folder and no complete "
+        f"checkpoint under {CHECKPOINTS}/ (has training saved anything yet?)"
+    )
+
+
+def apply_weights(pipe, path: Path) -> str:
+    """Apply the fine-tune ``find_weights`` found to ``pipe``: 'lora', 'unet' or 'checkpoint'.
+
+    A checkpoint's LoRA layout (rank, alpha, targets) comes from the run's config.yaml beside it,
+    with the training defaults for fields an older config lacks. A misfit is a one-line UsageError.
+    """
+    from .models import LORA_FILE, load_lora, load_unet
+
+    path = Path(path)
+    if is_checkpoint(path):
+        apply_checkpoint(pipe, path)
+        return "checkpoint"
+    lora = _lora_file(path)
+    if lora is not None:
+        load_lora(pipe, lora)
+        return "lora"
+    unet = _unet_dir(path)
+    if unet is not None:
+        load_unet(pipe, unet)
+        return "unet"
+    raise UsageError(
+        f"{path}: holds no LoRA ({LORA_DIR}/{LORA_FILE}) and no {UNET_DIR}/ folder; "
+        "pass a training run folder or its lora/ folder"
+    )
+
+
+def apply_checkpoint(pipe, folder: Path) -> None:
+    """Load checkpoint ``folder``'s trainable weights into ``pipe.unet`` (adding the run's LoRA first)."""
+    from safetensors.torch import load_file
+
+    from .config import TrainConfig
+    from .models import add_lora, parse_lora_targets
+
+    _, cfg = read_config(folder)
+    defaults = TrainConfig()
+    try:
+        weights = load_file(str(folder / TRAINABLE))
+    except Exception as e:
+        raise UsageError(f"{folder / TRAINABLE}: cannot be read ({type(e).__name__}: {e})") from e
+    if cfg.get("finetune", defaults.finetune) == "lora":
+        add_lora(
+            pipe.unet,
+            rank=int(cfg.get("lora_rank", defaults.lora_rank)),
+            alpha=float(cfg.get("lora_alpha", defaults.lora_alpha)),
+            target_modules=parse_lora_targets(cfg.get("lora_targets") or defaults.lora_targets),
+        )
+    load_trainable(pipe.unet, weights, folder)

@@ -256,7 +256,7 @@ class SamplingSettings:
     """How trajectories are drawn; re-scoring must use the very same settings.
 
     sampler: 'ddim' or 'lcm' ('auto' picks LCM for LCM models, else DDIM).
-    num_steps: denoising steps T.  eta: DDIM's noise scale (> 0; unused by LCM).
+    num_steps: denoising steps T.  ddim_eta: DDIM's noise scale (> 0; unused by LCM).
     guidance_scale: classifier-free guidance w (<= 1: no unconditional pass). LCM models with a
     guidance embedding get w as that embedding, with no unconditional pass.
     height, width: image size in pixels (None: the model's native size).
@@ -265,7 +265,7 @@ class SamplingSettings:
 
     sampler: str = "auto"
     num_steps: int = 50
-    eta: float = 1.0
+    ddim_eta: float = 1.0
     guidance_scale: float = 5.0
     height: int | None = None
     width: int | None = None
@@ -280,9 +280,9 @@ class SamplingSettings:
             raise UsageError(f"sampler must be 'auto', 'ddim' or 'lcm', got {self.sampler!r}")
         if self.num_steps < 1:
             raise UsageError(f"the number of sampling steps must be >= 1, got {self.num_steps}")
-        if sampler == "ddim" and self.eta <= 0:
+        if sampler == "ddim" and self.ddim_eta <= 0:
             raise UsageError(
-                f"DDIM eta must be > 0 (got {self.eta}): eta = 0 is deterministic and has no log-prob to train"
+                f"DDIM eta must be > 0 (got {self.ddim_eta}): eta = 0 is deterministic and has no log-prob to train"
             )
         scale = pipe.vae_scale_factor
         native = pipe.unet.config.sample_size * scale
@@ -320,7 +320,7 @@ def scheduler_step(
             with_mean=with_mean,
         )  # fmt: skip
     return ddim_step_with_logprob(
-        scheduler, model_output, timestep, sample, eta=settings.eta, prev_sample=prev_sample, generator=generator,
+        scheduler, model_output, timestep, sample, eta=settings.ddim_eta, prev_sample=prev_sample, generator=generator,
         with_mean=with_mean,
     )  # fmt: skip
 
@@ -448,6 +448,10 @@ class Trajectories:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def stochastic_steps(self) -> list[int]:
+        """Indices of the steps that carry a log-prob (the only ones that can train), in order."""
+        return [j for j, s in enumerate(self.stochastic.tolist()) if s]
 
     def select(self, index: torch.Tensor | list[int]) -> Trajectories:
         """A sub-batch of images (the steps stay whole)."""
@@ -649,7 +653,7 @@ def rescore_log_probs(
     update it equals ``traj.log_probs`` up to numerics: the on-policy check. UNet calls hold
     ``batch_size`` images (default all) x ``steps_per_pass`` steps.
     """
-    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]] if steps is None else list(steps)
+    steps = traj.stochastic_steps() if steps is None else list(steps)
     index = torch.arange(len(traj)) if index is None else torch.as_tensor(index)
     if not steps:  # no stochastic step (a 1-step LCM trajectory): nothing to score
         return torch.zeros(len(index), 0, device=traj.log_probs.device)
@@ -665,7 +669,7 @@ def rescore_drift(unet, scheduler, traj: Trajectories, num_images: int = 2, num_
 
     fp32 gives ~1e-6; bf16/fp16 drift that breaks on-policy ratios shows up here first.
     """
-    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]][:num_steps]
+    steps = traj.stochastic_steps()[:num_steps]
     index = torch.arange(min(num_images, len(traj)))
     new = rescore_log_probs(unet, scheduler, traj, steps=steps, index=index)
     old = traj.log_probs[index][:, steps].to(new.device)

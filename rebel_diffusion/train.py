@@ -1,11 +1,11 @@
-"""The training recipe: ``rebel-diffusion train``. Read it top to bottom:
+"""The training recipe (``rebel-diffusion train``). Read it top to bottom:
 
     setup            every check first (folder, prompts, reward, model, LoRA targets, checkpoint),
                      then the run folder is written (``run_folder``): a failed start leaves nothing
-    train            per epoch: sample -> score -> normalise -> pair -> update -> eval grid -> log;
+    train            per epoch: sample -> score -> normalise -> pair -> update -> grid -> log;
                      SIGINT/SIGTERM stop it with a checkpoint within --stop-grace seconds
     save_checkpoint  trainable weights, optimizer, LR schedule, stat tracker, RNG, epoch: atomically
-    cleanup          the trackers
+    cleanup          end the experiment trackers
 
 Every source of randomness is derived from (seed, epoch, batch, process), so a resumed run
 repeats an uninterrupted one exactly. Every process runs every collective (gather, barrier,
@@ -14,31 +14,32 @@ checkpoint), in the same order: the peers hung where only the main process did.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import errno
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
-from .config import TrainConfig, add_config_arguments, config_from_args
+from .config import TrainConfig
 from .errors import RunError, UsageError
-from .models import add_lora, load_pipeline, parse_lora_targets, save_lora
+from .models import add_lora, load_pipeline, parse_lora_targets
 from .prompts_io import load_prompts
 from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
-from .rewards import load_preference, load_reward
+from .rewards import Reward, load_preference, load_reward
 from .sampling import (
     SamplingSettings,
     Trajectories,
@@ -49,55 +50,20 @@ from .sampling import (
 )
 from .updates import ddpo_accumulate, rebel_accumulate
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DiffusionPipeline
+
 TIME_KEYS = ("images_per_second", "sample_seconds", "train_seconds", "epoch_seconds")
 
 
-def add_arguments(parser) -> None:
-    add_config_arguments(parser)
+@dataclass
+class Heldout:
+    """The held-out evaluation (``--heldout-every``): prompts never trained on, rewards, diversity."""
 
-
-def run(args) -> int:
-    """The command: 0 when done, 130/143 when stopped by SIGINT/SIGTERM (with a checkpoint), 1 on a fault."""
-    cfg = config_from_args(args)
-    try:
-        result = train(cfg)
-    except KeyboardInterrupt:
-        last = run_folder.latest_checkpoint(cfg.output_dir)
-        raise RunError(f"stopped at once (second Ctrl-C); {last or 'no checkpoint'} is intact: --resume") from None
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
-        message = fault_message(e)
-        if message is None:
-            raise
-        raise RunError(message) from e
-    if result.stopped_by is not None:
-        return 128 + int(result.stopped_by)  # 130 for SIGINT, 143 for SIGTERM, as shells report it
-    return 0
-
-
-OOM_HINT = ("lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
-            "--steps-per-pass or --eval-num-images, or add --gradient-checkpointing, then --resume")
-
-
-def fault_message(e: BaseException) -> str | None:
-    """One line for a fault of memory or the OS, saying what to do; None for anything else (a bug)."""
-    text = _first_line(e)
-    if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in text or (
-        "not enough memory" in text
-    ):
-        return f"out of memory ({text[:120]}); {OOM_HINT}"
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        if e.errno == errno.ENOSPC:
-            return f"{where}no space left on the device; free space, then --resume (the last checkpoint is intact)"
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then --resume"
-        return f"{where}{e.strerror or text}; fix that, then --resume (the last checkpoint is intact)"
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    prompts: list[str]
+    rewards: dict[str, Reward]
+    diversity: object | None  # an image embedder with .name (main process only), or None
 
 
 @dataclass
@@ -105,25 +71,27 @@ class Run:
     """Everything a training run holds between epochs."""
 
     cfg: TrainConfig
-    accelerator: object
-    pipe: object
-    unet: object  # the prepared (possibly DDP-wrapped) UNet that is trained
-    optimizer: object
-    lr_scheduler: object
-    reward: object
-    preference: object | None
+    accelerator: Accelerator
+    pipe: DiffusionPipeline
+    unet: torch.nn.Module  # the prepared (possibly DDP-wrapped) UNet that is trained
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    reward: Reward
+    preference: Callable | None  # (images_a, images_b, prompts) -> P(a > b), (P,)
     tracker: PerPromptStatTracker
     settings: SamplingSettings
     scheduler: object  # DDIM/LCM scheduler with the training timesteps set
     prompts: list[str]
-    eval_prompts: list[str]
-    heldout: dict | None  # held-out eval: prompts, rewards, diversity embedder (eval_every > 0)
+    grid_prompts: list[str]
+    heldout: Heldout | None
     out: Path
-    ref_unet: object | None = None  # frozen base UNet for the KL term (full fine-tune with --kl-coef)
+    params: list[torch.nn.Parameter]
+    mixed_precision: str
+    lora_matches: dict[str, int]  # LoRA target -> modules it matched (empty for a full fine-tune)
+    ref_unet: torch.nn.Module | None = None  # frozen base UNet for the KL term (full fine-tune with --kl-coef)
     steps_per_pass: int = 1  # denoising steps per training UNet call (resolved from the config)
     epoch: int = 0  # last completed epoch
     global_step: int = 0
-    params: list = field(default_factory=list)
     # Stopping on a signal: which one and when, and what the grace-period decision needs.
     stop_signal: int | None = None
     stop_time: float = 0.0
@@ -134,6 +102,64 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------
 # setup
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check everything, build the run, and only then write the run folder."""
+    # 1. Cheap checks first: output folder, tracker, prompts. Nothing is written until every check
+    #    (model, LoRA targets, checkpoint) has passed: a failed start leaves no trace.
+    out = Path(cfg.output_dir)
+    run_folder.check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_tracker(cfg.log_with)
+    prompts = load_prompts(cfg.prompts)
+    grid_prompts = load_prompts(cfg.grid_prompts or cfg.prompts)
+    # 2. Processes and precision.
+    accelerator, mixed_precision = make_accelerator(cfg, out)
+    if cfg.resume:
+        check_resumable(out, accelerator.num_processes)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    # 3. Rewards: their weights load now, so a missing file fails before the first epoch's sampling.
+    reward, preference = load_reward_models(cfg, accelerator.device, weight_dtype)
+    heldout = load_heldout(cfg, accelerator, weight_dtype) if cfg.heldout_every else None
+    # 4. Model: frozen parts in the mixed-precision dtype; trainable weights in fp32.
+    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process
+    pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device)
+    settings = sampling_settings(cfg, pipe)
+    ref_unet, lora_matches = make_trainable(cfg, pipe)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    # 5. Optimizer and schedule, prepared for the processes.
+    optimizer, lr_scheduler = make_optimizer(cfg, params)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        pipe=pipe,
+        unet=unet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        reward=reward,
+        preference=preference,
+        tracker=PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count),
+        settings=settings,
+        scheduler=make_scheduler(pipe, settings),
+        prompts=prompts,
+        grid_prompts=grid_prompts,
+        heldout=heldout,
+        out=out,
+        params=params,
+        mixed_precision=mixed_precision,
+        lora_matches=lora_matches,
+        ref_unet=ref_unet,
+        steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
+    )
+    if cfg.resume:
+        load_checkpoint(run, run_folder.latest_checkpoint(out))
+    # 6. Every check has passed: now the run folder changes (config.yaml only as a run starts).
+    write_run_folder(run)
+    if cfg.log_with != "none":
+        accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
+    accelerator.print(describe_plan(run))
+    return run
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -149,19 +175,10 @@ def resolve_steps_per_pass(value: int | None, device) -> int:
     return 10 if torch.device(device).type == "cpu" else 1
 
 
-def setup(cfg: TrainConfig) -> Run:
+def make_accelerator(cfg: TrainConfig, out: Path) -> tuple[Accelerator, str]:
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
 
-    # 1. Cheap checks first: output folder, prompts, reward and preference names. Nothing is written
-    #    until every check (model, LoRA targets, checkpoint) has passed: a failed start leaves no trace.
-    out = Path(cfg.output_dir)
-    run_folder.check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
-    prompts = load_prompts(cfg.prompts)
-    eval_prompts = load_prompts(cfg.eval_prompts or cfg.prompts)
-    heldout_prompts = load_prompts(cfg.heldout_prompts) if cfg.eval_every else None
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    check_tracker(cfg.log_with)
     accelerator = Accelerator(
         # Several processes on a machine without GPUs: gloo on the CPU (accelerate would run them apart).
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -169,50 +186,57 @@ def setup(cfg: TrainConfig) -> Run:
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_dir=str(out),
     )
-    if cfg.resume:
-        check_resumable(out, accelerator.num_processes)
-    reward_options = {
+    return accelerator, mixed_precision
+
+
+def load_reward_models(cfg: TrainConfig, device, dtype) -> tuple[Reward, Callable | None]:
+    """The trained reward (weights loaded now) and the optional preference model on top of it."""
+    options = {
         k: v for k, v in (("aesthetic_head", cfg.aesthetic_head), ("clip_model", cfg.clip_model),
                           ("clip_pretrained", cfg.clip_pretrained)) if v is not None
-    }
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    reward = load_reward(cfg.reward, device=accelerator.device, dtype=weight_dtype, **reward_options)
-    reward.load()  # missing weights fail now, not after the first epoch's sampling
-    preference = (
-        load_preference(cfg.preference, reward=reward, temperature=cfg.preference_temperature)
-        if cfg.preference
-        else None
-    )
-    heldout = None
-    if heldout_prompts is not None:
-        from .evaluate import load_diversity_model, load_rewards, parse_reward_names
+    }  # fmt: skip
+    reward = load_reward(cfg.reward, device=device, dtype=dtype, **options)
+    reward.load()
+    preference = None
+    if cfg.preference:
+        preference = load_preference(cfg.preference, reward=reward, temperature=cfg.preference_temperature)
+    return reward, preference
 
-        names = parse_reward_names(cfg.eval_rewards, cfg.reward)
-        heldout = {
-            "prompts": heldout_prompts,
-            "rewards": load_rewards(names, device=accelerator.device, dtype=weight_dtype,
-                                    aesthetic_head=cfg.aesthetic_head),
-            "diversity": load_diversity_model(cfg.eval_diversity, device=accelerator.device) if accelerator.is_main_process else None,
-        }
-    # 2. Model: frozen parts in the mixed-precision dtype; trainable weights in fp32.
-    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process
-    pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device)
-    settings = SamplingSettings(
+
+def load_heldout(cfg: TrainConfig, accelerator: Accelerator, dtype) -> Heldout:
+    from .evaluate import load_diversity_model, load_rewards, parse_reward_names
+
+    names = parse_reward_names(cfg.heldout_rewards, cfg.reward)
+    diversity = None
+    if accelerator.is_main_process:
+        diversity = load_diversity_model(cfg.heldout_diversity, device=accelerator.device)
+    return Heldout(
+        prompts=load_prompts(cfg.heldout_prompts),
+        rewards=load_rewards(names, device=accelerator.device, dtype=dtype, aesthetic_head=cfg.aesthetic_head),
+        diversity=diversity,
+    )
+
+
+def sampling_settings(cfg: TrainConfig, pipe) -> SamplingSettings:
+    return SamplingSettings(
         sampler=cfg.sampler,
         num_steps=cfg.num_steps,
-        eta=cfg.ddim_eta,
+        ddim_eta=cfg.ddim_eta,
         guidance_scale=cfg.guidance_scale,
         height=cfg.resolution,
         width=cfg.resolution,
         negative_prompt=cfg.negative_prompt,
     ).resolve(pipe)
+
+
+def make_trainable(cfg: TrainConfig, pipe) -> tuple[torch.nn.Module | None, dict[str, int]]:
+    """Freeze the VAE and text encoder; add LoRA (or unfreeze the UNet). Returns (the frozen base
+    UNet the KL term needs for a full fine-tune, else None; LoRA target -> modules matched)."""
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     unet = pipe.unet
     ref_unet = None
     if cfg.kl_coef > 0 and cfg.finetune == "full":  # LoRA's base is the same UNet with adapters disabled
-        import copy
-
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     lora_matches = {}
     if cfg.finetune == "lora":
@@ -227,9 +251,12 @@ def setup(cfg: TrainConfig) -> Run:
             unet.enable_xformers_memory_efficient_attention()
         except Exception as e:
             raise UsageError(f"--xformers: not available ({str(e).splitlines()[0]}); pip install xformers") from e
-    params = [p for p in unet.parameters() if p.requires_grad]
+    return ref_unet, lora_matches
 
-    # 3. Optimizer and schedule.
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    from diffusers.optimization import get_scheduler
+
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
@@ -243,42 +270,20 @@ def setup(cfg: TrainConfig) -> Run:
         num_warmup_steps=cfg.lr_warmup_steps,
         num_training_steps=cfg.optimizer_steps_per_epoch() * cfg.epochs,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    run = Run(
-        cfg=cfg,
-        accelerator=accelerator,
-        pipe=pipe,
-        unet=unet,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        reward=reward,
-        preference=preference,
-        tracker=PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count),
-        settings=settings,
-        scheduler=make_scheduler(pipe, settings),
-        prompts=prompts,
-        eval_prompts=eval_prompts,
-        heldout=heldout,
-        out=out,
-        ref_unet=ref_unet,
-        steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
-        params=params,
-    )
-    if cfg.resume:
-        load_checkpoint(run, run_folder.latest_checkpoint(out))
-    # 4. Every check has passed: now the run folder changes (config.yaml only as a run starts).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    return optimizer, lr_scheduler
+
+
+def write_run_folder(run: Run) -> None:
+    """The first write of a run: a new folder, or (resume) the config and the metrics up to the checkpoint."""
+    acc, cfg, out = run.accelerator, run.cfg, run.out
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         if cfg.resume:
             run_folder.write_config(out, cfg.to_yaml())
             report.truncate_metrics(out / run_folder.METRICS, run.epoch)
         else:
-            run_folder.start(out, cfg.to_yaml(), num_processes=accelerator.num_processes, overwrite=cfg.overwrite)
-    accelerator.wait_for_everyone()
-    if cfg.log_with != "none":
-        accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
-    _print_plan(run, mixed_precision, lora_matches)
-    return run
+            run_folder.start(out, cfg.to_yaml(), num_processes=acc.num_processes, overwrite=cfg.overwrite)
+    acc.wait_for_everyone()
 
 
 def check_tracker(log_with: str) -> None:
@@ -306,11 +311,11 @@ def check_resumable(out: Path, num_processes: int) -> None:
         )
 
 
-def _print_plan(run: Run, mixed_precision: str, lora_matches: dict[str, int]) -> None:
+def describe_plan(run: Run) -> str:
+    """The startup lines: what is trained, toward what, with which step size, in what batches."""
     cfg, acc = run.cfg, run.accelerator
     n = acc.num_processes
-    k = cfg.images_per_prompt
-    pairs = cfg.prompts_per_batch * cfg.batches_per_epoch * k * (k - 1) // 2 * n
+    unit = "pairs" if cfg.algorithm == "rebel" else "images"
     trainable = sum(p.numel() for p in run.params)
     dims = run.pipe.unet.config.in_channels * (run.settings.height // run.pipe.vae_scale_factor) * (
         run.settings.width // run.pipe.vae_scale_factor
@@ -321,19 +326,19 @@ def _print_plan(run: Run, mixed_precision: str, lora_matches: dict[str, int]) ->
     else:
         step_size = f"PPO clip range {cfg.clip_range:g} (per-dim mean log-prob ratio, D = {dims})"
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
-    acc.print(
+    lora = ", ".join(f"{t} ({m} modules)" for t, m in run.lora_matches.items())
+    return (
         f"rebel-diffusion: {cfg.algorithm} on {cfg.model} ({run.settings.sampler}, {run.settings.num_steps} steps, "
         f"{run.settings.height}x{run.settings.width}), reward {cfg.reward}, {len(run.prompts)} prompts, "
-        f"{n} process(es), mixed precision {mixed_precision}\n"
+        f"{n} process(es), mixed precision {run.mixed_precision}\n"
         f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
         f"clip {cfg.adv_clip_max:g}); {regulariser}; steps trained: noise std >= {cfg.min_step_std:g}\n"
-        f"  per epoch: {cfg.images_per_epoch(n)} images, {pairs} pairs, "
+        f"  per epoch: {cfg.images_per_epoch(n)} images, {cfg.units_per_epoch() * n} {unit}, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
-        f"{cfg.train_batch_size} {'pairs' if cfg.algorithm == 'rebel' else 'images'}, "
-        f"{run.steps_per_pass} step(s) per UNet pass; {cfg.epochs} epochs "
+        f"{cfg.train_batch_size} {unit}, up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
+        f"per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
-        f"{trainable:,} trainable parameters ({cfg.finetune}"
-        + (": LoRA on " + ", ".join(f"{t} ({n} modules)" for t, n in lora_matches.items()) if lora_matches else "")
+        f"{trainable:,} trainable parameters ({cfg.finetune}" + (f": LoRA on {lora}" if lora else "")
         + f"); output {run.out}"
     )
 
@@ -366,7 +371,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     history = []
     try:
         if run.epoch == 0:
-            eval_and_report(run, epoch=0, metrics={"epoch": 0})
+            report_epoch(run, epoch=0, metrics={"epoch": 0})
         for epoch in range(run.epoch + 1, cfg.epochs + 1):
             # The state this epoch starts from, kept only when it is not on disk already.
             start_state = capture_state(run) if run.checkpointed_epoch != epoch - 1 else None
@@ -385,7 +390,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     file=sys.stderr,
                 )  # fmt: skip
                 break
-            eval_and_report(run, epoch, metrics)
+            report_epoch(run, epoch, metrics)
             history.append(metrics)
             run.last_epoch_seconds = time.monotonic() - run.epoch_started
             stop = _agree_on_stop(run)
@@ -503,8 +508,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     drift = rescore_check(run, traj) if cfg.rescore_check else float("nan")
     # 4. Pair and update.
     run.unet.train()
-    update = update_rebel(run, traj, advantages, finite, epoch) if cfg.algorithm == "rebel" else \
-        update_ddpo(run, traj, advantages, finite, epoch)
+    plan = (rebel_plan if cfg.algorithm == "rebel" else ddpo_plan)(run, traj, advantages, finite, epoch)
+    update_stats = update(run, traj, plan, epoch)
     t_train = time.perf_counter()
     images = cfg.images_per_epoch(acc.num_processes)
     kept_rewards = all_rewards[finite_all]
@@ -516,7 +521,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
         "reward_nonfinite": int((~finite_all).sum()),
         "advantage_abs_max": float(adv_all.abs().max()),
         **extra,
-        **update,
+        **update_stats,
         "rescore_drift": drift,
         "lr": float(run.lr_scheduler.get_last_lr()[0]),
         "global_step": run.global_step,
@@ -652,13 +657,26 @@ def _backward(run: Run):
     return backward
 
 
-def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -> dict:
-    """REBEL: all pairs of each prompt's images; residual without a graph, then step-by-step backward."""
-    from tqdm.auto import tqdm
+@dataclass
+class UpdatePlan:
+    """What one algorithm trains on this epoch; ``update`` runs the loop both algorithms share.
 
-    cfg, acc = run.cfg, run.accelerator
+    ``accumulate(units, steps, step_scale, first)`` adds the gradient of one optimizer step on the
+    units ``units`` (indices of pairs or images) and returns its statistics; a ``prediction`` and
+    ``target`` among them (REBEL) are kept from the last pass to measure the regression's fit.
+    """
+
+    units: int  # pairs (REBEL) or images (DDPO)
+    salt: int  # separates the algorithms' shuffling streams
+    accumulate: Callable[[torch.Tensor, list[int], float, bool], dict]
+    summary: dict = field(default_factory=dict)  # figures known before the loop (e.g. pairs)
+
+
+def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: torch.Tensor, epoch: int):
+    """REBEL: all pairs of each prompt's images, regressed on their advantage gap (or preference)."""
+    cfg = run.cfg
     pairs = pair_indices(traj.group)  # (P, 2)
-    valid = finite[pairs[:, 0]] & finite[pairs[:, 1]]
+    valid = finite[pairs[:, 0]] & finite[pairs[:, 1]]  # (P,)
     if _all_processes_zero(run, int(valid.sum())):
         raise RunError(
             f"epoch {epoch}: no pair of images had two finite rewards ({cfg.reward}); nothing was trained, "
@@ -670,61 +688,92 @@ def update_rebel(run: Run, traj: Trajectories, advantages, finite, epoch: int) -
                 run.preference(traj.images[pairs[i:i + 32, 0]], traj.images[pairs[i:i + 32, 1]],
                                [traj.prompts[j] for j in pairs[i:i + 32, 0].tolist()]).float().cpu()
                 for i in range(0, len(pairs), 32)
-            ])
+            ])  # fmt: skip
         targets = pair_targets(advantages, pairs, torch.nan_to_num(pref, nan=0.5))
     else:
         targets = pair_targets(advantages, pairs)
-    targets = torch.where(valid, targets, torch.zeros_like(targets))
+    targets = torch.where(valid, targets, torch.zeros_like(targets))  # (P,)
     trained = run_trained_steps(run, traj)
-    eta_mean = cfg.eta / latent_dim(traj)  # --eta is against summed log-likelihoods; log-probs are means
+    dims = latent_dim(traj)
+    score_unet = run.accelerator.unwrap_model(run.unet)
+    reference = reference_mean(run, traj)
+
+    def accumulate(idx: torch.Tensor, steps: list[int], scale: float, first: bool) -> dict:
+        stats = rebel_accumulate(
+            run.unet, run.scheduler, traj, pairs[idx], targets[idx],
+            eta=cfg.eta / dims,  # --eta is against summed log-likelihoods; the log-probs are means over D
+            train_batch_size=cfg.train_batch_size, steps=steps, step_scale=scale,
+            steps_per_pass=run.steps_per_pass, on_policy=first, backward=_backward(run),
+            autocast=run.accelerator.autocast, score_unet=score_unet, valid=valid[idx], ratio_steps=trained,
+            kl_coef=cfg.kl_coef, reference_mean=reference,
+        )  # fmt: skip
+        out = {k: stats[k] for k in ("loss", "prediction", "target")}
+        out["log_ratio_diff_abs"] = stats["log_ratio_diff_abs"] * dims  # in nats, the units of --eta
+        if cfg.kl_coef > 0:
+            out["kl"] = stats["kl"]
+        return out
+
+    pairs_total = run.accelerator.reduce(torch.tensor([float(valid.sum())], device=run.accelerator.device),
+                                         reduction="sum")
+    return UpdatePlan(units=len(pairs), salt=1, accumulate=accumulate,
+                      summary={"pairs": int(pairs_total.item())})
+
+
+def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: torch.Tensor, epoch: int):
+    """DDPO baseline: PPO-clip per image and step on the same rollouts and advantages."""
+    cfg = run.cfg
+    advantages = torch.where(finite, advantages, torch.zeros_like(advantages))  # no gradient from those
+    reference = reference_mean(run, traj)
+
+    def accumulate(idx: torch.Tensor, steps: list[int], scale: float, first: bool) -> dict:
+        # DDPO's loss is a mean over steps: a subsample needs no rescaling (scale is unused).
+        stats = ddpo_accumulate(
+            run.unet, run.scheduler, traj, idx, advantages, clip_range=cfg.clip_range,
+            adv_clip_max=cfg.adv_clip_max, train_batch_size=cfg.train_batch_size, steps=steps,
+            steps_per_pass=run.steps_per_pass, backward=_backward(run), autocast=run.accelerator.autocast,
+            kl_coef=cfg.kl_coef, reference_mean=reference,
+        )  # fmt: skip
+        return {k: stats[k] for k in ("loss", "approx_kl", "clipfrac", *(("kl",) if cfg.kl_coef > 0 else ()))}
+
+    return UpdatePlan(units=len(traj), salt=2, accumulate=accumulate)
+
+
+def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:
+    """``inner_epochs`` shuffled passes over the plan's units, one optimizer step per
+    ``train_batch_size x gradient_accumulation_steps`` of them; statistics averaged over steps and
+    processes."""
+    from tqdm.auto import tqdm
+
+    cfg, acc = run.cfg, run.accelerator
+    trained = run_trained_steps(run, traj)
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    score_unet = acc.unwrap_model(run.unet)
-    stats = {"loss": [], "log_ratio_diff_abs": [], "grad_norm": [], **({"kl": []} if cfg.kl_coef > 0 else {})}
-    fit = {"prediction": [], "target": []}  # the last pass's pairs, each measured before its step
-    steps_total = cfg.inner_epochs * (len(pairs) // per_step)
+    steps_per_pass_total = plan.units // per_step
+    steps_total = cfg.inner_epochs * steps_per_pass_total
+    stats: dict[str, list[float]] = {"grad_norm": []}
+    fit = {"prediction": [], "target": []}  # the last pass's, each measured before its own step
     bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", disable=not acc.is_local_main_process)
     for inner in range(cfg.inner_epochs):
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, inner, 1]).generate_state(1)[0]))
-        order = torch.randperm(len(pairs), generator=gen)
-        for s in range(len(pairs) // per_step):
+        seed = np.random.SeedSequence([cfg.seed, epoch, inner, plan.salt]).generate_state(1)[0]
+        gen = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(plan.units, generator=gen)
+        for s in range(steps_per_pass_total):
             idx = order[s * per_step : (s + 1) * per_step]
             steps, scale = subsample_steps(trained, cfg.timestep_fraction, gen)
-            step_stats = rebel_accumulate(
-                run.unet,
-                run.scheduler,
-                traj,
-                pairs[idx],
-                targets[idx],
-                eta=eta_mean,
-                train_batch_size=cfg.train_batch_size,
-                steps=steps,
-                step_scale=scale,
-                steps_per_pass=run.steps_per_pass,
-                on_policy=inner == 0 and s == 0,
-                backward=_backward(run),
-                autocast=acc.autocast,
-                score_unet=score_unet,
-                valid=valid[idx],
-                ratio_steps=trained,
-                kl_coef=cfg.kl_coef,
-                reference_mean=reference_mean(run, traj),
-            )
+            step_stats = plan.accumulate(idx, steps, scale, inner == 0 and s == 0)
             stats["grad_norm"].append(_optimizer_step(run))
             stop_point(run)
-            stats["loss"].append(step_stats["loss"])
-            if cfg.kl_coef > 0:
-                stats["kl"].append(step_stats["kl"])
-            # In nats of trajectory log-likelihood (the units of --eta).
-            stats["log_ratio_diff_abs"].append(step_stats["log_ratio_diff_abs"] * latent_dim(traj))
-            if inner == cfg.inner_epochs - 1:
-                fit["prediction"].append(step_stats["prediction"])
-                fit["target"].append(step_stats["target"])
+            for key, value in step_stats.items():
+                if key in fit:
+                    if inner == cfg.inner_epochs - 1:
+                        fit[key].append(value)
+                else:
+                    stats.setdefault(key, []).append(value)
             bar.update(1)
     bar.close()
-    pairs_total = acc.reduce(torch.tensor([float(valid.sum())], device=acc.device), reduction="sum")
-    fit_stats = regression_fit(_gather_cat(run, fit["prediction"]), _gather_cat(run, fit["target"]))
-    return {**_mean_across(run, stats), **fit_stats, "pairs": int(pairs_total.item()),
-            "optimizer_steps": steps_total}
+    out = {**_mean_across(run, stats), **plan.summary, "optimizer_steps": steps_total}
+    if fit["prediction"]:
+        out.update(regression_fit(_gather_cat(run, fit["prediction"]), _gather_cat(run, fit["target"])))
+    return out
 
 
 def _gather_cat(run: Run, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -737,47 +786,6 @@ def _gather_cat(run: Run, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([v for chunk in gather_object([local.tolist()]) for v in chunk])
 
 
-def update_ddpo(run: Run, traj: Trajectories, advantages, finite, epoch: int) -> dict:
-    """DDPO baseline: PPO-clip per image and step on the same rollouts and advantages."""
-    from tqdm.auto import tqdm
-
-    cfg, acc = run.cfg, run.accelerator
-    advantages = torch.where(finite, advantages, torch.zeros_like(advantages))  # no gradient from those
-    trained = run_trained_steps(run, traj)
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    stats = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], **({"kl": []} if cfg.kl_coef > 0 else {})}
-    steps_total = cfg.inner_epochs * (len(traj) // per_step)
-    bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", disable=not acc.is_local_main_process)
-    for inner in range(cfg.inner_epochs):
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, inner, 2]).generate_state(1)[0]))
-        order = torch.randperm(len(traj), generator=gen)
-        for s in range(len(traj) // per_step):
-            steps, _ = subsample_steps(trained, cfg.timestep_fraction, gen)  # a mean: no rescaling
-            step_stats = ddpo_accumulate(
-                run.unet,
-                run.scheduler,
-                traj,
-                order[s * per_step : (s + 1) * per_step],
-                advantages,
-                clip_range=cfg.clip_range,
-                adv_clip_max=cfg.adv_clip_max,
-                train_batch_size=cfg.train_batch_size,
-                steps=steps,
-                steps_per_pass=run.steps_per_pass,
-                backward=_backward(run),
-                autocast=acc.autocast,
-                kl_coef=cfg.kl_coef,
-                reference_mean=reference_mean(run, traj),
-            )
-            stats["grad_norm"].append(_optimizer_step(run))
-            stop_point(run)
-            for key in stats.keys() - {"grad_norm"}:
-                stats[key].append(step_stats[key])
-            bar.update(1)
-    bar.close()
-    return {**_mean_across(run, stats), "optimizer_steps": steps_total}
-
-
 def _mean_across(run: Run, stats: dict[str, list[float]]) -> dict[str, float]:
     """Mean of each statistic over optimizer steps and processes."""
     names = sorted(stats)
@@ -787,14 +795,14 @@ def _mean_across(run: Run, stats: dict[str, list[float]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# eval grid and reporting
+# the per-epoch grid, the held-out evaluation, and reporting
 
 
-def eval_images(run: Run):
-    """Fixed eval prompts and seeds: (N, 3, H, W) images, their prompts and rewards (main process)."""
+def grid_images(run: Run):
+    """The fixed grid prompts and seeds: (N, 3, H, W) images, their N prompts and (N,) rewards."""
     cfg = run.cfg
-    n = cfg.eval_num_images
-    prompts = [run.eval_prompts[(i * len(run.eval_prompts)) // n % len(run.eval_prompts)] for i in range(n)]
+    n = cfg.grid_num_images
+    prompts = [run.grid_prompts[(i * len(run.grid_prompts)) // n % len(run.grid_prompts)] for i in range(n)]
     unet = run.accelerator.unwrap_model(run.unet)
     unet.eval()
     with run.accelerator.autocast():
@@ -804,59 +812,62 @@ def eval_images(run: Run):
     return traj.images, prompts, score(run.reward, traj.images, prompts)
 
 
-def eval_and_report(run: Run, epoch: int, metrics: dict) -> None:
-    """Eval grid and reward, then metrics.jsonl, the trackers and the reward curve (main process)."""
+def report_epoch(run: Run, epoch: int, metrics: dict) -> None:
+    """Grid and its reward, held-out evaluation when due, then metrics.jsonl, the trackers and the
+    reward curve (main process)."""
     acc = run.accelerator
     if acc.is_main_process:
-        images, prompts, rewards = eval_images(run)
+        images, prompts, rewards = grid_images(run)
         finite = rewards[torch.isfinite(rewards)]
-        metrics["eval_reward_mean"] = float(finite.mean()) if len(finite) else float("nan")
-        metrics["eval_reward_std"] = float(finite.std(unbiased=False)) if len(finite) else float("nan")
-        if run.heldout is not None and epoch % run.cfg.eval_every == 0:
+        metrics["grid_reward_mean"] = float(finite.mean()) if len(finite) else float("nan")
+        metrics["grid_reward_std"] = float(finite.std(unbiased=False)) if len(finite) else float("nan")
+        if run.heldout is not None and epoch % run.cfg.heldout_every == 0:
             metrics.update(heldout_eval(run))
         grid = report.make_grid(images, [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards.tolist())])
-        report.save_png(grid, run.out / "grids" / f"epoch_{epoch:04d}.png")
+        report.save_png(grid, run.out / run_folder.GRIDS / f"epoch_{epoch:04d}.png")
+        metrics_file = run.out / run_folder.METRICS
         if epoch == 0:
-            report.truncate_metrics(run.out / "metrics.jsonl", -1)
-        report.append_metrics(run.out / "metrics.jsonl", metrics)
-        report.plot_reward_curve(report.read_metrics(run.out / "metrics.jsonl"), run.out / "reward_curve.png")
+            report.truncate_metrics(metrics_file, -1)
+        report.append_metrics(metrics_file, metrics)
+        report.plot_reward_curve(report.read_metrics(metrics_file), run.out / run_folder.REWARD_CURVE)
         if run.cfg.log_with != "none":
             acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch)
             _log_grid(run, grid, epoch)
         if epoch:
             acc.print(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
-                f"eval {metrics['eval_reward_mean']:.4f}, loss {metrics['loss']:.4g}, "
+                f"grid {metrics['grid_reward_mean']:.4f}, loss {metrics['loss']:.4g}, "
                 f"{metrics['images_per_second']:.2f} images/s"
             )
     acc.wait_for_everyone()
 
 
 def heldout_eval(run: Run) -> dict:
-    """eval/<reward> and eval/diversity of the current weights on held-out prompts (reward hacking shows here)."""
-    from .evaluate import eval_metrics, evaluate_pipelines
+    """heldout/<reward> and heldout/diversity of the current weights on the held-out prompts
+    (reward hacking shows here: the trained reward rises while the others, or diversity, fall)."""
+    from .evaluate import evaluate_pipelines, heldout_metrics
 
     unet = run.accelerator.unwrap_model(run.unet)
     unet.eval()
     with run.accelerator.autocast():
         result = evaluate_pipelines(
-            None, run.pipe, run.heldout["prompts"], run.heldout["rewards"],
+            None, run.pipe, run.heldout.prompts, run.heldout.rewards,
             [run.cfg.seed + i for i in range(run.cfg.heldout_images)], run.settings,
-            diversity=run.heldout["diversity"], tuned_unet=unet,
+            diversity=run.heldout.diversity, tuned_unet=unet,
         )  # fmt: skip
-    return eval_metrics(result)
+    return heldout_metrics(result)
 
 
 def _log_grid(run: Run, grid, epoch: int) -> None:
     array = np.asarray(grid.convert("RGB"))
     if run.cfg.log_with == "tensorboard":
-        run.accelerator.get_tracker("tensorboard").log_images({"eval_grid": array[None]}, step=epoch, dataformats="NHWC")
+        run.accelerator.get_tracker("tensorboard").log_images({"grid": array[None]}, step=epoch, dataformats="NHWC")
     elif run.cfg.log_with == "wandb":
-        run.accelerator.get_tracker("wandb").log_images({"eval_grid": [grid]}, step=epoch)
+        run.accelerator.get_tracker("wandb").log_images({"grid": [grid]}, step=epoch)
 
 
 # ----------------------------------------------------------------------------------------------
-# save_checkpoint / load_checkpoint
+# save_checkpoint / load_checkpoint (the files themselves: run_folder)
 
 
 def _trainable_state(run: Run) -> dict[str, torch.Tensor]:
@@ -894,46 +905,30 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
     lora/ (or unet/) for plain diffusers use. A write that fails (disk full, read-only) removes the
     temp folder and raises ``RunError``: the previous checkpoint stays intact.
     """
-    from safetensors.torch import save_file
-
-    acc, cfg = run.accelerator, run.cfg
+    acc = run.accelerator
     state = state or capture_state(run)
-    folder = run.out / run_folder.CHECKPOINTS
-    final = folder / f"epoch_{epoch:04d}"
-    tmp = folder / f".tmp-epoch_{epoch:04d}"
     _check_in_sync(run, state["weights"])
     try:
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            run_folder.begin_checkpoint(run.out, epoch)
         acc.wait_for_everyone()
-        torch.save(state["rng"], tmp / f"rng_{acc.process_index}.pt")
+        run_folder.write_process_state(run.out, epoch, acc.process_index, state["rng"])
         if acc.is_main_process:
-            save_file(state["weights"], str(tmp / run_folder.TRAINABLE))
-            torch.save(state["optimizer"], tmp / "optimizer.pt")
-            torch.save(state["lr_scheduler"], tmp / "lr_scheduler.pt")
-            (tmp / "tracker.json").write_text(json.dumps(state["tracker"]))
-            (tmp / run_folder.STATE).write_text(json.dumps({"epoch": epoch, "global_step": state["global_step"]}))
+            run_folder.write_shared_state(run.out, epoch, state)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            run_folder.readable_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted(p for p in folder.glob("epoch_*") if p.is_dir())[: -cfg.checkpoints_keep]:
-                shutil.rmtree(old)
-            export_weights(run)
+            run_folder.commit_checkpoint(run.out, epoch, keep=run.cfg.checkpoints_keep)
+            run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
+        run_folder.abort_checkpoint(run.out, epoch)
         last = run_folder.latest_checkpoint(run.out)
         raise RunError(
-            f"cannot write checkpoint {final.name} ({_first_line(e)}); free disk space or fix the folder's "
+            f"cannot write checkpoint epoch_{epoch:04d} ({_first_line(e)}); free disk space or fix the folder's "
             f"permissions, then --resume (from {last.name if last else 'the start'}: it is intact)"
         ) from e
     acc.wait_for_everyone()
     run.checkpointed_epoch = epoch
-    return final
+    return run_folder.checkpoint_dir(run.out, epoch)
 
 
 def _check_in_sync(run: Run, state: dict[str, torch.Tensor]) -> None:
@@ -947,47 +942,22 @@ def _check_in_sync(run: Run, state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError("trainable weights differ across processes: gradients were not synchronised")
 
 
-def export_weights(run: Run) -> None:
-    """lora/pytorch_lora_weights.safetensors (LoRA) or unet/ (full fine-tune), for plain diffusers."""
-    unet = run.accelerator.unwrap_model(run.unet)
-    if run.cfg.finetune == "lora":
-        save_lora(unet, run.out / "lora")
-    else:
-        from .models import _replace_dir
-
-        tmp = run.out / ".unet.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unet.save_pretrained(str(tmp), safe_serialization=True)
-        _replace_dir(tmp, run.out / "unet")
-
-
 def load_checkpoint(run: Run, folder: Path) -> None:
     """Restore a checkpoint written by ``save_checkpoint``; a damaged one is a one-line UsageError."""
-    from safetensors.torch import load_file
-
     acc = run.accelerator
     try:
-        state = json.loads((folder / run_folder.STATE).read_text())
-        weights = load_file(str(folder / run_folder.TRAINABLE))
+        state = run_folder.read_checkpoint(folder, acc.process_index)
         unet = acc.unwrap_model(run.unet)
-        missing = set(n for n, p in unet.named_parameters() if p.requires_grad) - set(weights)
+        missing = {n for n, p in unet.named_parameters() if p.requires_grad} - set(state["weights"])
         if missing:
             raise ValueError(f"{len(missing)} trainable weights missing (another --finetune or LoRA layout?)")
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                named[name].copy_(value.to(named[name].device))
-        run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-        run.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-        run.tracker.load_state_dict(json.loads((folder / "tracker.json").read_text()))
-        rng = folder / f"rng_{acc.process_index}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+        restore_state(run, state)
+        if state["rng"] is not None:
+            _set_rng_state(state["rng"])
     except Exception as e:
-        raise UsageError(f"--resume: checkpoint {folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    run.epoch = run.checkpointed_epoch = int(state["epoch"])
-    run.global_step = int(state["global_step"])
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"--resume: checkpoint {folder} is damaged ({type(e).__name__}: {detail})") from e
+    run.epoch = run.checkpointed_epoch = state["epoch"]
     acc.print(f"resumed from {folder} (epoch {run.epoch})")
 
 
@@ -1011,6 +981,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def cleanup(run: Run) -> None:
+    """End the experiment trackers (their files flushed) and wait for every process."""
     acc = run.accelerator
     if run.cfg.log_with != "none":
         acc.end_training()
@@ -1019,6 +990,11 @@ def cleanup(run: Run) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _flat_config(cfg: TrainConfig) -> dict:

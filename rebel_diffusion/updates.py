@@ -34,7 +34,7 @@ def log_ratios(
     Sums (re-scored - recorded) over ``steps`` (default: every stochastic step).
     """
     if steps is None:
-        steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+        steps = traj.stochastic_steps()
     with autocast():
         new = rescore_log_probs(unet, scheduler, traj, steps, index, steps_per_pass=steps_per_pass)  # (n, S)
     old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)

@@ -7,20 +7,21 @@ import pytest
 import torch
 import yaml
 
-from rebel_diffusion.config import PRESETS, TrainConfig, add_config_arguments, config_from_args
+from rebel_diffusion.cli.train import add_arguments, config_from_args
+from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import add_lora, build_tiny_pipeline, save_lora
 
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_arguments(parser)
     return config_from_args(parser.parse_args(argv))
 
 
 def test_every_field_has_help_and_a_flag():
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_arguments(parser)
     flags = {a.dest for a in parser._actions}
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"].strip(), f.name

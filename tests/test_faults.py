@@ -20,7 +20,7 @@ from rebel_diffusion.cli import main
 SMALL = [
     "--model", "tiny", "--reward", "jpeg-compressibility", "--num-steps", "3", "--prompts-per-batch", "2",
     "--batches-per-epoch", "1", "--train-batch-size", "1", "--gradient-accumulation-steps", "2",
-    "--eval-num-images", "2", "--guidance-scale", "2.0", "--learning-rate", "1e-3",
+    "--grid-num-images", "2", "--guidance-scale", "2.0", "--learning-rate", "1e-3",
 ]  # fmt: skip
 
 

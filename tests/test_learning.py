@@ -27,15 +27,15 @@ def run_preset(name: str, out) -> tuple[dict, dict]:
     """Train a preset with a held-out evaluation before and after; (base, final) metrics records."""
     cfg = TrainConfig(**PRESETS[name])
     cfg.output_dir = str(out)
-    cfg.eval_every = cfg.epochs
-    cfg.eval_rewards = "jpeg-compressibility,toy-alignment"
+    cfg.heldout_every = cfg.epochs
+    cfg.heldout_rewards = "jpeg-compressibility,toy-alignment"
     cfg.heldout_images = 2
-    cfg.eval_diversity = "none"
+    cfg.heldout_diversity = "none"
     cfg.validate()
     train(cfg)
     metrics = read_metrics(out / "metrics.jsonl")
     assert all(m["loss"] == m["loss"] for m in metrics[1:])  # finite throughout
-    evaluated = [m for m in metrics if "eval/toy-alignment" in m]
+    evaluated = [m for m in metrics if "heldout/toy-alignment" in m]
     assert [m["epoch"] for m in evaluated] == [0, cfg.epochs]
     return evaluated[0], evaluated[-1]
 
@@ -43,8 +43,8 @@ def run_preset(name: str, out) -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_quick_start_lowers_heldout_jpeg_size_and_keeps_the_prompts(tmp_path):
     base, final = run_preset("toy", tmp_path / "run")
-    gain = final["eval/jpeg-compressibility"] - base["eval/jpeg-compressibility"]  # kB smaller
-    alignment = final["eval/toy-alignment"] - base["eval/toy-alignment"]
+    gain = final["heldout/jpeg-compressibility"] - base["heldout/jpeg-compressibility"]  # kB smaller
+    alignment = final["heldout/toy-alignment"] - base["heldout/toy-alignment"]
     assert gain >= 0.04, (gain, gain / JPEG_NOISE_KB)
     assert alignment >= -0.05, alignment
     assert final["kl"] > 0  # the KL term is on and logged
@@ -53,5 +53,5 @@ def test_quick_start_lowers_heldout_jpeg_size_and_keeps_the_prompts(tmp_path):
 @pytest.mark.slow
 def test_a_saturated_reward_does_not_fall(tmp_path):
     base, final = run_preset("toy-alignment-saturated", tmp_path / "run")
-    assert base["eval/toy-alignment"] > 0.9  # saturated indeed
-    assert final["eval/toy-alignment"] >= base["eval/toy-alignment"] - 2 * ALIGNMENT_NOISE, (base, final)
+    assert base["heldout/toy-alignment"] > 0.9  # saturated indeed
+    assert final["heldout/toy-alignment"] >= base["heldout/toy-alignment"] - 2 * ALIGNMENT_NOISE, (base, final)

@@ -8,21 +8,20 @@ import open_clip
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import (
+    LORA_FILE,
     add_lora,
     build_clip_tokenizer,
     build_tiny_pipeline,
-    load_finetune,
     load_pipeline,
     save_lora,
 )
 from rebel_diffusion.sampling import SamplingSettings, sample_trajectories
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS = SamplingSettings(num_steps=2, guidance_scale=5.0)
 
 
@@ -290,57 +289,3 @@ def test_save_lora_replaces_existing_folder(lora_unet, tmp_path):
     save_lora(lora_unet, folder)
     assert sorted(p.name for p in folder.iterdir()) == [LORA_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
-
-
-@pytest.mark.parametrize("where", ["lora folder", "run folder", "file"])
-def test_load_finetune_lora(where, lora_unet, lora_folder, unet_inputs):
-    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[
-        where
-    ]
-    pipe = build_tiny_pipeline()
-    assert load_finetune(pipe, path) == "lora"
-    assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
-
-
-def test_load_finetune_unet_folder(tiny_pipe, tmp_path, unet_inputs):
-    unet = copy.deepcopy(tiny_pipe.unet)
-    with torch.no_grad():
-        unet.conv_out.bias.add_(0.5)
-    unet.save_pretrained(tmp_path / "unet")
-    pipe = build_tiny_pipeline()
-    assert load_finetune(pipe, tmp_path) == "unet"
-    assert_close(unet_out(pipe.unet, unet_inputs), unet_out(unet, unet_inputs))
-
-
-def test_load_finetune_without_lora(tmp_path):
-    (tmp_path / "samples").mkdir()
-    with pytest.raises(UsageError, match="holds no LoRA") as info:
-        load_finetune(build_tiny_pipeline(), tmp_path)
-    one_line_usage_error(info)
-
-
-def test_lora_with_keys_that_match_nothing(tmp_path):
-    save_file(
-        {
-            "unet.no_such_block.attn.to_q.lora.down.weight": torch.zeros(8, 32),
-            "unet.no_such_block.attn.to_q.lora.up.weight": torch.zeros(32, 8),
-        },
-        str(tmp_path / LORA_FILE),
-    )
-    with pytest.raises(UsageError, match="does not fit the model") as info:
-        load_finetune(build_tiny_pipeline(), tmp_path)
-    one_line_usage_error(info)
-
-
-def test_lora_from_another_architecture(lora_folder, tmp_path):
-    """Same layer names, other widths (as a LoRA trained on a wider UNet): refused, not loaded half-way."""
-    wider = {
-        k: torch.randn(v.shape[0], v.shape[1] + 16)
-        if ".lora.down." in k
-        else torch.randn(v.shape[0] + 16, v.shape[1])
-        for k, v in load_file(str(lora_folder / LORA_FILE)).items()
-    }
-    save_file(wider, str(tmp_path / LORA_FILE))
-    with pytest.raises(UsageError, match="does not fit the model") as info:
-        load_finetune(build_tiny_pipeline(), tmp_path)
-    one_line_usage_error(info)

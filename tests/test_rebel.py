@@ -229,7 +229,7 @@ def _lora_setup(dtype):
     pipe = load_pipeline("tiny")
     torch.manual_seed(0)
     add_lora(pipe.unet, rank=4, alpha=4)
-    settings = SamplingSettings(num_steps=4, guidance_scale=3.0, eta=1.0)
+    settings = SamplingSettings(num_steps=4, guidance_scale=3.0, ddim_eta=1.0)
     traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=3, settings=settings, seed=3)
     scheduler = make_scheduler(pipe, traj.settings)
     if dtype == torch.float64:  # the recorded trajectories and the model in double precision
@@ -258,7 +258,7 @@ def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per
     pipe, traj, scheduler, lora = lora_setups[dtype]
     pairs = pair_indices(traj.group)  # 3 + 3 pairs
     targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
-    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    steps = traj.stochastic_steps()
     eta = 0.5
     assert len(steps) == 4
     assert log_ratios(pipe.unet, scheduler, traj, torch.arange(len(traj))).abs().max() > 1e-4
@@ -290,7 +290,7 @@ def test_rebel_on_policy_gradient_matches_rescored():
     with torch.no_grad():
         for p in lora:
             p.add_(0.05 * torch.randn_like(p))
-    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, eta=1.0)
+    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, ddim_eta=1.0)
     traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=2, settings=settings)
     scheduler = make_scheduler(pipe, traj.settings)
     pairs, targets = pair_indices(traj.group), torch.tensor([0.7, -0.3])
@@ -306,7 +306,7 @@ def test_rebel_on_policy_gradient_matches_rescored():
 @pytest.mark.parametrize(("dtype", "steps_per_pass"), EXACTNESS_CASES)
 def test_ddpo_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_pass):
     pipe, traj, scheduler, lora = lora_setups[dtype]
-    steps = [j for j in range(len(traj.timesteps)) if traj.stochastic[j]]
+    steps = traj.stochastic_steps()
     adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
     images = torch.arange(len(traj))
     pipe.unet.zero_grad()
@@ -330,7 +330,7 @@ def _run_rebel_steps(sign: float, steps_n: int = 6):
     pipe = load_pipeline("tiny")
     torch.manual_seed(0)
     add_lora(pipe.unet, rank=4, alpha=4)
-    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, eta=1.0)
+    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, ddim_eta=1.0)
     traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=2, settings=settings, seed=7)
     scheduler = make_scheduler(pipe, traj.settings)
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]

@@ -85,11 +85,11 @@ def test_metrics_round_trip_with_tensors_and_nan(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     assert report.read_metrics(path) == []
     report.append_metrics(path, {"epoch": 0, "reward_mean": torch.tensor(1.5), "loss": float("nan")})
-    report.append_metrics(path, {"epoch": 1, "reward_mean": np.float32(2.0), "eval/clip": 0.3})
+    report.append_metrics(path, {"epoch": 1, "reward_mean": np.float32(2.0), "heldout/clip": 0.3})
     records = report.read_metrics(path)
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[0]["reward_mean"] == 1.5 and math.isnan(records[0]["loss"])
-    assert records[1] == {"epoch": 1, "reward_mean": 2.0, "eval/clip": 0.3}
+    assert records[1] == {"epoch": 1, "reward_mean": 2.0, "heldout/clip": 0.3}
     assert len(path.read_text().splitlines()) == 2  # one JSON object a line
 
 
@@ -118,15 +118,15 @@ def test_truncate_metrics_for_resume(tmp_path):
 # reward curve
 
 
-def test_reward_curve_has_a_panel_per_eval_key(tmp_path):
+def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
     metrics = [
-        {"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "eval_reward_mean": 0.08 * e, "loss": 1.0}
+        {"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "grid_reward_mean": 0.08 * e, "loss": 1.0}
         for e in range(4)
     ]
     plain = report.plot_reward_curve(metrics, tmp_path / "plain.png")
     for r in metrics:
-        r.update({"eval/aesthetic": 5.0 + r["epoch"], "eval/diversity": float("nan") if r["epoch"] == 1 else 0.3})
-    assert report.eval_keys(metrics) == ["eval/aesthetic", "eval/diversity"]
+        r.update({"heldout/aesthetic": 5.0 + r["epoch"], "heldout/diversity": float("nan") if r["epoch"] == 1 else 0.3})
+    assert report.heldout_keys(metrics) == ["heldout/aesthetic", "heldout/diversity"]
     richer = report.plot_reward_curve(metrics, tmp_path / "sub" / "curve.png")
     h_plain, h_rich = Image.open(plain).size[1], Image.open(richer).size[1]
     assert h_rich > h_plain  # two more panels

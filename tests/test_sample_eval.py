@@ -140,9 +140,9 @@ def test_same_seed_same_image_whichever_batch_and_model(run_dir, tmp_path):
 
 def test_sample_from_a_trainer_checkpoint_matches_its_lora(run_dir, tmp_path):
     ckpt_run = make_fake_run(tmp_path / "ckpt_run", lora=False, checkpoint=True)
-    from rebel_diffusion.sample import find_finetune
+    from rebel_diffusion.run_folder import find_weights
 
-    assert find_finetune(ckpt_run) == ckpt_run / "checkpoints" / "epoch_0001"  # no lora/: newest checkpoint
+    assert find_weights(ckpt_run) == ckpt_run / "checkpoints" / "epoch_0001"  # no lora/: newest checkpoint
     args = ["--prompt", "a cat", "--seeds", "3", "--quiet"]
     assert cli.main(["sample", "--run", str(ckpt_run), *args, "--output-dir", str(tmp_path / "ck")]) == 0
     assert cli.main(["sample", "--run", str(run_dir), *args, "--output-dir", str(tmp_path / "lo")]) == 0
@@ -178,7 +178,7 @@ def test_eval_writes_json_markdown_and_grid(run_dir, two_prompts, tmp_path):
 
 
 def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
-    from rebel_diffusion.evaluate import PixelEmbedder, eval_metrics, evaluate_pipelines
+    from rebel_diffusion.evaluate import PixelEmbedder, evaluate_pipelines, heldout_metrics
     from rebel_diffusion.models import load_pipeline
     from rebel_diffusion.rewards import load_reward
     from rebel_diffusion.sampling import SamplingSettings
@@ -191,7 +191,8 @@ def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
     assert r["delta"] == 0.0 and result["diversity"]["delta"] == 0.0
     alone = evaluate_pipelines(None, b, ["otter"], rewards, [0, 1], settings, diversity=PixelEmbedder())
     assert alone["rewards"]["jpeg-compressibility"]["base"] is None
-    assert eval_metrics(alone) == {"eval/jpeg-compressibility": r["tuned"], "eval/diversity": result["diversity"]["tuned"]}
+    assert heldout_metrics(alone) == {"heldout/jpeg-compressibility": r["tuned"],
+                                      "heldout/diversity": result["diversity"]["tuned"]}
 
 
 def test_diversity_figure(monkeypatch, capsys):

@@ -42,7 +42,7 @@ SHAPE = (2, 4, 8, 8)
 PROMPTS = ["a red circle on a blue background", "a green square, on grass!"]
 K = 2  # images per prompt
 SEED = 100
-DDIM_SETTINGS = SamplingSettings(sampler="ddim", num_steps=4, eta=1.0, guidance_scale=5.0)
+DDIM_SETTINGS = SamplingSettings(sampler="ddim", num_steps=4, ddim_eta=1.0, guidance_scale=5.0)
 LCM_SETTINGS = SamplingSettings(num_steps=4, guidance_scale=8.0)
 RESCORE_TOL = 1e-5  # fp32 CPU
 
@@ -131,7 +131,7 @@ def text_embeds(pipe, prompt: str) -> torch.Tensor:
 
 
 def stochastic_steps(traj) -> list[int]:
-    return [j for j in range(len(traj.timesteps)) if bool(traj.stochastic[j])]
+    return traj.stochastic_steps()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_cfg_is_one_batched_unet_call_per_step(tiny_pipe, tiny_lcm_pipe):
 @torch.no_grad()
 def test_cfg_equals_manual_two_pass(tiny_pipe, ddim_traj):
     """Replay images 0 and 2 one at a time: unconditional and conditional UNet passes, diffusers' DDIM step."""
-    w, eta = DDIM_SETTINGS.guidance_scale, DDIM_SETTINGS.eta
+    w, eta = DDIM_SETTINGS.guidance_scale, DDIM_SETTINGS.ddim_eta
     uncond = text_embeds(tiny_pipe, "")
     gap = 0.0
     for i in (0, 2):
@@ -483,7 +483,7 @@ def test_images_equal_diffusers_pipeline(name, request):
         num_images_per_prompt=K,
         num_inference_steps=settings.num_steps,
         guidance_scale=settings.guidance_scale,
-        eta=settings.eta,
+        eta=settings.ddim_eta,
         generator=[gen(int(s)) for s in traj.seeds],
         output_type="pt",
     ).images
@@ -609,8 +609,8 @@ BAD_INPUTS = {
     "empty prompt list": (dict(prompts=[]), "prompt list is empty"),
     "images_per_prompt 0": (dict(images_per_prompt=0), "images per prompt must be >= 1"),
     "num_steps 0": (dict(settings=SamplingSettings(num_steps=0)), "steps must be >= 1"),
-    "eta 0": (dict(settings=SamplingSettings(sampler="ddim", eta=0.0)), "eta must be > 0"),
-    "eta negative": (dict(settings=SamplingSettings(eta=-1.0)), "eta must be > 0"),
+    "eta 0": (dict(settings=SamplingSettings(sampler="ddim", ddim_eta=0.0)), "eta must be > 0"),
+    "eta negative": (dict(settings=SamplingSettings(ddim_eta=-1.0)), "eta must be > 0"),
     "height not a multiple": (
         dict(settings=SamplingSettings(height=33)),
         "height must be a positive multiple",
@@ -652,7 +652,7 @@ def test_recorded_step_std_is_ddims_closed_form(tiny_pipe):
     """Trajectories.step_std: eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) per step."""
     from rebel_diffusion.sampling import SamplingSettings, make_scheduler, sample_trajectories
 
-    settings = SamplingSettings(num_steps=4, guidance_scale=1.0, eta=0.7)
+    settings = SamplingSettings(num_steps=4, guidance_scale=1.0, ddim_eta=0.7)
     traj = sample_trajectories(tiny_pipe, ["a cat"], settings=settings)
     scheduler = make_scheduler(tiny_pipe, traj.settings)
     acp = scheduler.alphas_cumprod.double()

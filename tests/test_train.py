@@ -19,14 +19,14 @@ from rebel_diffusion.train import TIME_KEYS, setup, train_epoch
 SMALL = [
     "--model", "tiny", "--reward", "jpeg-compressibility", "--num-steps", "3", "--prompts-per-batch", "2",
     "--batches-per-epoch", "1", "--train-batch-size", "1", "--gradient-accumulation-steps", "2",
-    "--eval-num-images", "2", "--guidance-scale", "2.0", "--learning-rate", "1e-3",
+    "--grid-num-images", "2", "--guidance-scale", "2.0", "--learning-rate", "1e-3",
 ]  # fmt: skip
 
 
 def small_config(out: Path, **overrides) -> TrainConfig:
     cfg = TrainConfig(
         model="tiny", reward="jpeg-compressibility", num_steps=3, prompts_per_batch=2, batches_per_epoch=1,
-        train_batch_size=1, gradient_accumulation_steps=2, eval_num_images=2, guidance_scale=2.0,
+        train_batch_size=1, gradient_accumulation_steps=2, grid_num_images=2, guidance_scale=2.0,
         learning_rate=1e-3, output_dir=str(out),
     )  # fmt: skip
     for k, v in overrides.items():
@@ -57,10 +57,10 @@ def test_run_writes_every_output(finished_run):
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        for key in ("reward_mean", "reward_std", "eval_reward_mean", "loss", "images_per_second", "rescore_drift"):
+        for key in ("reward_mean", "reward_std", "grid_reward_mean", "loss", "images_per_second", "rescore_drift"):
             assert key in r and r[key] == r[key], key  # present and not NaN
         assert r["rescore_drift"] <= 1e-5  # fp32: re-scoring reproduces the recorded log-probs
-    assert records[0]["eval_reward_mean"] == records[0]["eval_reward_mean"]
+    assert records[0]["grid_reward_mean"] == records[0]["grid_reward_mean"]
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
@@ -208,7 +208,7 @@ def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
         ["--preference", "bradley-terry", "--timestep-fraction", "0.5", "--images-per-prompt", "3",
          "--train-batch-size", "3"],
         ["--finetune", "full", "--normalization", "batch", "--inner-epochs", "2"],
-        ["--eval-every", "1", "--eval-diversity", "pixels", "--eval-rewards", "jpeg-incompressibility"],
+        ["--heldout-every", "1", "--heldout-diversity", "pixels", "--heldout-rewards", "jpeg-incompressibility"],
         ["--mixed-precision", "bf16", "--gradient-checkpointing", "--log-with", "tensorboard"],
     ],
 )  # fmt: skip
@@ -224,17 +224,17 @@ def test_variants_run(tmp_path, extra):
     records = read_metrics(out)
     record = records[-1]
     assert record["loss"] == record["loss"]
-    if "--eval-every" in extra:  # held-out figures before training and after each epoch
+    if "--heldout-every" in extra:  # held-out figures before training and after each epoch
         for r in records:
-            assert "eval/jpeg-incompressibility" in r and "eval/diversity" in r
+            assert "heldout/jpeg-incompressibility" in r and "heldout/diversity" in r
     if "bf16" in extra:  # bf16 sampling vs bf16 re-scoring: the drift is measured, finite
         assert record["rescore_drift"] == record["rescore_drift"]
-    if "tensorboard" in extra:  # scalars and the eval grid went to TensorBoard
+    if "tensorboard" in extra:  # scalars and the grid went to TensorBoard
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
         events.Reload()
-        assert "reward_mean" in events.Tags()["scalars"] and "eval_grid" in events.Tags()["images"]
+        assert "reward_mean" in events.Tags()["scalars"] and "grid" in events.Tags()["images"]
     if "full" in extra:
         from diffusers import UNet2DConditionModel
 

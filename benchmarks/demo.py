@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Time the offline plumbing demo exactly as a user types it, and write one JSON.
 
     rebel-diffusion train --model tiny --reward jpeg-compressibility --epochs 3 --output-dir DIR
@@ -9,8 +8,10 @@ imports included) into a temporary folder; the JSON records the wall time, the p
 before and after) and the versions. ``--variant "ARGS"`` adds a variant of the command with extra
 arguments, run interleaved with the command as typed (so ratios come from one session).
 
-    python scripts/bench_demo.py                                     # benchmarks/results/demo_cpu_DATE.json
-    python scripts/bench_demo.py --variant "--steps-per-pass 1"      # the CPU default vs one step per pass
+Run from the repository root::
+
+    python -m benchmarks.demo                                    # benchmarks/results/demo_cpu_DATE.json
+    python -m benchmarks.demo --variant "--steps-per-pass 1"     # the CPU default vs one step per pass
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import bench  # noqa: E402  (device_info, versions, git_state, load_average)
+from benchmarks import env
 
 DEMO = ["train", "--model", "tiny", "--reward", "jpeg-compressibility", "--epochs", "3"]
 
@@ -40,24 +39,43 @@ def run_demo(extra: list[str]) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="rebel-demo-"))
     out = folder / "demo"
     cmd = [sys.executable, "-m", "rebel_diffusion", *DEMO, "--output-dir", str(out), *extra]
-    load_before = bench.load_average()
+    load_before = env.load_average()
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=env.REPO, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     wall = time.perf_counter() - t0
     try:
         if r.returncode != 0:
             return {"command": cmd, "returncode": r.returncode, "stderr_tail": r.stderr[-2000:]}
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        plan = next((line.strip() for line in r.stdout.splitlines() if line.strip().startswith("per epoch:")), None)
+        metrics = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
+        plan = next(
+            (line.strip() for line in r.stdout.splitlines() if line.strip().startswith("per epoch:")), None
+        )
         return {
             "command": ["rebel-diffusion", *DEMO, "--output-dir", "DIR", *extra],
             "returncode": 0,
             "wall_seconds": round(wall, 2),
             "under_3_minutes": wall < 180,
             "plan": plan,
-            "epochs": [{k: m.get(k) for k in ("epoch", "images_per_second", "sample_seconds", "train_seconds",
-                                               "loss", "rescore_drift")} for m in metrics if m["epoch"] > 0],
-            "load_average": {"before": load_before, "after": bench.load_average()},
+            "epochs": [
+                {
+                    k: m.get(k)
+                    for k in (
+                        "epoch",
+                        "images_per_second",
+                        "sample_seconds",
+                        "train_seconds",
+                        "loss",
+                        "rescore_drift",
+                    )
+                }
+                for m in metrics
+                if m["epoch"] > 0
+            ],
+            "load_average": {"before": load_before, "after": env.load_average()},
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -66,8 +84,13 @@ def run_demo(extra: list[str]) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1, help="rounds; each runs every variant once")
-    p.add_argument("--variant", action="append", default=[], metavar='"ARGS"',
-                   help="extra arguments of a variant of the command (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='"ARGS"',
+        help="extra arguments of a variant of the command (repeatable)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/demo_cpu_DATE.json)")
     args = p.parse_args(argv)
     device = torch.device("cpu")
@@ -76,16 +99,19 @@ def main(argv=None) -> dict:
     report = {
         "what": "wall time of the offline plumbing demo command (target: < 180 s on a 2-core CPU)",
         "date": dt.date.today().isoformat(),
-        "device": bench.device_info(device),
-        "versions": bench.versions(device),
-        "git": bench.git_state(),
+        "device": env.device_info(device),
+        "versions": env.versions(device),
+        "git": env.git_state(),
+        "env": env.record(device),
         "runs": runs,
     }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"demo_cpu_{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out) if args.out else env.RESULTS / f"demo_cpu_{report['date']}.json"
+    env.write_json(out, report)
     for r in runs:
-        print(f"{r.get('wall_seconds')} s (exit {r['returncode']})" + (f": {r['plan']}" if r.get("plan") else ""))
+        print(
+            f"{r.get('wall_seconds')} s (exit {r['returncode']})"
+            + (f": {r['plan']}" if r.get("plan") else "")
+        )
     print(f"wrote {out}")
     return report
 

@@ -1,10 +1,10 @@
-#!/usr/bin/env python
 """Time our trajectory sampler against a plain diffusers ``StableDiffusionPipeline`` call.
 
 Same model, prompts, step count, batch, eta and guidance, side by side in one process: one warm-up
 call of each variant, then ``--repeats`` interleaved rounds (the order rotates every round so that
 drift in a shared machine's load hits every variant alike). Reports the median images/s of each,
-the overhead of our sampler over plain sampling, peak GPU memory on CUDA, and writes one JSON.
+the overhead of our sampler over plain sampling, peak GPU memory on CUDA, and writes one JSON
+(default ``benchmarks/results/sampler_<device>_<date>.json``).
 
 Variants:
   ours                   sample_trajectories(record=True): latents and log-probs of every step,
@@ -14,35 +14,33 @@ Variants:
   diffusers_per_image    pipe(...) with a list of per-image generators (the same noise as ours:
                          its images must equal ours up to numerics; ``image_max_abs_diff``).
 
-Examples:
-  python scripts/bench_sampler.py --model tiny --steps 20 --batch 8 --repeats 3 --threads 1
-  python scripts/bench_sampler.py --model sd15-random --device cuda --dtype bfloat16 --steps 50 --batch 8
+Run from the repository root:
+  python -m benchmarks.sampler --model tiny --steps 20 --batch 8 --repeats 3 --threads 1
+  python -m benchmarks.sampler --model sd15-random --device cuda --dtype bfloat16 --steps 50 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import env
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FALLBACK_PROMPTS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird"]
+VARIANTS = ("ours", "ours_no_record", "diffusers", "diffusers_per_image")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="built-in name, folder, file or hub id; or 'sd15-random'")
+    p.add_argument(
+        "--model", default="tiny", help="built-in name (tiny, sd15-random, ...), folder, file or hub id"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="images per call (one per prompt)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
@@ -58,7 +56,7 @@ def parse_args(argv=None):
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default="ours,ours_no_record,diffusers,diffusers_per_image")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/sampler_<device>_<date>.json)"
     )
@@ -70,72 +68,22 @@ def parse_args(argv=None):
 
 
 def load_prompts(n: int) -> list[str]:
-    f = REPO / "prompts" / "simple_animals.txt"
-    names = [s.strip() for s in f.read_text().splitlines() if s.strip()] if f.is_file() else FALLBACK_PROMPTS
+    """``n`` prompts 'a photo of a <animal>' from the packaged simple_animals set, cycled."""
+    from rebel_diffusion.prompts_io import load_prompts as load_set
+
+    names = load_set("simple_animals")
     return [f"a photo of a {names[i % len(names)]}" for i in range(n)]
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def default_out(device: torch.device) -> Path:
-    tag = "cpu" if device.type == "cpu" else slug(device_name(device))
-    base = REPO / "benchmarks" / "results" / f"sampler_{tag}_{dt.date.today().isoformat()}"
-    out, i = base.with_suffix(".json"), 2
-    while out.exists():  # never overwrite an earlier run
-        out, i = Path(f"{base}_{i}.json"), i + 1
-    return out
-
-
-def git_state() -> tuple[str | None, bool | None]:
-    """(HEAD commit, whether the working tree has uncommitted changes); None where git is unavailable."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None, None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip(), bool(status.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def build_pipeline(model: str, dtype: torch.dtype, device: torch.device):
-    from rebel_diffusion.models import build_sd15_random_pipeline, load_pipeline
-
-    if model == "sd15-random":
-        return build_sd15_random_pipeline(dtype, device)
-    return load_pipeline(model, dtype=dtype, device=device)
-
-
-def make_variants(pipe, args, prompts, settings, device):
+def make_variants(pipe, prompts, settings, device, *, seed: int = 0, variants=VARIANTS) -> dict:
+    """The sampling calls to time, by name: each returns the (B, 3, H, W) images."""
     from rebel_diffusion.sampling import sample_trajectories
 
-    seeds = [args.seed + i for i in range(len(prompts))]
+    seeds = [seed + i for i in range(len(prompts))]
     plain_kwargs = dict(
         num_inference_steps=settings.num_steps,
         guidance_scale=settings.guidance_scale,
-        eta=settings.eta,
+        eta=settings.ddim_eta,
         height=settings.height,
         width=settings.width,
         output_type="pt",
@@ -148,7 +96,7 @@ def make_variants(pipe, args, prompts, settings, device):
         return run
 
     def plain():
-        return pipe(prompts, generator=torch.Generator(device).manual_seed(args.seed), **plain_kwargs).images
+        return pipe(prompts, generator=torch.Generator(device).manual_seed(seed), **plain_kwargs).images
 
     def plain_per_image():
         gens = [torch.Generator(device).manual_seed(s) for s in seeds]
@@ -160,7 +108,9 @@ def make_variants(pipe, args, prompts, settings, device):
         "diffusers": plain,
         "diffusers_per_image": plain_per_image,
     }
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    wanted = (
+        [v.strip() for v in variants.split(",") if v.strip()] if isinstance(variants, str) else list(variants)
+    )
     unknown = [v for v in wanted if v not in table]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {list(table)}")
@@ -168,6 +118,7 @@ def make_variants(pipe, args, prompts, settings, device):
 
 
 def timed(fn, device: torch.device):
+    """(wall seconds, process CPU seconds, peak CUDA bytes or None, output) of one call."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -191,25 +142,29 @@ def main(argv=None) -> dict:
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
 
-    import diffusers
-    import transformers
-
+    from rebel_diffusion.models import load_pipeline
     from rebel_diffusion.sampling import SamplingSettings
 
     t0 = time.perf_counter()
-    pipe = build_pipeline(args.model, dtype, device)
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
     build_s = time.perf_counter() - t0
     settings = SamplingSettings(
-        num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance, height=args.height, width=args.width
+        num_steps=args.steps,
+        ddim_eta=args.eta,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
     ).resolve(pipe)
     prompts = load_prompts(args.batch)
-    variants = make_variants(pipe, args, prompts, settings, device)
+    variants = make_variants(pipe, prompts, settings, device, seed=args.seed, variants=args.variants)
     print(
-        f"{args.model} on {device_name(device)} ({device}, {str(dtype).removeprefix('torch.')}), "
-        f"{settings.sampler} {settings.num_steps} steps, batch {args.batch}, {settings.height}x{settings.width}, "
-        f"guidance {settings.guidance_scale}, eta {settings.eta}, threads {torch.get_num_threads()}",
+        f"{args.model} on {env.device_name(device)} ({device}, {str(dtype).removeprefix('torch.')}), "
+        f"{settings.sampler} {settings.num_steps} steps, batch {args.batch}, "
+        f"{settings.height}x{settings.width}, "
+        f"guidance {settings.guidance_scale}, eta {settings.ddim_eta}, threads {torch.get_num_threads()}",
         flush=True,
     )
+    environment = env.record(device)
 
     # Warm-up (also the image check: per-image generators give ours and diffusers the same noise).
     images, warmup = {}, {}
@@ -268,28 +223,22 @@ def main(argv=None) -> dict:
                     - 1
                 )
 
-    commit, dirty = git_state()
     report = {
         "benchmark": "sampler",
         "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "git_commit": commit,
-        "git_dirty": dirty,
+        "command": " ".join(["python -m benchmarks.sampler", *(sys.argv[1:] if argv is None else argv)]),
+        "git_commit": environment["git"]["commit"],
+        "git_dirty": environment["git"]["dirty"],
         "device": {
             "type": device.type,
-            "name": device_name(device),
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "name": env.device_name(device),
+            "cpu_count": environment["cpu_count"],
+            "cpu_affinity": environment["cpu_affinity"],
             "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average": environment["load_average"],
         },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-        },
+        "versions": environment["versions"],
+        "env": environment,
         "settings": {
             "model": args.model,
             "dtype": str(dtype).removeprefix("torch."),
@@ -298,7 +247,7 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "height": settings.height,
             "width": settings.width,
-            "eta": settings.eta,
+            "eta": settings.ddim_eta,
             "guidance_scale": settings.guidance_scale,
             "repeats": args.repeats,
             "seed": args.seed,
@@ -310,9 +259,8 @@ def main(argv=None) -> dict:
         "overhead_process_cpu_time": overhead_cpu,
         "checks": check,
     }
-    out = Path(args.out) if args.out else default_out(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out) if args.out else env.default_out("sampler", device)
+    env.write_json(out, report)
 
     for n in names:
         r = results[n]

@@ -1,6 +1,8 @@
 """The ``rebel-diffusion`` command: train, sample, eval, preview.
 
-Each subcommand lives in its own module, which offers ``add_arguments(parser)`` and ``run(args)``.
+Each subcommand lives in its own module of this package, which offers ``HELP``,
+``add_arguments(parser)`` and ``run(args)``: argparse glue over the library's plain functions.
+Warnings go to stderr, as Python's ``warnings`` do.
 Errors a user can fix (``UsageError``) print one line and exit with status 2; a run that had to stop
 (``RunError``) prints one line and exits with status 1.
 """
@@ -10,24 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RunError, UsageError
+from ..errors import RunError, UsageError
 
-COMMANDS = {
-    "train": ("train", "fine-tune a model toward a reward with REBEL (or DDPO)"),
-    "sample": ("sample", "images from the base model or a fine-tune, for prompts and seeds"),
-    "eval": ("evaluate", "score base and fine-tuned samples with several rewards on held-out prompts"),
-    "preview": ("preview", "a Gradio page with before/after samples of a run (extra: preview)"),
-}
+COMMANDS = ("train", "sample", "eval", "preview")
 
 
 def _command_module(name: str):
-    # An explicit import per command: the table above is the whole list.
+    # An explicit import per command: the tuple above is the whole list.
     if name == "train":
         from . import train as module
     elif name == "sample":
         from . import sample as module
     elif name == "eval":
-        from . import evaluate as module
+        from . import eval as module
     elif name == "preview":
         from . import preview as module
     else:  # pragma: no cover - argparse rejects unknown commands first
@@ -36,7 +33,7 @@ def _command_module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="rebel-diffusion",
@@ -44,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rebel-diffusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _command_module(name).add_arguments(p)
+    for name in COMMANDS:
+        module = _command_module(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
     return parser
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """REBEL vs DDPO at equal reward queries on the built-in ``toy`` model, on a CPU.
 
 Three tasks, each a preset: ``toy`` (JPEG compressibility at guidance 3), ``toy-alignment``
@@ -11,19 +10,19 @@ current weights are scored on held-out captions (``prompts/toy_heldout.txt``) wi
 training batch uses: the trained reward, and toy-alignment (prompt following) beside it.
 
 Writes one JSON (settings, machine, wall time, sweep, per-run curves, per-task summary with 95%
-intervals over seeds) and a PNG of held-out reward against reward queries::
+intervals over seeds) and a PNG of held-out reward against reward queries, by default
+``benchmarks/results/learning_cpu_<date>.json`` and ``.png``. Each run is one ``train(TrainConfig)``;
+``--jobs N`` runs N of them at once in spawned processes. Run from the repository root::
 
-    python scripts/bench_learning.py --jobs 2                           # 3 tasks x 2 algorithms x 3 seeds
-    python scripts/bench_learning.py --tasks toy --seeds 0 --epochs 6   # a quick look
+    python -m benchmarks.learning --jobs 2                            # 3 tasks x 2 algorithms x 3 seeds
+    python -m benchmarks.learning --tasks toy --seeds 0 --epochs 6    # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,12 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from rebel_diffusion.config import PRESETS, TrainConfig  # noqa: E402
-from rebel_diffusion.report import read_metrics  # noqa: E402
-from rebel_diffusion.train import train  # noqa: E402
+from benchmarks import env
+from rebel_diffusion.config import PRESETS, TrainConfig
+from rebel_diffusion.report import read_metrics
+from rebel_diffusion.train import train
 
 TASKS = ("toy", "toy-alignment", "toy-alignment-saturated")
 ALIGNMENT = "toy-alignment"
@@ -53,11 +50,11 @@ def run_config(task: str, algorithm: str, seed: int, lr: float | None, args, out
         cfg.learning_rate = lr
     cfg.seed = seed
     cfg.epochs = args.epochs
-    cfg.eval_every = args.eval_every
-    cfg.eval_rewards = ",".join(dict.fromkeys([cfg.reward, ALIGNMENT]))
+    cfg.heldout_every = args.eval_every
+    cfg.heldout_rewards = ",".join(dict.fromkeys([cfg.reward, ALIGNMENT]))
     cfg.heldout_images = args.heldout_images
-    cfg.eval_diversity = "none"
-    cfg.eval_num_images = 4  # the grid is not the measurement here
+    cfg.heldout_diversity = "none"
+    cfg.grid_num_images = 4  # the grid is not the measurement here
     cfg.checkpoints_keep = 1
     cfg.output_dir = str(out)
     if algorithm == "ddpo":  # micro-batches of images, 16 per optimizer step (DDPO's own shape)
@@ -78,7 +75,7 @@ def run_one(job: tuple) -> dict:
         train(cfg)
         seconds = time.perf_counter() - t0
         metrics = read_metrics(out / "metrics.jsonl")
-    evals = [m for m in metrics if f"eval/{cfg.reward}" in m]
+    evals = [m for m in metrics if f"heldout/{cfg.reward}" in m]
     return {
         "task": task,
         "reward": cfg.reward,
@@ -87,8 +84,8 @@ def run_one(job: tuple) -> dict:
         "learning_rate": cfg.learning_rate,
         "seconds": seconds,
         "reward_queries": [m["epoch"] * cfg.images_per_epoch() for m in evals],
-        "heldout_reward": [m[f"eval/{cfg.reward}"] for m in evals],
-        "heldout_alignment": [m[f"eval/{ALIGNMENT}"] for m in evals],
+        "heldout_reward": [m[f"heldout/{cfg.reward}"] for m in evals],
+        "heldout_alignment": [m[f"heldout/{ALIGNMENT}"] for m in evals],
         "train_reward": [m.get("reward_mean") for m in metrics],
         "kl": [m.get("kl") for m in metrics],
         "fit_r2": [m.get("fit_r2") for m in metrics],
@@ -125,7 +122,9 @@ def summarize(runs: list[dict]) -> dict:
                 "learning_rate": group[0]["learning_rate"],
                 "heldout_reward_base": interval([r["heldout_reward"][0] for r in group]),
                 "heldout_reward_final": interval([r["heldout_reward"][-1] for r in group]),
-                "heldout_reward_gain": interval([r["heldout_reward"][-1] - r["heldout_reward"][0] for r in group]),
+                "heldout_reward_gain": interval(
+                    [r["heldout_reward"][-1] - r["heldout_reward"][0] for r in group]
+                ),
                 "heldout_alignment_final": interval([r["heldout_alignment"][-1] for r in group]),
                 "heldout_alignment_change": interval(
                     [r["heldout_alignment"][-1] - r["heldout_alignment"][0] for r in group]
@@ -159,7 +158,9 @@ def plot(runs: list[dict], path: Path) -> None:
                 x = np.array(group[0]["reward_queries"])
                 y = np.array([r[key] for r in group])
                 mean = y.mean(0)
-                half = T95.get(len(y) - 1, 1.96) * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else 0 * mean
+                half = (
+                    T95.get(len(y) - 1, 1.96) * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else 0 * mean
+                )
                 label = f"{algorithm} (lr {group[0]['learning_rate']:g}, {len(group)} seeds)"
                 ax.plot(x, mean, color=colour, marker="o", ms=3, label=label)
                 ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2)
@@ -191,28 +192,40 @@ def run_jobs(jobs: list[tuple], workers: int, on_result=None) -> list[dict]:
     return results
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--eval-every", type=int, default=3, help="held-out evaluation every N epochs")
     p.add_argument("--heldout-images", type=int, default=2, help="images per held-out caption (32 captions)")
-    p.add_argument("--sweep-ddpo-lr", nargs="*", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3],
-                   help="DDPO learning rates tried on seed 0 per task (best final held-out reward wins)")
+    p.add_argument(
+        "--sweep-ddpo-lr",
+        nargs="*",
+        type=float,
+        default=[1e-4, 3e-4, 1e-3, 3e-3],
+        help="DDPO learning rates tried on seed 0 per task (best final held-out reward wins)",
+    )
     p.add_argument("--sweep-epochs", type=int, default=None, help="epochs of a sweep run (default: --epochs)")
     p.add_argument("--jobs", type=int, default=1, help="training processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)")
-    args = p.parse_args()
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)"
+    )
+    return p.parse_args(argv)
 
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"learning_cpu_{date.today().isoformat()}.json")
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out or env.RESULTS / f"learning_cpu_{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sweep, ddpo_lr = {}, {}
     if args.sweep_ddpo_lr:
         sweep_args = argparse.Namespace(**{**vars(args), "epochs": args.sweep_epochs or args.epochs})
-        jobs = [(task, "ddpo", args.seeds[0], lr, sweep_args) for task in args.tasks for lr in args.sweep_ddpo_lr]
+        jobs = [
+            (task, "ddpo", args.seeds[0], lr, sweep_args) for task in args.tasks for lr in args.sweep_ddpo_lr
+        ]
         for r in run_jobs(jobs, args.jobs):
             sweep.setdefault(r["task"], {})[f"{r['learning_rate']:g}"] = r["heldout_reward"][-1]
         for task in args.tasks:
@@ -227,19 +240,26 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
         plot(runs, out.with_suffix(".png"))
 
-    runs = run_jobs(jobs, args.jobs, on_result=lambda done: write(done, complete=False))  # partial results too
+    runs = run_jobs(
+        jobs, args.jobs, on_result=lambda done: write(done, complete=False)
+    )  # partial results too
     write(runs, complete=True)
     print(json.dumps(summarize(runs), indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - t0:.0f} s")
 
 
 def report(args, t0: float, sweep: dict, ddpo_lr: dict, runs: list[dict], complete: bool) -> dict:
-    import torch
-
+    machine = env.record("cpu")
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average": os.getloadavg()},
+        "machine": {
+            "platform": machine["platform"],
+            "processor": platform.processor(),
+            "cpus": machine["cpu_count"],
+            "python": machine["versions"]["python"],
+            "torch": machine["versions"]["torch"],
+            "load_average": machine["load_average"],
+        },
+        "env": machine,
         "complete": complete,
         "wall_seconds": time.time() - t0,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -1,24 +1,23 @@
 """Reward throughput: score batches of 512x512 images with each reward and report images/second.
 
+Run from the repository root::
+
     # CPU (small; random weights: timing does not depend on weight values)
-    python scripts/bench_rewards.py --device cpu --batch-size 2 --repeats 2 --random-weights
+    python -m benchmarks.rewards --device cpu --batch-size 2 --repeats 2 --random-weights
     # GPU (the SD-sized ViT-L/14 with random weights, bf16)
-    python scripts/bench_rewards.py --device cuda --batch-size 64 --repeats 10 --dtype bf16 --random-weights
+    python -m benchmarks.rewards --device cuda --batch-size 64 --repeats 10 --dtype bf16 --random-weights
 
 Writes JSON (device, versions, settings, one entry per reward) to ``--out``, by default
 ``benchmarks/results/rewards_<device>.json``. Images are photo-like (smooth colour fields plus
 grain), since JPEG cost depends on content; ``clip`` gets distinct prompts (the worst case for its
 text encoder). ``load_s`` is the time to build the model (ViT-L/14 is shared by ``aesthetic`` and
-``clip``, so the second one is ~0).
+``clip``, so the second one is ~0). ``photo_like`` and ``bench_one`` also serve the rewards
+section of ``benchmarks.speed``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from rebel_diffusion.errors import UsageError  # noqa: E402
-from rebel_diffusion.rewards import REWARDS, load_reward  # noqa: E402
+from benchmarks import env
+from rebel_diffusion.errors import UsageError
+from rebel_diffusion.rewards import REWARDS, load_reward
 
 BENCH_REWARDS = ("aesthetic", "clip", "jpeg-incompressibility", "jpeg-compressibility")
 
@@ -41,18 +39,6 @@ def photo_like(b: int, size: int, seed: int = 0) -> torch.Tensor:
         torch.rand(b, 3, 8, 8, generator=g), size=(size, size), mode="bicubic", align_corners=False
     )
     return (x + 0.03 * torch.randn(b, 3, size, size, generator=g)).clamp(0, 1)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def sync(device: torch.device) -> None:
@@ -115,17 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (10 if gpu else 2)
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    dev_name = device_name(device)
-    out = (
-        Path(args.out)
-        if args.out
-        else (
-            Path(__file__).resolve().parents[1]
-            / "benchmarks"
-            / "results"
-            / f"rewards_{slug(dev_name, device)}.json"
-        )
-    )
+    out = Path(args.out) if args.out else env.RESULTS / f"rewards_{env.device_tag(device)}.json"
 
     images = photo_like(batch, args.size).to(device)
     prompts = [f"a photo of animal number {i}" for i in range(batch)]
@@ -144,19 +120,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{name:24s} {results[name]['images_per_s']:9.2f} images/s  (load {results[name]['load_s']} s)")
 
-    import open_clip
-    import PIL
-
+    environment = env.record(device)
     report = {
         "benchmark": "rewards",
-        "device": dev_name,
+        "device": env.device_name(device),
         "device_type": device.type,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        "torch": environment["versions"]["torch"],
+        "open_clip": environment["versions"]["open_clip"],
+        "pillow": environment["versions"]["pillow"],
+        "python": environment["versions"]["python"],
+        "torch_threads": environment["torch_threads"],
+        "cpu_count": environment["cpu_count"],
         "batch_size": batch,
         "image_size": args.size,
         "repeats": repeats,
@@ -164,20 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "clip_model": "ViT-L-14",
         "random_weights": args.random_weights,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "env": environment,
         "rewards": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    env.write_json(out, report)
     print(f"wrote {out}")
     return 0
-
-
-def slug(name: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Flags the inference commands share (model, sampling, prompts, seeds) and deprecated aliases."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from ..generation import Source, resolve_source, sampling_settings
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag kept for one release: it sets the new flag's value and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed in the next release; "
+              f"use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """--run, --model, --finetune, --device, --dtype."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--run", metavar="DIR", help="a training run folder (its config.yaml gives the model and "
+                   "sampling settings; its lora/, unet/ or newest checkpoint the fine-tune)")
+    g.add_argument("--model", help="base model: a built-in (tiny, tiny-lcm, tiny-v, toy, sd15-random), a diffusers "
+                   "folder, a .safetensors file or a hub id (default: the run's model, else Stable Diffusion 1.5)")
+    g.add_argument("--finetune", metavar="PATH", help="a LoRA folder/file, a unet/ folder, a run or a checkpoint "
+                   "folder to apply on the base model (default: the run's)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="model precision (default: fp16 on GPU, fp32 on CPU)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
+    """--steps, --guidance-scale, --ddim-eta, --sampler, --resolution[, --batch-size] (unset: the run's)."""
+    g = parser.add_argument_group("sampling (default: the run's settings, else SamplingSettings' defaults)")
+    g.add_argument("--steps", type=int, help="denoising steps")
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (> 0)")
+    g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")
+    g.add_argument("--sampler", choices=("auto", "ddim", "lcm"), help="sampler")
+    g.add_argument("--resolution", type=int, help="image height and width in pixels")
+    if batch_size:
+        g.add_argument("--batch-size", type=int, default=8, help="images denoised together (default 8)")
+
+
+def source_from_args(args: argparse.Namespace) -> Source:
+    return resolve_source(run=args.run, model=args.model, finetune=args.finetune)
+
+
+def settings_from_args(args: argparse.Namespace, cfg: dict | None = None):
+    """SamplingSettings: the run's config, overridden by the sampling flags that were given."""
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return sampling_settings(
+        cfg,
+        num_steps=getattr(args, "steps", None),
+        guidance_scale=getattr(args, "guidance_scale", None),
+        ddim_eta=getattr(args, "ddim_eta", None),
+        sampler=getattr(args, "sampler", None),
+        resolution=getattr(args, "resolution", None),
+    )
+
+
+def run_prompts(cfg: dict, key: str) -> str | list | None:
+    """A prompt set a run's config names under ``key`` (older runs: ``eval_prompts`` for the grid's)."""
+    if key == "grid_prompts":
+        return cfg.get("grid_prompts") or cfg.get("eval_prompts") or cfg.get("prompts")
+    return cfg.get(key)
+
+
+def prompts_from_args(args: argparse.Namespace, cfg: dict, default: str | None = None) -> tuple[list[str], str]:
+    """(prompts, a label): --prompt texts, else --prompts, else the run's grid prompts, else ``default``."""
+    from ..prompts_io import load_prompts
+
+    if getattr(args, "prompt", None):
+        return list(args.prompt), "--prompt"
+    name = getattr(args, "prompts", None) or run_prompts(cfg, "grid_prompts") or default
+    if isinstance(name, list):  # a run config may hold the prompt list itself
+        return [str(p) for p in name], "the run's grid prompts"
+    if not name:
+        raise UsageError("no prompts: pass --prompt \"text\" (repeatable) or --prompts NAME_OR_FILE")
+    return load_prompts(name), str(name)
+
+
+def seeds_from_args(args: argparse.Namespace) -> list[int]:
+    """--seeds as given, else --num-images consecutive seeds from --seed."""
+    if getattr(args, "seeds", None):
+        if len(set(args.seeds)) != len(args.seeds):
+            raise UsageError(f"--seeds has repeats: {args.seeds}")
+        return list(args.seeds)
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    return list(range(args.seed, args.seed + args.num_images))

@@ -1,0 +1,54 @@
+"""``rebel-diffusion preview --run OUTPUT_DIR``: serve the before/after page of a run (extra: preview)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from ..generation import pick_device, pick_dtype, sampling_settings
+from ..preview import DEFAULT_PROMPT, build_app, check_port, import_gradio, launch
+from .common import DeprecatedAlias, add_source_arguments
+
+HELP = "a Gradio page with before/after samples of a run (extra: preview)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser)
+    g = parser.add_argument_group("page")
+    g.add_argument("--reward", help="reward shown beside the images (default: the run's)")
+    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head for --reward aesthetic")
+    g.add_argument("--prompt", help=f"prompt compared on page load (default: one of the run's prompts, else "
+                   f"{DEFAULT_PROMPT!r})")
+    g.add_argument("--seed", type=int, default=0, help="first seed compared on page load (default 0)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
+    g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
+    g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (default: the run's)")
+    g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 opens it to the network)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import run_folder
+
+    if not (args.run or args.model or args.finetune):
+        raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
+    import_gradio()  # before loading models: a missing extra is a one-line error, at once
+    port = check_port(args.host, args.port)
+    device = pick_device(args.device)
+    cfg = run_folder.read_config(args.run)[1] if args.run else {}
+    settings = sampling_settings(cfg, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                                 ddim_eta=args.ddim_eta)
+    app = build_app(args.run, model=args.model, finetune=args.finetune, reward=args.reward, device=device,
+                    dtype=pick_dtype(args.dtype, device), aesthetic_head=args.aesthetic_head,
+                    default_prompt=args.prompt, default_seed=args.seed, settings=settings)
+    print(f"preview on http://{args.host}:{port} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        launch(app, host=args.host, port=port, share=args.share)
+    except OSError as e:  # the port was taken between the check and the launch
+        raise UsageError(f"--port {port}: cannot start the server on {args.host} ({e})") from e
+    return 0

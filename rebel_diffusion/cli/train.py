@@ -1,0 +1,86 @@
+"""``rebel-diffusion train``: every ``TrainConfig`` field is a flag (``--field-name``), plus
+``--config FILE.yaml`` and ``--preset NAME``. Exit status: 0 when done, 130/143 when stopped by
+SIGINT/SIGTERM (with a checkpoint), 1 when a fault stopped it, 2 for a usage error."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+
+import torch
+
+from .. import run_folder
+from ..config import PRESETS, RENAMED, TrainConfig, field_help, field_type, resolve_config
+from ..errors import RunError
+from ..train import train
+from .common import DeprecatedAlias
+
+HELP = "fine-tune a model toward a reward with REBEL (or DDPO)"
+OOM_HINT = ("lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
+            "--steps-per-pass or --grid-num-images, or add --gradient-checkpointing, then --resume")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; unset flags stay unset (so the config file and preset below them show)."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a bundle of defaults: " + ", ".join(
+        f"{k} ({v.get('model', 'any model')})" for k, v in PRESETS.items()))
+    for f in dataclasses.fields(TrainConfig):
+        tp = field_type(f.name)
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=field_help(f.name))
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=tp, choices=f.metadata["choices"], **kwargs)
+    for old, new in RENAMED.items():
+        parser.add_argument(_flag(old), dest=new, type=field_type(new), default=argparse.SUPPRESS,
+                            action=DeprecatedAlias, new_flag=_flag(new))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return resolve_config(flags, config_file=getattr(args, "config", None), preset=getattr(args, "preset", None))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        last = run_folder.latest_checkpoint(cfg.output_dir)
+        raise RunError(f"stopped at once (second Ctrl-C); {last or 'no checkpoint'} is intact: --resume") from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        raise RunError(message) from e
+    if result.stopped_by is not None:
+        return 128 + int(result.stopped_by)  # 130 for SIGINT, 143 for SIGTERM, as shells report it
+    return 0
+
+
+def fault_message(e: BaseException) -> str | None:
+    """One line for a fault of memory or the OS, saying what to do; None for anything else (a bug)."""
+    text = _first_line(e)
+    if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in text or (
+        "not enough memory" in text
+    ):
+        return f"out of memory ({text[:120]}); {OOM_HINT}"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"{where}no space left on the device; free space, then --resume (the last checkpoint is intact)"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then --resume"
+        return f"{where}{e.strerror or text}; fix that, then --resume (the last checkpoint is intact)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,227 @@
+"""Drawing images for the inference commands (sample, eval, preview): what to draw from, and drawing.
+
+``resolve_source(run=..., model=..., finetune=...)`` names the base model, the fine-tune and the
+run they came from; ``load_models`` builds a base and a fine-tuned pipeline that share what they
+can; ``sample_images`` draws image i of prompt p from its own seed, so the same (prompt, seed) gives
+the same starting noise whichever model draws it: base and fine-tuned outputs line up picture for
+picture. Plain arguments only: the command-line glue lives in ``rebel_diffusion.cli``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import run_folder
+from .errors import UsageError
+
+GRID_TILE_MAX = 256  # grid tiles larger than this are downscaled: a 512px grid of 100 images is huge
+# SamplingSettings fields from a run's config.yaml (both name DDIM's noise scale ``ddim_eta``).
+SETTINGS_FROM_CONFIG = ("sampler", "num_steps", "ddim_eta", "guidance_scale", "negative_prompt")
+
+
+@dataclass
+class Source:
+    """What to sample from: a base model, an optional fine-tune, and the run they came from."""
+
+    model: str
+    finetune: Path | None = None
+    run_dir: Path | None = None
+    config: dict = field(default_factory=dict)
+
+
+def resolve_source(run: str | Path | None = None, model: str | None = None,
+                   finetune: str | Path | None = None) -> Source:
+    """The model, fine-tune and run config named by ``run``/``model``/``finetune`` (the latter two win
+    over the run's). The fine-tune is the run's lora/, unet/ or newest complete checkpoint."""
+    from .models import DEFAULT_MODEL
+
+    run_dir, cfg = run_folder.read_config(run) if run else (None, {})
+    weights = None
+    if finetune:
+        p = Path(finetune).expanduser()
+        if not p.exists():
+            raise UsageError(f"--finetune {p}: no such file or folder")
+        weights = run_folder.find_weights(p)
+    elif run:
+        weights = run_folder.find_weights(run)
+    return Source(model=str(model or cfg.get("model") or DEFAULT_MODEL), finetune=weights, run_dir=run_dir,
+                  config=cfg)
+
+
+def sampling_settings(cfg: dict | None = None, **overrides):
+    """``SamplingSettings`` from a run's config (or {}), with the ``overrides`` that are not None
+    (``resolution`` sets height and width)."""
+    from .sampling import SamplingSettings
+
+    cfg = cfg or {}
+    values = {k: cfg[k] for k in SETTINGS_FROM_CONFIG if cfg.get(k) is not None}
+    if cfg.get("resolution"):
+        values["height"] = values["width"] = int(cfg["resolution"])
+    resolution = overrides.pop("resolution", None)
+    if resolution:
+        values["height"] = values["width"] = int(resolution)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SamplingSettings(**values)
+    except TypeError as e:
+        raise UsageError(f"bad sampling settings in the run's config.yaml: {e}") from e
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when available, else CPU) or a torch device name; an unusable one is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' (fp16 on a GPU, fp32 on a CPU), 'fp32', 'fp16' or 'bf16'."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def fork_pipeline(pipe):
+    """A second pipeline sharing ``pipe``'s VAE, tokenizer and scheduler, with its own copy of
+    the UNet and text encoder (which a fine-tune may change): half the memory of loading twice."""
+    components = dict(pipe.components)
+    components["unet"] = copy.deepcopy(pipe.unet)
+    components["text_encoder"] = copy.deepcopy(pipe.text_encoder)
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        components["requires_safety_checker"] = False
+    fork = type(pipe)(**components)
+    fork.set_progress_bar_config(disable=True)
+    return fork
+
+
+def load_models(source: Source, *, device, dtype, with_base: bool):
+    """(base pipeline or None, fine-tuned pipeline), built once.
+
+    Without a fine-tune the two are the same object. Raises ``UsageError`` when the model cannot
+    be loaded or the fine-tune does not fit it.
+    """
+    from .models import check_sd_components, load_pipeline
+
+    pipe = load_pipeline(source.model, dtype=dtype, device=device)
+    check_sd_components(pipe)
+    if source.finetune is None:
+        return (pipe if with_base else None), pipe
+    tuned = fork_pipeline(pipe) if with_base else pipe
+    try:
+        with _quiet_diffusers():  # its logger prints the whole state-dict error before ours
+            run_folder.apply_weights(tuned, source.finetune)
+    except UsageError as e:
+        detail = _mismatch_detail(e.__cause__)
+        if detail is None:
+            raise
+        raise UsageError(f"{source.finetune}: this fine-tune does not fit the model {source.model} ({detail})") from e
+    return (pipe if with_base else None), tuned
+
+
+class _quiet_diffusers:
+    """Silence diffusers' logger (errors and warnings) inside the block; they become UsageErrors."""
+
+    def __enter__(self):
+        from diffusers.utils import logging
+
+        self._level = logging.get_verbosity()
+        logging.set_verbosity(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging
+
+        logging.set_verbosity(self._level)
+        return False
+
+
+def _mismatch_detail(cause: BaseException | None) -> str | None:
+    """'size mismatch for X: ... shape A ... shape B' from a load_state_dict error, shortened."""
+    for line in str(cause or "").splitlines():
+        m = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
+                      r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))", line)
+        if m:
+            return f"e.g. {m.group(1)} is {m.group(2)} in the file but {m.group(3)} in the model"
+    return None
+
+
+def describe(source: Source) -> str:
+    """'tiny + runs/demo/lora' style label for logs and reports."""
+    return source.model + (f" + {source.finetune}" if source.finetune else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing and writing images
+
+
+def flat_seeds(num_prompts: int, seeds: list[int]) -> list[int]:
+    """Per-image seeds in the sampler's prompt-major order: every prompt gets every seed."""
+    return [s for _ in range(num_prompts) for s in seeds]
+
+
+def sample_images(pipe, prompts: list[str], seeds: list[int], settings, *, batch_size: int | None = None,
+                  progress: bool = False, unet=None) -> torch.Tensor:
+    """(P * K, 3, H, W) images in [0, 1], prompt-major: image p*K + k is prompts[p] with seeds[k]."""
+    from .sampling import sample_trajectories
+
+    traj = sample_trajectories(
+        pipe, prompts, images_per_prompt=len(seeds), seeds=flat_seeds(len(prompts), seeds),
+        settings=settings, record=False, batch_size=batch_size, progress=progress, unet=unet,
+    )
+    return traj.images
+
+
+def grid_tiles(images: torch.Tensor, max_side: int = GRID_TILE_MAX) -> torch.Tensor:
+    """(N, 3, H, W) -> the same, downscaled (antialiased) so that no side exceeds ``max_side``."""
+    h, w = images.shape[-2:]
+    if max(h, w) <= max_side:
+        return images
+    scale = max_side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}_seed{seed}.png"
+
+
+def write_samples(out: Path, images: torch.Tensor, prompts: list[str], seeds: list[int], *, source: Source,
+                  settings, prompt_label: str) -> None:
+    """One PNG per image (``p{prompt index}_seed{seed}.png``), a captioned ``grid.png`` (a row per
+    prompt), and ``samples.json`` saying which file is which."""
+    from .report import make_grid, save_png
+
+    entries, captions = [], []
+    for i, image in enumerate(images):
+        p, k = divmod(i, len(seeds))
+        name = image_name(p, seeds[k])
+        save_png(image, out / name)
+        entries.append({"file": name, "prompt_index": p, "prompt": prompts[p], "seed": seeds[k]})
+        captions.append(f"{prompts[p]} (seed {seeds[k]})")
+    ncols = len(seeds) if len(seeds) > 1 else None
+    save_png(make_grid(grid_tiles(images), captions, ncols=ncols), out / "grid.png")
+    manifest = {
+        "model": source.model,
+        "finetune": str(source.finetune) if source.finetune else None,
+        "run": str(source.run_dir) if source.run_dir else None,
+        "prompts": prompt_label,
+        "settings": asdict(settings),
+        "images": entries,
+    }
+    (out / "samples.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,164 @@
+"""Smoke tests of the ``benchmarks`` package, imported as modules from the repository root.
+
+``benchmarks.speed``: the training-memory worker and the FLOP count on the tiny model, T = 2 and 4,
+in-process, and one (T, method) in a fresh spawned process; checks the JSON's structure.
+``benchmarks.env``: the environment record. ``benchmarks.learning``: its statistics. No timing
+assertions: speed figures live in benchmarks/results, never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+
+import pytest
+import torch
+
+from benchmarks import env, learning, speed, training_memory
+
+
+def test_training_worker_and_flops_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "bench.json"
+    report = speed.main([
+        "--model", "tiny", "--device", "cpu", "--sections", "flops,training", "--train-steps", "2,4",
+        "--naive-steps", "2", "--steps-per-pass", "1,3", "--train-repeats", "0",
+        "--train-isolation", "inprocess", "--threads", "1", "--out", str(out),
+    ])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report, default=str))
+
+    # Environment: what a reader needs to judge the figures.
+    assert data["device"]["type"] == "cpu" and data["device"]["cpu_count"] >= 1
+    assert len(data["device"]["load_average_start"]) == 3
+    for name in ("torch", "diffusers", "transformers", "peft"):
+        assert data["versions"][name]
+    assert data["env"]["versions"] == data["versions"] and data["env"]["cuda"] is None
+    assert data["command"].startswith("python -m benchmarks.speed")
+    assert set(data["switches"]) >= {"dtype", "channels_last", "compile", "attention"}
+    assert data["peak_tflops"] is None  # no MFU on a CPU
+
+    flops = data["flops"]
+    assert flops["sampling_unet_call_flops"] > 0
+    assert flops["train_lora_forward_backward_flops"] > flops["train_lora_forward_flops"] > 0
+
+    training = data["training"]
+    assert training["switches"]["dtype"] == "fp32"
+    assert set(training["results"]["ours"]) == {"2", "4"} and set(training["results"]["naive"]) == {"2"}
+    assert set(training["results"]["ours_spp3"]) == {"2", "4"}  # 3 steps per UNet pass
+    for method, T in (("ours", 2), ("ours", 4), ("ours_spp3", 4), ("naive", 2)):
+        r = training["results"][method][str(T)]
+        assert r["T"] == T and r["trained_steps"] == T and r["oom"] is False
+        assert r["unet_graphs_held_at_once"] == (T if method == "naive" else 1)
+        assert r["steps_per_pass"] == {"ours": 1, "ours_spp3": 3, "naive": None}[method]
+        assert set(r["memory"]) >= {"method", "baseline_mib", "peak_mib", "peak_growth_mib"}
+        assert r["pairs_per_s"] > 0
+        assert r["flops"]["executed_tflops"] > 0 and r["flops"]["executed_mfu"] is None
+    assert training["results"]["ours"]["2"]["flops"]["rescore_flops"] > 0
+    assert training["results"]["naive"]["2"]["flops"]["rescore_flops"] == 0
+    summary = training["summary"]
+    assert set(summary["ours_peak_growth_mib"]) == {"2", "4"}
+    assert set(summary["naive_peak_growth_mib"]) == {"2"}
+    assert set(summary["ours_spp3_speedup_over_ours"]) == {"2", "4"}
+    # The naive full-graph step computes the same gradient as ours (fp32).
+    assert training["gradient_check"]["relative_l2_difference"] < 1e-4
+
+
+def test_training_memory_in_a_fresh_process():
+    """The CPU default: one (T, method) measured in a spawned interpreter, its result sent back."""
+    args = speed.parse_args(["--model", "tiny", "--device", "cpu", "--train-repeats", "0", "--batch", "4"])
+    r = training_memory.measure_in_fresh_process(training_memory.worker_spec(args), 2, "ours")
+    assert "error" not in r, r.get("stderr_tail")
+    assert r["T"] == 2 and r["method"] == "ours" and r["oom"] is False and r["trained_steps"] == 2
+    assert r["memory"]["peak_mib"] >= r["memory"]["baseline_mib"] > 0
+    assert r["process_seconds"] > 0 and len(r["load_average"]) == 3
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--train-steps", "0"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--train-pairs", "3", "--train-micro-batch", "2"])
+    args = speed.parse_args(["--device", "cpu", "--naive-steps", "none"])
+    assert args.naive_steps == [] and args.dtype == "fp32" and args.threads == 1
+
+
+def test_env_record_has_the_machine_and_the_installed_versions():
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    rec = env.record("cpu")
+    assert set(rec) >= {
+        "date",
+        "platform",
+        "processor",
+        "cpu_count",
+        "load_average",
+        "versions",
+        "cuda",
+        "git",
+    }
+    assert rec["cpu_count"] >= 1 and len(rec["load_average"]) == 3
+    assert rec["platform"] == platform.platform() and rec["cuda"] is None  # measured on the CPU
+    assert set(rec["git"]) == {"commit", "dirty"}
+    versions = rec["versions"]
+    assert versions["python"] == platform.python_version() and versions["torch"] == torch.__version__
+    for module, dist in ((diffusers, "diffusers"), (transformers, "transformers"), (peft, "peft"),
+                         (accelerate, "accelerate")):  # fmt: skip
+        assert versions[dist] == metadata.version(dist) == module.__version__
+    assert json.loads(json.dumps(rec)) == rec  # plain JSON
+    if torch.cuda.is_available():
+        gpu = env.record("cuda")["cuda"]
+        assert gpu["name"] == torch.cuda.get_device_name() and gpu["capability"].count(".") == 1
+
+
+def test_sd15_random_is_a_builtin_model(monkeypatch):
+    """``load_pipeline('sd15-random')`` builds the random-weight SD-1.5 (stubbed here by the tiny one)."""
+    from rebel_diffusion import models
+    from rebel_diffusion.config import TrainConfig
+
+    assert "sd15-random" in models.BUILTIN_MODELS
+    calls = []
+
+    def fake_build(dtype, device):
+        calls.append((dtype, torch.device(device).type))
+        return models.build_tiny_pipeline()
+
+    monkeypatch.setattr(models, "build_sd15_random_pipeline", fake_build)
+    pipe = models.load_pipeline("sd15-random", dtype=torch.bfloat16, device="cpu")
+    assert calls == [(torch.bfloat16, "cpu")] and pipe.unet.dtype == torch.bfloat16
+    TrainConfig(model="sd15-random").validate()  # the trainer takes it like any model name
+
+
+def test_learning_benchmark_statistics():
+    """95% t-interval over seeds, queries-to-reach, and the per-task summary of REBEL vs DDPO."""
+    ci = learning.interval([1.0, 2.0, 3.0])
+    assert ci["mean"] == pytest.approx(2.0) and ci["ci95"] == pytest.approx(4.303 * 1.0 / 3**0.5)
+    run = {"reward_queries": [0, 64, 128], "heldout_reward": [0.5, 0.7, 0.9]}
+    assert learning.queries_to_reach(run, 0.7, 1.0) == 64
+    assert learning.queries_to_reach(run, 1.0, 1.0) is None
+
+    def fake(algorithm, seed, curve):
+        return {"task": "toy", "reward": "r", "algorithm": algorithm, "seed": seed, "learning_rate": 1e-3,
+                "reward_queries": [0, 64, 128], "heldout_reward": curve,
+                "heldout_alignment": [0.9, 0.9, 0.8]}  # fmt: skip
+
+    runs = [fake("rebel", s, [0.0, 0.2 + s / 10, 0.4]) for s in range(2)] + [
+        fake("ddpo", s, [0.0, 0.1, 0.2 + s / 10]) for s in range(2)
+    ]
+    summary = learning.summarize(runs)["toy"]
+    assert summary["rebel"]["heldout_reward_gain"]["mean"] == pytest.approx(0.4)
+    assert summary["ddpo"]["heldout_reward_final"]["mean"] == pytest.approx(0.25)
+    assert summary["rebel_queries_to_ddpo_final"] == [128, 64]  # first evaluation at or above 0.25
+    assert summary["rebel"]["heldout_alignment_change"]["mean"] == pytest.approx(-0.1)
+
+
+def test_learning_config_uses_the_trainer_fields(tmp_path):
+    """The held-out evaluation every ``--eval-every`` epochs, on the trained reward and toy-alignment."""
+    args = learning.parse_args(["--epochs", "4", "--eval-every", "2", "--heldout-images", "3"])
+    cfg = learning.run_config("toy", "ddpo", 1, 3e-4, args, tmp_path / "run")
+    assert (cfg.heldout_every, cfg.heldout_images, cfg.epochs, cfg.seed) == (2, 3, 4, 1)
+    assert cfg.heldout_rewards == "jpeg-compressibility,toy-alignment" and cfg.learning_rate == 3e-4

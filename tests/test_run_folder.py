@@ -1,0 +1,219 @@
+"""The run folder's files: checkpoints written in phases and read back, the newest complete one,
+the fine-tune a path holds, and applying it to a pipeline as the inference commands do."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from rebel_diffusion import run_folder
+from rebel_diffusion.errors import UsageError
+from rebel_diffusion.models import LORA_FILE, add_lora, build_tiny_pipeline, lora_state_dict, save_lora
+from rebel_diffusion.run_folder import apply_weights, find_weights
+
+
+def one_line_usage_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 77, 32, generator=g))
+
+
+@torch.no_grad()
+def unet_out(unet, inputs):
+    x, t, emb = inputs
+    return unet(x, t, encoder_hidden_states=emb).sample
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny_pipe):
+    """A copy of tiny's UNet with rank-4 LoRA adapters whose up-projections are perturbed."""
+    unet = copy.deepcopy(tiny_pipe.unet)
+    add_lora(unet, rank=4, alpha=2.0, target_modules=["to_q", "to_v"])
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def lora_folder(lora_unet, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "lora"
+    save_lora(lora_unet, folder)
+    return folder
+
+
+def trainable(unet) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def write(out, epoch, weights, keep=2):
+    state = {"weights": weights, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+             "lr_scheduler": {"last_epoch": epoch}, "tracker": {"stats": {}}, "global_step": 3 * epoch}
+    run_folder.begin_checkpoint(out, epoch)
+    run_folder.write_process_state(out, epoch, 0, {"torch": torch.arange(epoch + 4)})
+    run_folder.write_shared_state(out, epoch, state)
+    return run_folder.commit_checkpoint(out, epoch, keep=keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path, lora_unet):
+    weights = trainable(lora_unet)
+    for epoch in (1, 2, 3):
+        folder = write(tmp_path, epoch, weights)
+    assert folder == run_folder.checkpoint_dir(tmp_path, 3) == tmp_path / "checkpoints" / "epoch_0003"
+    # keep=2: the oldest went; no temporary folder is left
+    assert [p.name for p in run_folder.complete_checkpoints(tmp_path)] == ["epoch_0002", "epoch_0003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
+    back = run_folder.read_checkpoint(folder, process_index=0)
+    assert back["epoch"] == 3 and back["global_step"] == 9
+    assert back["weights"].keys() == weights.keys()
+    assert all(torch.equal(back["weights"][k], weights[k]) for k in weights)
+    assert back["optimizer"]["param_groups"][0]["lr"] == 0.1 and back["tracker"] == {"stats": {}}
+    assert torch.equal(back["rng"]["torch"], torch.arange(7))  # this process's own RNG state
+    assert run_folder.read_checkpoint(folder, process_index=1)["rng"] is None  # no file for process 1
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path, lora_unet):
+    assert run_folder.latest_checkpoint(tmp_path) is None
+    write(tmp_path, 9, trainable(lora_unet), keep=5)
+    write(tmp_path, 10, trainable(lora_unet), keep=5)
+    assert run_folder.latest_checkpoint(tmp_path).name == "epoch_0010"  # 10 after 9 (numeric, not text)
+    (tmp_path / "checkpoints" / "epoch_0011").mkdir()  # a crash before state.json: incomplete
+    run_folder.begin_checkpoint(tmp_path, 12)  # and a temporary folder
+    assert run_folder.latest_checkpoint(tmp_path).name == "epoch_0010"
+    assert find_weights(tmp_path).name == "epoch_0010"  # the same definition for the inference commands
+    run_folder.abort_checkpoint(tmp_path, 12)
+    assert not (tmp_path / "checkpoints" / ".tmp-epoch_0012").exists()
+
+
+def test_checkpoint_applies_with_the_runs_lora_layout(tmp_path, lora_unet, unet_inputs):
+    """A checkpoint (no lora/ export yet) loads into a fresh pipeline with rank, alpha and targets
+    from the run's config.yaml, and then computes what the trained UNet computes."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"model": "tiny", "finetune": "lora", "lora_rank": 4, "lora_alpha": 2.0, "lora_targets": "to_q,to_v"}))
+    folder = write(tmp_path, 1, trainable(lora_unet))
+    pipe = build_tiny_pipeline()
+    assert apply_weights(pipe, find_weights(tmp_path)) == "checkpoint"
+    assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
+    # another layout in the config: one line, nothing loaded half-way
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"finetune": "lora", "lora_rank": 8, "lora_alpha": 8.0,
+                                                          "lora_targets": "to_q,to_v"}))
+    with pytest.raises(UsageError, match="does not fit the model") as info:
+        apply_weights(build_tiny_pipeline(), folder)
+    one_line_usage_error(info)
+
+
+def test_export_weights_lora_matches_the_unet(tmp_path, lora_unet, unet_inputs):
+    path = run_folder.export_weights(tmp_path, lora_unet, "lora")
+    assert path == tmp_path / "lora" / LORA_FILE
+    saved = load_file(str(path))
+    assert {k.removeprefix("unet.") for k in saved} == set(lora_state_dict(lora_unet))  # diffusers' prefix
+    plain = build_tiny_pipeline()
+    plain.load_lora_weights(str(tmp_path / "lora"))  # diffusers itself
+    assert_close(unet_out(plain.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_export_weights_full_unet(tmp_path, tiny_pipe, unet_inputs):
+    from diffusers import UNet2DConditionModel
+
+    unet = copy.deepcopy(tiny_pipe.unet)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.25)
+    run_folder.export_weights(tmp_path, unet, "full")
+    back = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    assert_close(unet_out(back, unet_inputs), unet_out(unet, unet_inputs))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_read_config_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such folder"):
+        run_folder.read_config(tmp_path / "missing")
+    with pytest.raises(UsageError, match="not a training run folder") as info:
+        run_folder.read_config(tmp_path)
+    one_line_usage_error(info)
+    (tmp_path / "config.yaml").write_text("- a\n- list\n")
+    with pytest.raises(UsageError, match="expected a mapping"):
+        run_folder.read_config(tmp_path / ".")
+    (tmp_path / "config.yaml").write_text(json.dumps({"model": "tiny"}))
+    ckpt = tmp_path / "checkpoints" / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    assert run_folder.read_config(ckpt) == (tmp_path, {"model": "tiny"})  # found two levels up
+
+
+# ----------------------------------------------------------------------------------------------
+# exported LoRA and UNet folders, as sample/eval/preview apply them
+
+
+@pytest.mark.parametrize("where", ["lora folder", "run folder", "file"])
+def test_apply_lora(where, lora_unet, lora_folder, unet_inputs):
+    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[
+        where
+    ]
+    pipe = build_tiny_pipeline()
+    assert apply_weights(pipe, find_weights(path)) == "lora"
+    assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_unet_folder(tiny_pipe, tmp_path, unet_inputs):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)
+    unet.save_pretrained(tmp_path / "unet")
+    pipe = build_tiny_pipeline()
+    assert apply_weights(pipe, find_weights(tmp_path)) == "unet"
+    assert_close(unet_out(pipe.unet, unet_inputs), unet_out(unet, unet_inputs))
+
+
+def test_apply_without_weights(tmp_path):
+    (tmp_path / "samples").mkdir()
+    with pytest.raises(UsageError, match="holds no LoRA") as info:
+        apply_weights(build_tiny_pipeline(), tmp_path)
+    one_line_usage_error(info)
+
+
+def test_lora_with_keys_that_match_nothing(tmp_path):
+    save_file(
+        {
+            "unet.no_such_block.attn.to_q.lora.down.weight": torch.zeros(8, 32),
+            "unet.no_such_block.attn.to_q.lora.up.weight": torch.zeros(32, 8),
+        },
+        str(tmp_path / LORA_FILE),
+    )
+    with pytest.raises(UsageError, match="does not fit the model") as info:
+        apply_weights(build_tiny_pipeline(), tmp_path)
+    one_line_usage_error(info)
+
+
+def test_lora_from_another_architecture(lora_folder, tmp_path):
+    """Same layer names, other widths (as a LoRA trained on a wider UNet): refused, not loaded half-way."""
+    wider = {
+        k: torch.randn(v.shape[0], v.shape[1] + 16)
+        if ".lora.down." in k
+        else torch.randn(v.shape[0] + 16, v.shape[1])
+        for k, v in load_file(str(lora_folder / LORA_FILE)).items()
+    }
+    save_file(wider, str(tmp_path / LORA_FILE))
+    with pytest.raises(UsageError, match="does not fit the model") as info:
+        apply_weights(build_tiny_pipeline(), tmp_path)
+    one_line_usage_error(info)
