@@ -120,6 +120,9 @@ class TrainConfig:
     stop_grace: float = _f(20.0, "seconds from SIGINT/SIGTERM to a written checkpoint: the epoch in progress is "
                            "finished if it ends in time, else cut short (torch elastic kills workers after 30 s)")
     log_with: str = _f("none", "experiment tracker through accelerate", ("none", "tensorboard", "wandb"))
+    num_threads: int | None = _f(None, "torch CPU threads per process (default: half the CPUs divided among the "
+                                 "local processes, at least 1; torch's own default oversubscribes small, busy "
+                                 "machines)")
 
     # -------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -185,7 +188,9 @@ RENAMED = {
 # What the command does with --output-dir, not part of a run: never stored, never read from a file.
 ACTIONS = ("resume", "overwrite")
 # The only fields a --resume may change: how long, how often to checkpoint, and logging.
-SAFE_ON_RESUME = ("epochs", "checkpoint_every", "checkpoints_keep", "log_with", "stop_grace", "output_dir") + ACTIONS
+SAFE_ON_RESUME = (
+    "epochs", "checkpoint_every", "checkpoints_keep", "log_with", "stop_grace", "num_threads", "output_dir"
+) + ACTIONS
 
 
 def _ge(x):
@@ -209,7 +214,7 @@ _RANGES = {
     **{name: ((_ge(1), None), ">= 1") for name in (
         "num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch", "train_batch_size",
         "gradient_accumulation_steps", "inner_epochs", "lora_rank", "grid_num_images", "checkpoint_every",
-        "checkpoints_keep", "tracker_buffer_size", "tracker_min_count", "heldout_images", "steps_per_pass",
+        "checkpoints_keep", "tracker_buffer_size", "tracker_min_count", "heldout_images", "steps_per_pass", "num_threads",
         "resolution")},
     **{name: ((_gt(0), None), "> 0") for name in (
         "eta", "learning_rate", "preference_temperature", "stop_grace", "clip_range", "adv_clip_max", "adam_epsilon", "lora_alpha")},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,20 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return device
+
+
+def default_num_threads(local_processes: int = 1) -> int:
+    """Half the CPUs (about the physical cores) shared among the local processes, at least 1."""
+    return max(1, (os.cpu_count() or 2) // (2 * max(1, local_processes)))
+
+
+def set_num_threads(value: int | None, local_processes: int = 1) -> int:
+    """Set torch's CPU thread count (None: ``default_num_threads``); returns it."""
+    if value is not None and value < 1:
+        raise UsageError(f"--num-threads must be >= 1, got {value}")
+    n = value or default_num_threads(local_processes)
+    torch.set_num_threads(n)
+    return n
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -62,7 +62,7 @@ class Comparer:
     @torch.no_grad()
     def images(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, tuned): two (3, H, W) images in [0, 1] drawn from the same seed."""
-        from .sample import sample_images
+        from .generation import sample_images
 
         with self._lock:
             base = sample_images(self.base_pipe, [prompt], [seed], self.settings)[0]

@@ -36,6 +36,7 @@ from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
 from .config import TrainConfig
 from .errors import RunError, UsageError
+from .generation import set_num_threads
 from .models import add_lora, load_pipeline, parse_lora_targets
 from .prompts_io import load_prompts
 from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
@@ -115,6 +116,9 @@ def setup(cfg: TrainConfig) -> Run:
     grid_prompts = load_prompts(cfg.grid_prompts or cfg.prompts)
     # 2. Processes and precision.
     accelerator, mixed_precision = make_accelerator(cfg, out)
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        set_num_threads(cfg.num_threads, local)  # the processes of this machine share its CPUs
     if cfg.resume:
         check_resumable(out, accelerator.num_processes)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
@@ -330,7 +334,8 @@ def describe_plan(run: Run) -> str:
     return (
         f"rebel-diffusion: {cfg.algorithm} on {cfg.model} ({run.settings.sampler}, {run.settings.num_steps} steps, "
         f"{run.settings.height}x{run.settings.width}), reward {cfg.reward}, {len(run.prompts)} prompts, "
-        f"{n} process(es), mixed precision {run.mixed_precision}\n"
+        f"{n} process(es), mixed precision {run.mixed_precision}"
+        f"{f', {torch.get_num_threads()} CPU thread(s)' if acc.device.type == 'cpu' else ''}\n"
         f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
         f"clip {cfg.adv_clip_max:g}); {regulariser}; steps trained: noise std >= {cfg.min_step_std:g}\n"
         f"  per epoch: {cfg.images_per_epoch(n)} images, {cfg.units_per_epoch() * n} {unit}, "
@@ -369,6 +374,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     for s in STOP_SIGNALS:
         signal.signal(s, lambda signum, _frame: _request_stop(run, signum))
     history = []
+    from tqdm.auto import tqdm
+
+    # The whole run's bar: epochs done of --epochs, with an ETA from the epochs so far.
+    overall = tqdm(total=cfg.epochs, initial=run.epoch, desc="training", unit="epoch", position=0,
+                   disable=not run.accelerator.is_local_main_process)
     try:
         if run.epoch == 0:
             report_epoch(run, epoch=0, metrics={"epoch": 0})
@@ -397,10 +407,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or stop:
                 save_checkpoint(run, epoch)
             run.epoch = epoch
+            overall.update(1)
             if stop:
                 run.accelerator.print(f"stopped after epoch {epoch}; continue with --resume", file=sys.stderr)
                 break
     finally:
+        overall.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         cleanup(run)
@@ -555,7 +567,8 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
     unet.eval()
     parts = []
     n = cfg.prompts_per_batch * cfg.images_per_prompt
-    for b in tqdm(range(cfg.batches_per_epoch), desc=f"epoch {epoch}: sampling", disable=not acc.is_local_main_process):
+    for b in tqdm(range(cfg.batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False, position=1,
+                  disable=not acc.is_local_main_process):
         with acc.autocast():
             parts.append(
                 sample_trajectories(
@@ -751,7 +764,8 @@ def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:
     steps_total = cfg.inner_epochs * steps_per_pass_total
     stats: dict[str, list[float]] = {"grad_norm": []}
     fit = {"prediction": [], "target": []}  # the last pass's, each measured before its own step
-    bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", disable=not acc.is_local_main_process)
+    bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", leave=False, position=1,
+               disable=not acc.is_local_main_process)
     for inner in range(cfg.inner_epochs):
         seed = np.random.SeedSequence([cfg.seed, epoch, inner, plan.salt]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(seed))

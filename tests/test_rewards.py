@@ -18,6 +18,11 @@ from rebel_diffusion.rewards import (
     PREFERENCES,
     REWARDS,
     BradleyTerryPreference,
+    CallableReward,
+    HttpReward,
+    Preference,
+    Reward,
+    RewardContext,
     load_preference,
     load_reward,
 )
@@ -97,14 +102,40 @@ def test_table_names_and_unknown_name():
     with pytest.raises(UsageError) as e:
         load_reward("aesthetics")
     msg = one_line(e)
-    assert all(name in msg for name in REWARDS) and "module.path:attribute" in msg
-    with pytest.raises(UsageError, match="takes no option 'clip_model'"):
+    assert all(name in msg for name in REWARDS) and "module.path:attribute" in msg and "http://" in msg
+    with pytest.raises(UsageError) as e:
         load_reward("jpeg-compressibility", clip_model="ViT-L-14")
+    assert "takes no option 'clip_model' (its options: none)" in one_line(e)
+    with pytest.raises(UsageError) as e:
+        load_reward("clip", clip_modle="ViT-L-14")
+    assert "no reward option 'clip_modle'" in one_line(e) and "clip_model" in str(e.value)
     # None means "default": a trainer may pass its whole config.
     assert (
         load_reward("jpeg-compressibility", clip_model=None, aesthetic_head=None).name
         == "jpeg-compressibility"
     )
+
+
+def test_builtins_are_built_from_the_context():
+    ctx = RewardContext(device="cpu", dtype="bf16", clip_model="ViT-B-32", clip_pretrained="random")
+    assert ctx.device == torch.device("cpu") and ctx.dtype == torch.bfloat16
+    clip = load_reward("clip", ctx)
+    assert isinstance(clip, REWARDS["clip"]) and (clip.clip_model, clip.clip_pretrained) == (
+        "ViT-B-32",
+        "random",
+    )
+    assert clip.device == torch.device("cpu") and clip.dtype == torch.bfloat16
+    # Options replace the context's fields; unset ones are the reward's defaults.
+    aesthetic = load_reward("aesthetic", ctx, aesthetic_head="random", dtype=None)
+    assert aesthetic.dtype == torch.float32 and aesthetic.aesthetic_head == "random"
+    assert aesthetic.head_repo == "camenduru/improved-aesthetic-predictor"
+    toy = load_reward("toy-alignment", device="cpu", include_background=True)
+    assert isinstance(toy, REWARDS["toy-alignment"]) and toy.include_background
+    with pytest.raises(UsageError) as e:
+        load_reward("jpeg-compressibility", device="nonsense")
+    assert "nonsense" in one_line(e)
+    with pytest.raises(UsageError, match="dtype 'fp8'"):
+        load_reward("jpeg-compressibility", dtype="fp8")
 
 
 def test_images_are_clamped_and_nan_rejected():
@@ -337,32 +368,90 @@ def test_load_preference_errors_and_plugins(plugins_importable):
     a, b = smooth_images(seed=1), smooth_images(seed=2)
     pref = load_preference("plugin_reward:brighter", device="cpu")
     torch.testing.assert_close(pref(a, b, ["p"] * 3), 1 - pref(b, a, ["p"] * 3))
-    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+    with pytest.raises(UsageError) as e:
         load_preference("plugin_reward:out_of_range")(a, b, ["p"] * 3)
+    assert "outside [0, 1]" in one_line(e)
+
+
+def test_preference_plugins_follow_the_contract(plugins_importable):
+    a, b = smooth_images(seed=1), smooth_images(seed=2)
+    prompts = ["p"] * 3
+    r = load_reward("plugin_reward:brightness")
+    gap = r(a, prompts) - r(b, prompts)
+
+    cls = load_preference("plugin_reward:RewardGap", reward="plugin_reward:brightness", temperature=0.5)
+    assert isinstance(cls, Preference) and cls.name == "reward-gap" and cls.context.temperature == 0.5
+    torch.testing.assert_close(cls(a, b, prompts), torch.sigmoid(gap / 0.5))
+    factory = load_preference("plugin_reward:sharp_gap", reward=r)
+    torch.testing.assert_close(factory(a, b, prompts), torch.sigmoid(gap / 0.01))
+    fn = load_preference("plugin_reward:brighter")
+    assert fn.name == "brighter"
+
+    for spec, expected in [
+        ("plugin_reward:undecorated_pair", "@preference_function"),
+        ("plugin_reward:brightness", "it is a reward, not a preference"),
+        ("plugin_reward:Darkness", "it is a reward, not a preference"),
+        ("plugin_reward:NotAReward", "not a rebel_diffusion.rewards.Preference subclass"),
+    ]:
+        with pytest.raises(UsageError) as e:
+            load_preference(spec, reward=r)
+        assert expected in one_line(e), spec
+    with pytest.raises(UsageError) as e:
+        load_preference("plugin_reward:RewardGap", reward=r, clip_model="ViT-L-14")
+    assert "only applies to a reward loaded by name" in one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------
-# Plug-ins
+# Plug-ins: the contract of rebel_diffusion.rewards
 
 
-def test_plugins_load_from_module_attr(plugins_importable):
+def test_plugin_kinds_the_contract_accepts(plugins_importable):
     x = smooth_images()
     prompts = ["p"] * 3
+    mean = x.mean(dim=(1, 2, 3))
 
+    # 1. A function marked with @reward_function (still callable as itself).
     fn = load_reward("plugin_reward:brightness", device="cpu", dtype=torch.float32)
-    assert fn.name == "brightness"
-    torch.testing.assert_close(fn(x, prompts), x.mean(dim=(1, 2, 3)))
+    assert isinstance(fn, CallableReward) and fn.name == "brightness"
+    torch.testing.assert_close(fn(x, prompts), mean)
+    import plugin_reward
 
-    cls = load_reward("plugin_reward:ScaledBrightness", scale=2.0, device="cpu")  # device dropped
-    assert cls.name == "scaled-brightness"
-    torch.testing.assert_close(cls(x, prompts), 2 * x.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(plugin_reward.brightness(x, prompts), mean)
+    listed = load_reward("plugin_reward:as_list")
+    assert listed.name == "listed-brightness"
+    out = listed(x, prompts)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+
+    # 2. A Reward subclass, built as cls(ctx) with every option in the context.
+    cls = load_reward("plugin_reward:ScaledBrightness", device="cpu", dtype="bf16", clip_model="ViT-B-32")
+    assert (
+        cls.name == "scaled-brightness" and cls.device == torch.device("cpu") and cls.dtype == torch.bfloat16
+    )
+    assert cls.context == RewardContext(device="cpu", dtype=torch.bfloat16, clip_model="ViT-B-32")
+    torch.testing.assert_close(cls(x, prompts), 2 * mean)
     assert set(cls.details(x, prompts)) == {"red"}
+    no_init = load_reward("plugin_reward:Darkness", device="cpu")
+    assert no_init.device == torch.device("cpu")
+    torch.testing.assert_close(no_init(x, prompts), 1 - mean)
 
-    listed = load_reward("plugin_reward:as_list")(x, prompts)
-    assert listed.dtype == torch.float32 and listed.shape == (3,)
+    # 3. A Reward instance, used as it is.
+    ready = load_reward("plugin_reward:READY", device="cpu")
+    assert ready is plugin_reward.READY
+    torch.testing.assert_close(ready(x, prompts), 3 * mean)
+
+    # 4. A factory f(ctx) -> Reward.
+    factory = load_reward("plugin_reward:half_brightness", dtype="fp16")
+    assert isinstance(factory, Reward) and factory.dtype == torch.float16
+    torch.testing.assert_close(factory(x, prompts), 0.5 * mean)
 
     pref = load_preference("bradley-terry", reward=fn)
     assert torch.equal(pref(x, x, prompts), torch.full((3,), 0.5))
+
+
+def test_a_factory_may_return_a_reward_server_client(plugins_importable):
+    # A factory is how a plug-in sets options of its own on HttpReward (nothing is sent until a call).
+    reward = load_reward("plugin_reward:remote", device="cpu")
+    assert isinstance(reward, HttpReward) and reward.timeout == 5 and reward.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize(
@@ -370,8 +459,15 @@ def test_plugins_load_from_module_attr(plugins_importable):
     [
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
         ("plugin_reward:missing", "has no attribute 'missing'"),
-        ("plugin_reward:NOT_CALLABLE", "not a class or function"),
+        ("plugin_reward:NOT_CALLABLE", "it is of type int; name a Reward subclass"),
+        ("plugin_reward:NotAReward", "the class NotAReward is not a rebel_diffusion.rewards.Reward subclass"),
+        ("plugin_reward:undecorated", "needs @reward_function"),
+        ("plugin_reward:TwoArguments", "TwoArguments(RewardContext) failed"),
+        ("plugin_reward:returns_number", "the factory returned a float, not a Reward"),
+        ("plugin_reward:brighter", "it is a preference, not a reward"),
+        ("plugin_reward:RewardGap", "it is a preference, not a reward"),
         ("plugin_reward", "unknown reward"),
+        ("ftp://host/score", "starts with http:// or https://"),
         ("plugin_reward:", "module.path:attribute"),
     ],
 )
@@ -381,10 +477,20 @@ def test_bad_plugins_give_one_line_usage_error(plugins_importable, spec, expecte
     assert expected in one_line(e)
 
 
-def test_plugin_option_and_output_errors(plugins_importable):
-    with pytest.raises(UsageError, match="takes no option 'scal'.*scale"):
-        load_reward("plugin_reward:ScaledBrightness", scal=2.0)
-    with pytest.raises(UsageError, match="takes no option 'scale'"):
-        load_reward("plugin_reward:brightness", scale=2.0)
-    with pytest.raises(ValueError, match=r"returned shape \(\), expected \(3,\)"):
-        load_reward("plugin_reward:wrong_shape")(smooth_images(), ["p"] * 3)
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("plugin_reward:wrong_shape", "returned shape (), expected (3,): return one score per image"),
+        ("plugin_reward:not_numbers", "returned list that is not numbers"),
+        ("plugin_reward:complex_scores", "returned dtype torch.complex64"),
+    ],
+)
+def test_plugin_output_errors_are_one_line(plugins_importable, spec, expected):
+    with pytest.raises(UsageError) as e:
+        load_reward(spec)(smooth_images(), ["p"] * 3)
+    assert expected in one_line(e) and spec.rpartition(":")[2] in str(e.value)
+
+
+def test_nonfinite_plugin_scores_pass_through(plugins_importable):
+    # The trainer drops NaN/inf rewards and counts them; the reward does not refuse them.
+    assert torch.isnan(load_reward("plugin_reward:nan_reward")(smooth_images(), ["p"] * 3)).all()

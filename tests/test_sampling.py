@@ -534,7 +534,8 @@ def test_rescore_reproduces_recorded_log_probs(name, request):
     assert float((new - traj.log_probs[:, steps]).abs().max()) <= RESCORE_TOL
     assert rescore_drift(pipe.unet, sched, traj) <= RESCORE_TOL
     some = rescore_log_probs(pipe.unet, sched, traj, steps=steps[1:], index=[3, 0], batch_size=1)
-    assert_close(some, new[[3, 0]][:, 1:], rtol=0, atol=1e-6)
+    # Another batch size changes the matmul blocking: a few float32 ulps of log-probs ~2.
+    assert_close(some, new[[3, 0]][:, 1:], rtol=0, atol=4e-6)
     # Several steps in one UNet call (per-sample timesteps): the same log-probs as step by step.
     for steps_per_pass in (2, len(steps)):
         batched = rescore_log_probs(pipe.unet, sched, traj, steps_per_pass=steps_per_pass)

@@ -13,6 +13,7 @@ import yaml
 
 from rebel_diffusion.cli import main
 from rebel_diffusion.config import TrainConfig
+from rebel_diffusion.rewards import reward_function
 from rebel_diffusion.train import TIME_KEYS, setup, train_epoch
 
 # A run of seconds: 2 prompts x 2 images, 3 steps, 32x32.
@@ -153,8 +154,10 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, capsys, mon
 
     monkeypatch.setattr(train_module, "train_epoch", oom)
     assert main(["train", *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "out of memory" in err, err
+    # Besides the progress bar (carriage-return updates), the error is one line, the last.
+    lines = [line for line in capsys.readouterr().err.strip().split("\n") if "\r" not in line and line]
+    err = lines[-1]
+    assert [line for line in lines if "error" in line] == [err] and "out of memory" in err, lines
     assert "--steps-per-pass" in err and "--train-batch-size" in err and "--resume" in err
 
 
@@ -186,6 +189,7 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(finished_run, tmp_path
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@reward_function
 def nan_reward(images, prompts):
     """A plug-in reward whose first image scores NaN (tests the non-finite guard)."""
     r = images.mean(dim=(1, 2, 3)).float()

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..generation import Source, resolve_source, sampling_settings
+from ..generation import Source, resolve_source, sampling_settings, set_num_threads
 
 
 class DeprecatedAlias(argparse.Action):
@@ -35,6 +35,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="model precision (default: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--num-threads", type=int, help="torch CPU threads (default: half the CPUs, at least 1)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
@@ -51,6 +52,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool 
 
 
 def source_from_args(args: argparse.Namespace) -> Source:
+    """The run/model/fine-tune named by the flags; sets the CPU thread count first (--num-threads)."""
+    set_num_threads(getattr(args, "num_threads", None))
     return resolve_source(run=args.run, model=args.model, finetune=args.finetune)
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..generation import pick_device, pick_dtype, sampling_settings
+from ..generation import pick_device, pick_dtype, sampling_settings, set_num_threads
 from ..preview import DEFAULT_PROMPT, build_app, check_port, import_gradio, launch
 from .common import DeprecatedAlias, add_source_arguments
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
     import_gradio()  # before loading models: a missing extra is a one-line error, at once
     port = check_port(args.host, args.port)
+    set_num_threads(args.num_threads)
     device = pick_device(args.device)
     cfg = run_folder.read_config(args.run)[1] if args.run else {}
     settings = sampling_settings(cfg, num_steps=args.steps, guidance_scale=args.guidance_scale,

@@ -3,43 +3,98 @@
 Interface (``base``): images ``(B, 3, H, W)`` float in [0, 1] on any device, prompts ``list[str]``;
 scores float32 ``(B,)`` on the images' device. Every reward has ``.name``, ``.details(images,
 prompts) -> dict[str, (B,)]`` (extra logging figures, often empty) and ``.load()`` (load weights now
-rather than on the first call). The device is given at construction (``device=``).
+rather than on the first call).
 
-Built-in rewards, by name (``REWARDS``):
+``load_reward(name, **options)`` turns a name into a reward. The name is one of
 
-- ``aesthetic``: LAION aesthetic predictor v2 on OpenAI CLIP ViT-L/14 (``aesthetic``);
-- ``clip``: prompt-image cosine similarity of open_clip embeddings (``clip_score``);
-- ``jpeg-incompressibility`` / ``jpeg-compressibility``: JPEG size in kB, +/- (``jpeg``);
-- ``toy-alignment``: P(prompted colour) x P(prompted shape) of the toy model's attribute classifier
-  (``toy_alignment``), the CPU analogue of ``clip``.
+- a built-in (``REWARDS``): ``aesthetic`` (LAION aesthetic predictor v2 on OpenAI CLIP ViT-L/14,
+  ``aesthetic``), ``clip`` (prompt-image cosine similarity of open_clip embeddings, ``clip_score``),
+  ``jpeg-incompressibility`` / ``jpeg-compressibility`` (JPEG size in kB, +/-, ``jpeg``),
+  ``toy-alignment`` (the toy model's attribute classifier, ``toy_alignment``);
+- an ``http://`` or ``https://`` URL: a reward server (``HttpReward``; the protocol is in
+  ``http_reward``);
+- a plug-in, ``module.path:attribute`` (dotted attributes allowed).
 
-Plug-ins: ``module.path:attribute`` names a class (instantiated with the options its ``__init__``
-accepts) or a plain function ``f(images, prompts) -> (B,)``.
+The options fill in one ``RewardContext``: ``device`` and ``dtype`` (from the trainer) and the
+per-reward options ``clip_model``, ``clip_pretrained`` (aesthetic, clip), ``aesthetic_head``,
+``aesthetic_head_repo``, ``aesthetic_head_file`` (aesthetic), ``classifier_path``,
+``include_background`` (toy-alignment), ``http_timeout``, ``http_retries`` (a URL). None means "the
+default", so a caller may pass every option it has. A name that is not an option is a
+``UsageError``; so is an option set for a built-in or URL reward that does not read it.
 
-Options: ``device`` and ``dtype`` (from the trainer; dropped for plug-ins that do not take them)
-and per-reward ones: ``clip_model``, ``clip_pretrained`` (``aesthetic``, ``clip``),
-``aesthetic_head``, ``aesthetic_head_repo``, ``aesthetic_head_file`` (``aesthetic``). An option set
-to None means "the default", so a trainer can pass its whole config; any other option the reward
-does not take is a ``UsageError``.
+Plug-in contract. The attribute is one of, checked in this order (no signature inspection):
+
+1. a function decorated with ``@reward_function`` (or ``@reward_function(name=...)``): a scoring
+   function ``f(images, prompts) -> (B,)`` (tensor, array or list); its name is the reward's;
+2. a ``Reward`` subclass: built as ``cls(ctx)`` with the one ``RewardContext``; implement
+   ``score(images, prompts)`` (images checked and on ``self.device``), and ``_load`` for weights.
+   ``Reward.__init__(ctx)`` takes the context's device and dtype, so a subclass without weights
+   needs no ``__init__``;
+3. a ``Reward`` instance: used as it is (the context is not applied; its device, if None, becomes
+   the first images');
+4. any other callable: a factory, called as ``f(ctx)``, that returns a ``Reward`` (or a
+   ``@reward_function``), e.g. ``lambda ctx: HttpReward("http://...", ctx, timeout=300)``.
+
+For example::
+
+    from rebel_diffusion.rewards import Reward, RewardContext, reward_function
+
+    @reward_function(name="brightness")
+    def brightness(images, prompts):
+        return images.mean(dim=(1, 2, 3))  # (B, 3, H, W) -> (B,)
+
+    class Sharpness(Reward):
+        name = "sharpness"
+        def __init__(self, ctx: RewardContext, scale: float = 1.0):
+            super().__init__(ctx)  # device, dtype
+            self.scale = scale
+        def score(self, images, prompts):
+            return self.scale * images.diff(dim=-1).abs().mean(dim=(1, 2, 3))
+
+    def sharper(ctx):  # a factory: options of the plug-in's own
+        return Sharpness(ctx, scale=10.0)
+
+A plug-in that cannot be used is a ``UsageError`` with one line saying what to change: a module that
+does not import, a missing attribute, an object of the wrong kind (an undecorated scoring function
+included), a factory that fails on the context or returns something else, and, when it scores, an
+output that is not one real number per image. NaN or inf scores are not errors: the trainer drops
+those images and counts them (``reward_nonfinite``), and stops if none is finite.
 
 Preferences (``preference``): ``load_preference`` with ``PREFERENCES`` (``bradley-terry``) or a
-``module:attr`` plug-in.
+``module:attr`` plug-in under the same contract (``Preference``, ``PreferenceContext``,
+``@preference_function``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
+from collections.abc import Callable
 
 from ..errors import UsageError
-from .aesthetic import AestheticReward
-from .base import CallableReward, Reward, short_cause
-from .clip_score import ClipScoreReward
+from .aesthetic import DEFAULT_HEAD_FILE, DEFAULT_HEAD_REPO, AestheticReward
+from .base import (
+    CallableReward,
+    Reward,
+    RewardContext,
+    RewardFunction,
+    reward_function,
+    short_cause,
+)
+from .clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipScoreReward
+from .http_reward import DEFAULT_RETRIES, HttpReward, is_url
 from .jpeg import JpegCompressibility, JpegIncompressibility
-from .preference import BradleyTerryPreference, CallablePreference, Preference
+from .preference import (
+    BradleyTerryPreference,
+    CallablePreference,
+    Preference,
+    PreferenceContext,
+    PreferenceFunction,
+    preference_function,
+)
 from .toy_alignment import ToyAlignmentReward
 
-# The one table of reward names: new built-ins add a line here (e.g. "toy-alignment").
+# The one table of reward names: a new built-in adds a line here and a builder in _BUILDERS.
 REWARDS: dict[str, type[Reward]] = {
     "aesthetic": AestheticReward,
     "clip": ClipScoreReward,
@@ -52,93 +107,166 @@ PREFERENCES: dict[str, type[Preference]] = {
     "bradley-terry": BradleyTerryPreference,
 }
 
-TRAINER_OPTIONS = ("device", "dtype")  # passed to every reward; dropped where not taken
-
 __all__ = [
     "PREFERENCES",
     "REWARDS",
     "BradleyTerryPreference",
+    "CallablePreference",
+    "CallableReward",
+    "HttpReward",
     "Preference",
+    "PreferenceContext",
+    "PreferenceFunction",
     "Reward",
+    "RewardContext",
+    "RewardFunction",
     "load_plugin",
     "load_preference",
     "load_reward",
+    "preference_function",
+    "reward_function",
 ]
 
 
-def load_reward(name_or_path: str, **options) -> Reward:
-    """A reward by table name or ``module.path:attribute``; returns ``reward(images, prompts) -> (B,)``.
+# ----------------------------------------------------------------------------------------------
+# Built-ins, each built explicitly from the context: (the options it reads, builder)
 
-    Raises ``UsageError`` (one line) for an unknown name, a broken plug-in or an option the reward
-    does not take. Weights load on the first call, or on ``reward.load()``.
+
+def _aesthetic(c: RewardContext) -> Reward:
+    return AestheticReward(
+        c.device,
+        c.dtype,
+        clip_model=c.clip_model or DEFAULT_CLIP_MODEL,
+        clip_pretrained=c.clip_pretrained or DEFAULT_CLIP_PRETRAINED,
+        aesthetic_head=c.aesthetic_head,
+        aesthetic_head_repo=c.aesthetic_head_repo or DEFAULT_HEAD_REPO,
+        aesthetic_head_file=c.aesthetic_head_file or DEFAULT_HEAD_FILE,
+    )
+
+
+def _clip(c: RewardContext) -> Reward:
+    return ClipScoreReward(
+        c.device,
+        c.dtype,
+        clip_model=c.clip_model or DEFAULT_CLIP_MODEL,
+        clip_pretrained=c.clip_pretrained or DEFAULT_CLIP_PRETRAINED,
+    )
+
+
+def _toy_alignment(c: RewardContext) -> Reward:
+    return ToyAlignmentReward(
+        c.device,
+        c.dtype,
+        classifier_path=c.classifier_path,
+        include_background=bool(c.include_background),
+    )
+
+
+_CLIP_OPTIONS = ("clip_model", "clip_pretrained")
+_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[RewardContext], Reward]]] = {
+    "aesthetic": (
+        (*_CLIP_OPTIONS, "aesthetic_head", "aesthetic_head_repo", "aesthetic_head_file"),
+        _aesthetic,
+    ),
+    "clip": (_CLIP_OPTIONS, _clip),
+    "jpeg-compressibility": ((), lambda c: JpegCompressibility(c.device, c.dtype)),
+    "jpeg-incompressibility": ((), lambda c: JpegIncompressibility(c.device, c.dtype)),
+    "toy-alignment": (("classifier_path", "include_background"), _toy_alignment),
+}
+_URL_OPTIONS = ("http_timeout", "http_retries")
+
+
+_PREFERENCE_BUILDERS: dict[str, Callable[[PreferenceContext], Preference]] = {
+    "bradley-terry": lambda c: BradleyTerryPreference(
+        c.reward, 1.0 if c.temperature is None else c.temperature
+    ),
+}
+
+
+def _http(url: str, c: RewardContext) -> Reward:
+    retries = DEFAULT_RETRIES if c.http_retries is None else c.http_retries
+    return HttpReward(url, c.device, c.dtype, timeout=c.http_timeout, retries=retries)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_reward(name_or_path: str, context: RewardContext | None = None, **options) -> Reward:
+    """A reward by table name, URL or ``module.path:attribute``: ``reward(images, prompts) -> (B,)``.
+
+    ``context``: a ready ``RewardContext``; ``options`` fill one in (or replace its fields). Raises
+    ``UsageError`` (one line) for an unknown name, option or a plug-in outside the contract (package
+    docstring). Weights load on the first call, or on ``reward.load()``.
     """
+    ctx = make_context(context, options)
+    if is_url(name_or_path):
+        _check_options(f"reward {name_or_path}", ctx, _URL_OPTIONS)
+        return _http(name_or_path, ctx)
+    if "://" in name_or_path:
+        raise UsageError(f"--reward {name_or_path}: a reward server's URL starts with http:// or https://")
     if ":" in name_or_path:
-        target = load_plugin(name_or_path, "reward")
-        label = f"reward plug-in {name_or_path}"
-        if inspect.isclass(target):
-            reward = _construct(target, label, options)
-            if not callable(reward):
-                raise UsageError(
-                    f"{label}: its instances are not callable (define __call__(images, prompts))"
-                )
-            return (
-                reward if isinstance(reward, Reward) else CallableReward(reward, _name(reward, name_or_path))
-            )
-        _construct(lambda: None, label, options)  # a function takes no options: reject any
-        return CallableReward(target, _name(target, name_or_path))
-    if name_or_path not in REWARDS:
+        return _reward_plugin(load_plugin(name_or_path, "reward"), name_or_path, ctx)
+    if name_or_path not in _BUILDERS:
         raise UsageError(
-            f"unknown reward {name_or_path!r}: use one of {', '.join(REWARDS)}, or module.path:attribute for your own"
+            f"unknown reward {name_or_path!r}: use one of {', '.join(REWARDS)}, module.path:attribute for "
+            "your own, or the http:// URL of a reward server"
         )
-    reward = _construct(REWARDS[name_or_path], f"reward {name_or_path}", options)
-    return reward if isinstance(reward, Reward) else CallableReward(reward, _name(reward, name_or_path))
+    reads, build = _BUILDERS[name_or_path]
+    _check_options(f"reward {name_or_path}", ctx, reads)
+    return build(ctx)
 
 
-def load_preference(name_or_path: str, reward=None, **options) -> Preference:
+def load_preference(
+    name_or_path: str, reward: Reward | str | None = None, *, temperature: float | None = None, **options
+) -> Preference:
     """A preference by table name or ``module.path:attribute``: ``pref(a, b, prompts) -> P (B,)``.
 
-    ``reward`` is a reward object or a reward name (loaded with ``load_reward`` and the options the
-    preference does not take, e.g. ``device``, ``aesthetic_head``). A plug-in class gets ``reward``
-    only if its ``__init__`` takes it.
+    ``reward``: the pointwise reward, a reward object or a name (loaded with ``load_reward`` and
+    ``options``); ``temperature``: None for the preference's default. The preference is built from
+    one ``PreferenceContext`` (plug-ins: the contract of the package docstring).
     """
-    if ":" in name_or_path:
-        target, label = load_plugin(name_or_path, "preference"), f"preference plug-in {name_or_path}"
-    elif name_or_path in PREFERENCES:
-        target, label = PREFERENCES[name_or_path], f"preference {name_or_path}"
+    if isinstance(reward, str):
+        reward = load_reward(reward, **options)
     else:
+        extra = [k for k, v in options.items() if v is not None and k not in ("device", "dtype")]
+        if extra:
+            raise UsageError(
+                f"preference {name_or_path}: option {extra[0]!r} only applies to a reward loaded by name "
+                "(reward=NAME)"
+            )
+    # Device and dtype: given, else the reward's.
+    device = options.get("device") or getattr(reward, "device", None)
+    dtype = options.get("dtype") or getattr(reward, "dtype", None)
+    try:
+        ctx = PreferenceContext(reward=reward, temperature=temperature, device=device, dtype=dtype)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"preference {name_or_path}: {short_cause(e)}") from e
+    if ":" in name_or_path:
+        return _preference_plugin(load_plugin(name_or_path, "preference"), name_or_path, ctx)
+    if name_or_path not in _PREFERENCE_BUILDERS:
         raise UsageError(
             f"unknown preference {name_or_path!r}: use one of {', '.join(PREFERENCES)}, "
             "or module.path:attribute for your own"
         )
-    if not inspect.isclass(target):
-        _construct(lambda: None, label, options)  # a function takes no options: reject any
-        return CallablePreference(target, _name(target, name_or_path))
+    return _PREFERENCE_BUILDERS[name_or_path](ctx)
 
-    # Split the options: those the preference names go to it, the rest (and device/dtype) to its reward.
-    params = _parameters(target)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    pref_options = {k: v for k, v in options.items() if k in params or takes_any}
-    reward_options = {k: v for k, v in options.items() if k not in pref_options or k in TRAINER_OPTIONS}
-    if "reward" in params or takes_any:
-        if reward is None and "reward" in params and params["reward"].default is inspect.Parameter.empty:
-            raise UsageError(f"{label} needs a pointwise reward: pass reward=NAME (--reward)")
-        if isinstance(reward, str):
-            reward = load_reward(reward, **reward_options)
-        else:  # a ready reward takes no options: unknown ones are reported below
-            pref_options.update({k: v for k, v in reward_options.items() if k not in TRAINER_OPTIONS})
-        pref_options["reward"] = reward
-    else:
-        pref_options.update(reward_options)  # nothing takes them: unknown ones are reported below
-    pref = _construct(target, label, pref_options)
-    if not callable(pref):
+
+def make_context(context: RewardContext | None = None, options: dict | None = None) -> RewardContext:
+    """``context`` with ``options`` set (a new one if None); ``UsageError`` for an unknown option name."""
+    options = dict(options or {})
+    unknown = [k for k in options if k not in RewardContext.option_names()]
+    if unknown:
         raise UsageError(
-            f"{label}: its instances are not callable (define __call__(images_a, images_b, prompts))"
+            f"no reward option {unknown[0]!r}: the options are {', '.join(RewardContext.option_names())}"
         )
-    return pref if isinstance(pref, Preference) else CallablePreference(pref, _name(pref, name_or_path))
+    if context is None:
+        return RewardContext(**options)
+    return dataclasses.replace(context, **options) if options else context
 
 
 def load_plugin(spec: str, kind: str = "reward"):
-    """The object named by ``module.path:attribute`` (dotted attributes allowed), checked callable."""
+    """The object named by ``module.path:attribute`` (dotted attributes allowed), not yet checked."""
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise UsageError(f"{kind} plug-in {spec!r}: write it as module.path:attribute")
@@ -146,46 +274,113 @@ def load_plugin(spec: str, kind: str = "reward"):
         obj = importlib.import_module(module_name)
     except Exception as e:  # ModuleNotFoundError, or an error raised while importing the user's module
         raise UsageError(
-            f"{kind} plug-in {spec}: cannot import module {module_name!r} ({short_cause(e)}); is it on PYTHONPATH?"
+            f"{kind} plug-in {spec}: cannot import module {module_name!r} ({short_cause(e)}); "
+            "is it on PYTHONPATH?"
         ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{kind} plug-in {spec}: {module_name!r} has no attribute {attr!r}")
+            raise UsageError(
+                f"{kind} plug-in {spec}: {module_name!r} has no attribute {attr!r}; check the name"
+            )
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise UsageError(
-            f"{kind} plug-in {spec}: {attr!r} is a {type(obj).__name__}, not a class or function"
-        )
     return obj
 
 
-def _parameters(factory) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):  # some builtins have no signature
-        return {}
+# ----------------------------------------------------------------------------------------------
+# The contract, for rewards and preferences alike
 
 
-def _construct(factory, label: str, options: dict):
-    """``factory(**options)`` with None values dropped, and trainer options dropped where not taken."""
-    params = _parameters(factory)
-    given = {k: v for k, v in options.items() if v is not None}
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in given if k not in params and k not in TRAINER_OPTIONS]
-        if unknown:
-            valid = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    word: str  # "reward" / "preference"
+    base: type  # Reward / Preference
+    marked: type  # RewardFunction / PreferenceFunction
+    wrap: Callable  # (marked, name) -> base instance
+    context: str  # the context's class name, for messages
+    decorator: str
+    signature: str
+    other: str  # the other kind's word, for a reward given as a preference and vice versa
+
+
+_REWARD = _Kind(
+    "reward",
+    Reward,
+    RewardFunction,
+    lambda f: CallableReward(f.fn, f.name),
+    "RewardContext",
+    "@reward_function",
+    "f(images, prompts)",
+    "preference",
+)
+_PREFERENCE = _Kind(
+    "preference",
+    Preference,
+    PreferenceFunction,
+    lambda f: CallablePreference(f.fn, f.name),
+    "PreferenceContext",
+    "@preference_function",
+    "f(images_a, images_b, prompts)",
+    "reward",
+)
+
+
+def _reward_plugin(obj, spec: str, ctx: RewardContext) -> Reward:
+    return _resolve(obj, spec, ctx, _REWARD)
+
+
+def _preference_plugin(obj, spec: str, ctx: PreferenceContext) -> Preference:
+    return _resolve(obj, spec, ctx, _PREFERENCE)
+
+
+def _resolve(obj, spec: str, ctx, kind: _Kind):
+    """The plug-in ``obj`` as a ``kind.base`` instance, by the package docstring's rule."""
+    label = f"{kind.word} plug-in {spec}"
+    what = (
+        f"name a {kind.base.__name__} subclass, a factory f(ctx: {kind.context}) -> {kind.base.__name__}, "
+        f"or a scoring function {kind.signature} decorated with {kind.decorator}"
+    )
+    if isinstance(obj, kind.marked):
+        return kind.wrap(obj)
+    other = _PREFERENCE if kind is _REWARD else _REWARD
+    if isinstance(obj, other.marked | other.base) or (isinstance(obj, type) and issubclass(obj, other.base)):
+        raise UsageError(f"{label}: it is a {kind.other}, not a {kind.word}; {what}")
+    if isinstance(obj, type):
+        if not issubclass(obj, kind.base):
             raise UsageError(
-                f"{label} takes no option {unknown[0]!r} (its options: {', '.join(valid) or 'none'})"
+                f"{label}: the class {obj.__name__} is not a rebel_diffusion.rewards.{kind.base.__name__} "
+                f"subclass; {what}"
             )
-        given = {k: v for k, v in given.items() if k in params}
-    if params:
-        try:
-            inspect.signature(factory).bind(**given)
-        except TypeError as e:  # a required argument the options do not give
-            raise UsageError(f"{label}: cannot be built with the options given ({e})") from e
-    return factory(**given)
+        return _call(obj, ctx, label, f"{obj.__name__}({kind.context})", kind)
+    if isinstance(obj, kind.base):
+        return obj
+    if not callable(obj):
+        raise UsageError(f"{label}: it is of type {type(obj).__name__}; {what}")
+    made = _call(obj, ctx, label, f"the factory {_qualname(obj)}({kind.context})", kind)
+    if isinstance(made, kind.marked):
+        return kind.wrap(made)
+    if not isinstance(made, kind.base):
+        raise UsageError(
+            f"{label}: the factory returned a {type(made).__name__}, not a {kind.base.__name__}; "
+            f"return a {kind.base.__name__} (a scoring function {kind.signature} needs {kind.decorator})"
+        )
+    return made
 
 
-def _name(obj, spec: str) -> str:
-    name = getattr(obj, "name", None)
-    return name if isinstance(name, str) else spec.rpartition(":")[2]
+def _call(factory, ctx, label: str, call: str, kind: _Kind):
+    try:
+        return factory(ctx)
+    except TypeError as e:  # typically an undecorated scoring function, or an __init__ of other arguments
+        raise UsageError(
+            f"{label}: {call} failed ({short_cause(e)}); it must take one argument, the {kind.context} "
+            f"(a scoring function {kind.signature} needs {kind.decorator})"
+        ) from e
+
+
+def _check_options(label: str, ctx: RewardContext, reads: tuple[str, ...]) -> None:
+    extra = [k for k in ctx.given() if k not in reads]
+    if extra:
+        raise UsageError(f"{label} takes no option {extra[0]!r} (its options: {', '.join(reads) or 'none'})")
+
+
+def _qualname(obj) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__

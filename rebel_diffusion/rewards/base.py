@@ -6,10 +6,14 @@ A reward is a callable ``reward(images, prompts) -> scores``:
 - ``prompts``: ``list[str]`` of length B;
 - ``scores``: ``(B,)`` float32 on the images' device.
 
-Every reward object has a ``.name``. The device is given at construction (``device=``, which the
-trainer passes); ``device=None`` means "the device of the first images seen". Models load lazily on
-the first call, once; ``reward.load()`` loads them now (the trainer calls it before the first epoch
-so that a missing weights file fails at start-up, not after the first sampling round).
+Every reward object has a ``.name``. The device is given at construction (``device=``, or a
+``RewardContext``, which the trainer fills in); ``device=None`` means "the device of the first images
+seen". Models load lazily on the first call, once; ``reward.load()`` loads them now (the trainer calls
+it before the first epoch so that a missing weights file fails at start-up, not after the first
+sampling round).
+
+``RewardContext`` is what every reward is built from (built-ins and plug-ins alike, see the package
+docstring); ``reward_function`` marks a plain scoring function as a plug-in.
 
 Input checks, shared by every reward (built-in or plug-in):
 
@@ -17,11 +21,22 @@ Input checks, shared by every reward (built-in or plug-in):
   would clamp too);
 - NaN or inf raises ``ValueError`` naming the images: they mean the sampler or the VAE diverged
   (typically fp16 overflow), and a made-up score would silently poison the update.
+
+Output checks: a reward must return one real number per image (a tensor, array or list of shape
+``(B,)``); anything else is a ``UsageError`` naming the reward. NaN or inf scores pass through: the
+trainer drops those images and counts them (``reward_nonfinite``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
 import torch
+
+from ..errors import UsageError
 
 DTYPES = {
     "fp32": torch.float32,
@@ -42,6 +57,16 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def as_device(device) -> torch.device | None:
+    """``torch.device(device)``, None kept; ``UsageError`` (one line) for a name torch does not know."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"device {device!r} is not a torch device: use e.g. cpu, cuda or cuda:1") from e
 
 
 def short_cause(e: BaseException, limit: int = 120) -> str:
@@ -70,12 +95,77 @@ def check_images(images: torch.Tensor, prompts) -> torch.Tensor:
     return images.clamp(0.0, 1.0)
 
 
-def check_scores(scores, batch_size: int, name: str, device: torch.device) -> torch.Tensor:
-    """Coerce what a reward returned to float32 ``(B,)`` on ``device``, or say what is wrong."""
-    scores = torch.as_tensor(scores).detach()
+_REAL_DTYPES = (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)  # fmt: skip
+
+
+def check_scores(
+    scores, batch_size: int, name: str, device: torch.device, kind: str = "reward"
+) -> torch.Tensor:
+    """Coerce what a reward returned to float32 ``(B,)`` on ``device``, or say what is wrong (one line)."""
+    try:
+        scores = torch.as_tensor(scores).detach()
+    except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged lists, objects
+        raise UsageError(
+            f"{kind} {name!r} returned {type(scores).__name__} that is not numbers ({short_cause(e)}): "
+            f"return one float per image, shape ({batch_size},)"
+        ) from e
+    if scores.dtype not in _REAL_DTYPES:  # complex, or a dtype with no float32 meaning
+        raise UsageError(f"{kind} {name!r} returned dtype {scores.dtype}: return real numbers, e.g. float32")
     if scores.shape != (batch_size,):
-        raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({batch_size},)")
+        raise UsageError(
+            f"{kind} {name!r} returned shape {tuple(scores.shape)}, expected ({batch_size},): "
+            "return one score per image"
+        )
     return scores.to(device=device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """Everything a reward is built from: ``load_reward`` fills one in and hands it to the reward.
+
+    ``device`` and ``dtype`` come from the trainer (``device=None``: the device of the first images
+    scored). The other fields are per-reward options, None meaning "the reward's default"; a reward
+    reads those it knows and ignores the rest.
+    """
+
+    device: torch.device | None = None
+    dtype: torch.dtype = torch.float32
+    # aesthetic, clip: the open_clip backbone (``clip_score``)
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    # aesthetic: the LAION head (``aesthetic``)
+    aesthetic_head: str | os.PathLike | None = None
+    aesthetic_head_repo: str | None = None
+    aesthetic_head_file: str | None = None
+    # toy-alignment: the toy classifier (``toy_alignment``)
+    classifier_path: str | os.PathLike | None = None
+    include_background: bool | None = None
+    # a reward server (``http_reward``): seconds per socket operation, retries on connection errors / 5xx
+    http_timeout: float | None = None
+    http_retries: int | None = None
+
+    def __post_init__(self):
+        # Normalised once here, so every reward sees a torch.device (or None) and a torch.dtype.
+        object.__setattr__(self, "device", as_device(self.device))
+        try:
+            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"reward {e}") from e  # "reward dtype 'x': use one of ..."
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def given(self) -> dict:
+        """The per-reward options that are set (not None), device and dtype aside."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("device", "dtype") and getattr(self, f.name) is not None
+        }
 
 
 class Reward:
@@ -87,7 +177,13 @@ class Reward:
 
     name: str = "reward"
 
-    def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
+    def __init__(
+        self,
+        device: RewardContext | str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ):
+        if isinstance(device, RewardContext):  # Reward(ctx): a plug-in class built by load_reward
+            device, dtype = device.device, device.dtype if dtype is None else dtype
         self.device = torch.device(device) if device is not None else None
         self.dtype = as_dtype(dtype)
         self._loaded = False
@@ -125,10 +221,10 @@ class Reward:
 
 
 class CallableReward(Reward):
-    """Adapts a plug-in (a plain function, or an object that is not a ``Reward``) to the interface.
+    """Adapts a scoring function ``fn(images, prompts) -> (B,)`` to the interface.
 
-    The plug-in gets the checked images on their own device and may return a tensor, an array or
-    a list; ``details`` is forwarded when the plug-in has one.
+    The function gets the checked images on their own device and may return a tensor, an array or
+    a list.
     """
 
     def __init__(self, fn, name: str):
@@ -143,12 +239,33 @@ class CallableReward(Reward):
             scores = self.fn(images, prompts)
         return check_scores(scores, len(prompts), self.name, images.device)
 
-    def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        details = getattr(self.fn, "details", None)
-        return details(check_images(images, list(prompts)), list(prompts)) if details else {}
-
     def load(self, device=None) -> Reward:
-        load = getattr(self.fn, "load", None)
-        if callable(load):
-            load()
         return self
+
+    def __repr__(self) -> str:
+        return f"CallableReward(name={self.name!r}, fn={getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+class RewardFunction:
+    """A scoring function marked as a reward plug-in (``@reward_function``); still callable as itself."""
+
+    def __init__(self, fn, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"@reward_function decorates a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "reward")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, images, prompts):
+        return self.fn(images, prompts)
+
+    def __repr__(self) -> str:
+        return f"RewardFunction(name={self.name!r})"
+
+
+def reward_function(fn=None, *, name: str | None = None):
+    """Mark ``fn(images, prompts) -> (B,)`` as a reward plug-in: ``@reward_function`` or
+    ``@reward_function(name="my-reward")`` (default name: the function's)."""
+    if fn is None:
+        return lambda f: RewardFunction(f, name)
+    return RewardFunction(fn, name)

@@ -11,49 +11,84 @@ be antisymmetric, ``P(a, b) = 1 - P(b, a)`` (and 1/2 on equal images).
 Shipped: ``bradley-terry`` (``BradleyTerryPreference``), which turns any pointwise reward into a
 preference, ``sigmoid((r(a) - r(b)) / temperature)``.
 
-Plugging in an external preference model (a pairwise judge, a VLM, a preference network):
+Plugging in an external preference model (a pairwise judge, a VLM, a preference network), with
+the same contract as reward plug-ins (``rebel_diffusion.rewards``): ``--preference module:attr``
+names one of
 
-1. In your own module, write a class or a plain function::
+- a ``Preference`` subclass, built as ``cls(ctx)`` with one ``PreferenceContext`` (the loaded
+  pointwise reward or None, the temperature or None, device, dtype); implement ``prefer``;
+- a factory ``f(ctx: PreferenceContext) -> Preference``;
+- a pairwise function decorated with ``@preference_function`` (``f(images_a, images_b, prompts)``);
+- a ``Preference`` instance, used as it is.
 
-       class MyJudge:
-           name = "my-judge"
-           def __init__(self, device=None, dtype=None, threshold=0.5):  # options you want
-               ...  # keep it light; load weights lazily on the first call
-           def __call__(self, images_a, images_b, prompts):
-               return probs  # (B,) in [0, 1]
+For example::
 
-       def my_judge(images_a, images_b, prompts): ...  # a function works too
+    from rebel_diffusion.rewards import Preference, PreferenceContext, preference_function
 
-2. Load it with ``load_preference("my_pkg.judges:MyJudge", threshold=0.7, device=...)`` (CLI:
-   ``--preference my_pkg.judges:MyJudge``). A class gets the options its ``__init__`` names:
-   ``device`` and ``dtype`` (from the trainer) only if it accepts them, ``reward`` (the loaded
-   pointwise reward) only if it accepts it, other options as given.
+    class MyJudge(Preference):
+        name = "my-judge"
+        def __init__(self, ctx: PreferenceContext):
+            super().__init__(ctx)
+            ...  # keep it light; load weights lazily on the first call, on ctx.device
+        def prefer(self, images_a, images_b, prompts):
+            return probs  # (B,) in [0, 1]
 
-3. Images arrive checked (``rewards.base``: clamped to [0, 1], NaN rejected); the output is checked
-   for shape ``(B,)`` and range [0, 1]. A judge with a position bias is not antisymmetric: average
-   it with its swap, ``(P(a, b) + 1 - P(b, a)) / 2``, inside ``__call__``.
+    @preference_function(name="brighter")
+    def brighter(images_a, images_b, prompts): ...
+
+Images arrive checked (``rewards.base``: clamped to [0, 1], NaN rejected); the output is checked
+for shape ``(B,)`` and range [0, 1] (a ``UsageError`` otherwise). A judge with a position bias is not
+antisymmetric: average it with its swap, ``(P(a, b) + 1 - P(b, a)) / 2``, inside ``prefer``.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import UsageError
-from .base import check_images, check_scores
+from .base import Reward, as_device, as_dtype, check_images, check_scores
 
 
 def check_probs(probs, batch_size: int, name: str, device: torch.device) -> torch.Tensor:
     """Coerce a preference output to float32 ``(B,)`` in [0, 1] on ``device``, or say what is wrong."""
-    probs = check_scores(probs, batch_size, name, device)
+    probs = check_scores(probs, batch_size, name, device, kind="preference")
     if not ((probs >= 0) & (probs <= 1)).all():  # also catches NaN
-        raise ValueError(f"preference {name!r} returned values outside [0, 1]: {probs.tolist()[:8]}")
+        raise UsageError(
+            f"preference {name!r} returned values outside [0, 1] ({probs.tolist()[:4]}): "
+            "return probabilities P(a preferred to b)"
+        )
     return probs
+
+
+@dataclass(frozen=True)
+class PreferenceContext:
+    """What a preference is built from: ``load_preference`` fills one in.
+
+    ``reward``: the pointwise reward (loaded from ``--reward``), or None; ``temperature``: the
+    ``--preference-temperature``, or None for the preference's default; ``device``/``dtype`` as for
+    rewards (the reward's device when not given).
+    """
+
+    reward: Reward | None = None
+    temperature: float | None = None
+    device: torch.device | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", as_device(self.device))
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
 
 
 class Preference:
     """Base class: subclasses implement ``prefer`` on checked images."""
 
     name: str = "preference"
+
+    def __init__(self, context: PreferenceContext | None = None):
+        self.context = context
 
     def prefer(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """P(a preferred to b).  # (B, 3, H, W) x 2 -> (B,)"""
@@ -84,6 +119,7 @@ class BradleyTerryPreference(Preference):
             )
         if not temperature > 0:
             raise UsageError(f"bradley-terry temperature must be > 0, got {temperature}")
+        super().__init__()
         self.reward, self.temperature = reward, float(temperature)
 
     def prefer(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -95,14 +131,41 @@ class BradleyTerryPreference(Preference):
         return torch.sigmoid((r_a - r_b) / self.temperature)
 
     def __repr__(self) -> str:
-        return f"BradleyTerryPreference(reward={getattr(self.reward, 'name', self.reward)!r}, temperature={self.temperature})"
+        name = getattr(self.reward, "name", self.reward)
+        return f"BradleyTerryPreference(reward={name!r}, temperature={self.temperature})"
 
 
 class CallablePreference(Preference):
-    """Adapts a plug-in function or object to the interface (checks in and out)."""
+    """Adapts a pairwise function ``fn(images_a, images_b, prompts) -> (B,)`` (checks in and out)."""
 
     def __init__(self, fn, name: str):
+        super().__init__()
         self.fn, self.name = fn, name
 
     def prefer(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.fn(images_a, images_b, prompts)
+
+
+class PreferenceFunction:
+    """A pairwise function marked as a preference plug-in (``@preference_function``)."""
+
+    def __init__(self, fn, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"@preference_function decorates a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "preference")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, images_a, images_b, prompts):
+        return self.fn(images_a, images_b, prompts)
+
+    def __repr__(self) -> str:
+        return f"PreferenceFunction(name={self.name!r})"
+
+
+def preference_function(fn=None, *, name: str | None = None):
+    """Mark ``fn(images_a, images_b, prompts) -> P (B,)`` as a preference plug-in: ``@preference_function``
+    or ``@preference_function(name="my-judge")``."""
+    if fn is None:
+        return lambda f: PreferenceFunction(f, name)
+    return PreferenceFunction(fn, name)
