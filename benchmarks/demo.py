@@ -95,14 +95,16 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = torch.device("cpu")
     variants = [[], *[shlex.split(v) for v in args.variant]]
+    environment = env.record(device)  # before the runs: the load average they started under
+    device_info = env.device_info(device)
     runs = [run_demo(extra) for _ in range(args.repeats) for extra in variants]
     report = {
         "what": "wall time of the offline plumbing demo command (target: < 180 s on a 2-core CPU)",
         "date": dt.date.today().isoformat(),
-        "device": env.device_info(device),
-        "versions": env.versions(device),
-        "git": env.git_state(),
-        "env": env.record(device),
+        "device": device_info,
+        "versions": environment["versions"],
+        "git": environment["git"],
+        "env": environment,
         "runs": runs,
     }
     out = Path(args.out) if args.out else env.RESULTS / f"demo_cpu_{report['date']}.json"

@@ -42,7 +42,7 @@ class TrainConfig:
     # --- prompts and reward ----------------------------------------------------------------------
     prompts: str = _f("simple_animals", "training prompts: a set in prompts/ (simple_animals, ...) or a file path")
     reward: str = _f("aesthetic", "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
-                     "toy-alignment, or module.path:attribute")
+                     "toy-alignment, module.path:attribute (a plug-in), or an http(s):// URL (a reward server)")
     aesthetic_head: str | None = _f(None, "local file of the LAION aesthetic head (default: from the model hub)")
     clip_model: str | None = _f(None, "open_clip architecture of the aesthetic/clip rewards (default ViT-L-14)")
     clip_pretrained: str | None = _f(None, "open_clip pretrained tag or local weights file (default openai)")

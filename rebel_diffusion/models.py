@@ -434,8 +434,25 @@ def save_lora(unet, folder: str | os.PathLike) -> Path:
         safe_serialization=True,
         weight_name=LORA_FILE,
     )
+    _save_peft_adapter(unet, tmp)
     replace_dir(tmp, folder)
     return folder / LORA_FILE
+
+
+PEFT_CONFIG = "adapter_config.json"  # PEFT's names: PeftModel.from_pretrained(unet, folder) reads these
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def _save_peft_adapter(unet, folder: Path) -> None:
+    """The same LoRA in PEFT's own format beside diffusers' file, so that
+    ``PeftModel.from_pretrained(unet, folder)`` loads it (diffusers picks its own file by name)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = unet.peft_config["default"]
+    weights = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file(weights, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import run_folder
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 DEFAULT_PROMPT = "a photo of an otter"
 DISPLAY_MIN = 256  # small samples (32px tiny models) are upscaled, nearest, for the page
@@ -286,7 +286,7 @@ def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
     try:
         return load_rewards([name], device=device, dtype=torch.float32,
                             aesthetic_head=aesthetic_head or cfg.get("aesthetic_head"))[name], name
-    except UsageError as e:
+    except (UsageError, RunError) as e:  # RunError: a reward server that is down
         if reward:  # asked for explicitly: the user must hear it
             raise
         warnings.warn(f"preview shows no rewards: the run's reward {name!r} cannot be loaded ({e})", stacklevel=2)

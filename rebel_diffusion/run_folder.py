@@ -402,3 +402,51 @@ def apply_checkpoint(pipe, folder: Path) -> None:
             target_modules=parse_lora_targets(cfg.get("lora_targets") or defaults.lora_targets),
         )
     load_trainable(pipe.unet, weights, folder)
+
+
+MODEL_CARD = "README.md"  # inside lora/ (or unet/): the Hugging Face model card
+CARD_GRID = "grid.png"
+
+
+def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
+    """``lora/README.md`` (or ``unet/``): a Hugging Face model card with the base model, reward,
+    algorithm, the key figures of epoch 0 and the last epoch, and the last grid (copied beside it)."""
+    import yaml
+
+    out = Path(out)
+    folder = out / (LORA_DIR if config.get("finetune", "lora") == "lora" else UNET_DIR)
+    grids = sorted((out / GRIDS).glob("epoch_*.png"), key=_natural_key)
+    if grids:
+        shutil.copyfile(grids[-1], folder / CARD_GRID)
+    epochs = [m for m in metrics if isinstance(m.get("epoch"), int)]
+    first, last = (epochs[0], epochs[-1]) if epochs else ({}, {})
+    keys = ["reward_mean", "grid_reward_mean"] + sorted(k for k in last if k.startswith("heldout/"))
+    rows = [f"| {k} | {_fmt(first.get(k))} | {_fmt(last.get(k))} |" for k in keys if k in last]
+    front = {
+        "base_model": config.get("model"),
+        "library_name": "diffusers",
+        "tags": ["stable-diffusion", "text-to-image", "diffusers", "lora" if folder.name == LORA_DIR else "unet",
+                 "reinforcement-learning", "rebel-diffusion", str(config.get("algorithm", "rebel"))],
+        "pipeline_tag": "text-to-image",
+    }
+    use = (f'pipe.load_lora_weights("{folder.name}")' if folder.name == LORA_DIR
+           else f'pipe.unet = UNet2DConditionModel.from_pretrained("{folder.name}")')
+    text = (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# {out.name}\n\n"
+        f"A {'LoRA' if folder.name == LORA_DIR else 'fine-tuned UNet'} of `{config.get('model')}` trained with "
+        f"rebel-diffusion ({str(config.get('algorithm', 'rebel')).upper()}) toward the reward "
+        f"`{config.get('reward')}`: {last.get('epoch', 0)} epochs of {config.get('num_steps')} "
+        f"{config.get('sampler')} steps at guidance {config.get('guidance_scale')}.\n\n"
+        + (f"![the last epoch's grid]({CARD_GRID})\n\n" if grids else "")
+        + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n"
+        "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}")\n{use}\n```\n'
+    )
+    atomic_write_text(folder / MODEL_CARD, text)
+    return folder / MODEL_CARD
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "-"

@@ -933,6 +933,8 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
         if acc.is_main_process:
             run_folder.commit_checkpoint(run.out, epoch, keep=run.cfg.checkpoints_keep)
             run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
+            run_folder.write_model_card(run.out, dataclasses.asdict(run.cfg),
+                                        report.read_metrics(run.out / run_folder.METRICS))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         run_folder.abort_checkpoint(run.out, epoch)
         last = run_folder.latest_checkpoint(run.out)

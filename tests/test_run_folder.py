@@ -134,6 +134,38 @@ def test_export_weights_lora_matches_the_unet(tmp_path, lora_unet, unet_inputs):
     assert_close(unet_out(plain.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
 
 
+def test_exported_lora_loads_with_peft_itself(tmp_path, tiny_pipe, lora_unet, unet_inputs):
+    """adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained on a plain UNet
+    gives the trained outputs; the base UNet's own weights are left as they were."""
+    from peft import PeftModel
+
+    run_folder.export_weights(tmp_path, lora_unet, "lora")
+    plain = copy.deepcopy(tiny_pipe.unet)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = PeftModel.from_pretrained(plain, str(tmp_path / "lora"))
+    assert_close(unet_out(model, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 2.0, ["to_q", "to_v"])
+    base_after = {k.replace("base_layer.", ""): v for k, v in plain.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base_after[k], before[k]) for k in before)
+
+
+def test_model_card(tmp_path, lora_unet):
+    from rebel_diffusion.report import make_grid, save_png
+
+    run_folder.export_weights(tmp_path, lora_unet, "lora")
+    save_png(make_grid(torch.rand(2, 3, 32, 32), ["a", "b"]), tmp_path / "grids" / "epoch_0002.png")
+    metrics = [{"epoch": 0, "reward_mean": -1.5, "grid_reward_mean": -1.4, "heldout/toy-alignment": 0.8},
+               {"epoch": 2, "reward_mean": -1.2, "grid_reward_mean": -1.1, "heldout/toy-alignment": 0.85}]
+    config = {"model": "toy", "finetune": "lora", "algorithm": "rebel", "reward": "jpeg-compressibility",
+              "num_steps": 10, "sampler": "ddim", "guidance_scale": 3.0}
+    card = run_folder.write_model_card(tmp_path, config, metrics).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "toy" and front["library_name"] == "diffusers" and "lora" in front["tags"]
+    assert "| heldout/toy-alignment | 0.8 | 0.85 |" in card and "jpeg-compressibility" in card
+    assert "![the last epoch's grid](grid.png)" in card and (tmp_path / "lora" / "grid.png").is_file()
+
+
 def test_export_weights_full_unet(tmp_path, tiny_pipe, unet_inputs):
     from diffusers import UNet2DConditionModel
 
