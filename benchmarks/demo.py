@@ -82,7 +82,7 @@ def run_demo(extra: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1, help="rounds; each runs every variant once")
     p.add_argument(
         "--variant",

@@ -37,7 +37,7 @@ VARIANTS = ("ours", "ours_no_record", "diffusers", "diffusers_per_image")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sampler", description=__doc__.splitlines()[0])
     p.add_argument(
         "--model", default="tiny", help="built-in name (tiny, sd15-random, ...), folder, file or hub id"
     )

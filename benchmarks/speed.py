@@ -75,7 +75,9 @@ POSITIVE += ["epoch_images", "epochs"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.speed",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny", help="tiny (default), sd15-random, or any load_pipeline name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -152,3 +152,43 @@ def test_lora_alpha_survives_save_and_reload(tmp_path):
     base = build_tiny_pipeline()(["a cat"], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert (a - base).abs().max() > 1e-3  # the LoRA matters...
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # ...and reloads at the same strength
+
+
+def test_renamed_flags_and_keys_still_work_and_warn(tmp_path, capsys):
+    cfg = parse(["--model", "tiny", "--eval-every", "3", "--eval-num-images", "4"])
+    assert (cfg.heldout_every, cfg.grid_num_images) == (3, 4)
+    err = capsys.readouterr().err
+    assert "--eval-every is deprecated" in err and "use --heldout-every" in err
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"model": "tiny", "eval_prompts": "toy_heldout", "eval_rewards": "clip"}))
+    with pytest.warns(FutureWarning, match="eval_prompts is deprecated.*grid_prompts"):
+        cfg = parse(["--config", str(path)])
+    assert (cfg.grid_prompts, cfg.heldout_rewards) == ("toy_heldout", "clip")
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"eval_every": 1, "heldout_every": 2}))
+    with pytest.raises(UsageError, match="both eval_every and its new name heldout_every"):
+        parse(["--config", str(both)])
+
+
+def test_a_run_saved_with_the_old_names_resumes_silently(tmp_path, recwarn):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = {**dataclasses.asdict(TrainConfig(model="tiny", output_dir=str(out)))}
+    for old, new in (("eval_prompts", "grid_prompts"), ("eval_every", "heldout_every")):
+        saved[old] = saved.pop(new)
+    saved.pop("num_threads")  # a field the older release did not have: its default
+    for action in ("resume", "overwrite"):
+        saved.pop(action)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = parse(["--resume", "--output-dir", str(out)])
+    assert cfg.resume and cfg.model == "tiny" and cfg.heldout_every == 0
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_help_shows_each_default_once():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for action in parser._actions:
+        text = action.help or ""
+        assert text.count("(default") <= 1, text
+        assert "(default: None)" not in text, text

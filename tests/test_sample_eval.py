@@ -263,3 +263,12 @@ def test_other_bad_input(run_dir, capsys):
     assert "--finetune" in error_line(capsys, "eval")
     assert cli.main(["eval", "--run", str(run_dir), "--diversity-model", "resnet"]) == 2
     assert "--diversity-model resnet" in error_line(capsys, "eval")
+
+
+def test_sample_old_eta_flag_is_ddim_eta_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "s"
+    rc = cli.main(["sample", "--model", "tiny", "--steps", str(STEPS), "--resolution", "32", "--quiet",
+                   "--prompt", "a cat", "--eta", "0.5", "--output-dir", str(out)])
+    assert rc == 0
+    assert "--eta is deprecated" in capsys.readouterr().err
+    assert json.loads((out / "samples.json").read_text())["settings"]["ddim_eta"] == 0.5
