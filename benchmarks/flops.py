@@ -29,7 +29,7 @@ def _flop_context(device: torch.device):
 
 def unet_inputs(unet, batch: int, h: int, w: int, device, dtype):
     """Seeded random (latents, timesteps, text embeddings) for one UNet call."""
-    from rebel_diffusion.sampling import unwrap
+    from rebel_diffusion.components import unwrap
 
     cfg = unwrap(unet).config
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -50,8 +50,8 @@ def count_flops(fn, device: torch.device) -> int:
 
 def bench_flops(args, device: torch.device, pipe, settings_hw: tuple[int, int]) -> dict:
     """FLOPs of the UNet calls the sampler and the REBEL step make, at the measured shapes."""
+    from rebel_diffusion.components import unwrap
     from rebel_diffusion.models import add_lora
-    from rebel_diffusion.sampling import unwrap
 
     h, w = settings_hw
     lh, lw = h // pipe.vae_scale_factor, w // pipe.vae_scale_factor

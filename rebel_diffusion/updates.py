@@ -17,7 +17,8 @@ import torch
 
 from .ddpo import ppo_clip_loss
 from .rebel import rebel_residual, rebel_surrogate
-from .sampling import Trajectories, gaussian_kl, rescore_log_probs, step_groups, steps_log_prob
+from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
+from .steps import gaussian_kl
 
 
 def log_ratios(

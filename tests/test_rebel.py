@@ -22,12 +22,12 @@ from rebel_diffusion.rebel import (
 )
 from rebel_diffusion.sampling import (
     SamplingSettings,
-    gaussian_kl,
     make_scheduler,
     sample_trajectories,
     step_log_prob,
     steps_log_prob,
 )
+from rebel_diffusion.steps import gaussian_kl
 from rebel_diffusion.updates import ddpo_accumulate, log_ratios, rebel_accumulate
 
 # ------------------------------------------------------------------------------------------------
