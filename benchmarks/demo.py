@@ -41,19 +41,13 @@ def run_demo(extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "rebel_diffusion", *DEMO, "--output-dir", str(out), *extra]
     load_before = env.load_average()
     t0 = time.perf_counter()
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=env.REPO, env={**os.environ, "TQDM_DISABLE": "1"}
-    )
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=env.REPO, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - t0
     try:
         if r.returncode != 0:
             return {"command": cmd, "returncode": r.returncode, "stderr_tail": r.stderr[-2000:]}
-        metrics = [
-            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()
-        ]
-        plan = next(
-            (line.strip() for line in r.stdout.splitlines() if line.strip().startswith("per epoch:")), None
-        )
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        plan = next((line.strip() for line in r.stdout.splitlines() if line.strip().startswith("per epoch:")), None)
         return {
             "command": ["rebel-diffusion", *DEMO, "--output-dir", "DIR", *extra],
             "returncode": 0,
@@ -110,10 +104,7 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else env.RESULTS / f"demo_cpu_{report['date']}.json"
     env.write_json(out, report)
     for r in runs:
-        print(
-            f"{r.get('wall_seconds')} s (exit {r['returncode']})"
-            + (f": {r['plan']}" if r.get("plan") else "")
-        )
+        print(f"{r.get('wall_seconds')} s (exit {r['returncode']})" + (f": {r['plan']}" if r.get("plan") else ""))
     print(f"wrote {out}")
     return report
 

@@ -122,9 +122,7 @@ def summarize(runs: list[dict]) -> dict:
                 "learning_rate": group[0]["learning_rate"],
                 "heldout_reward_base": interval([r["heldout_reward"][0] for r in group]),
                 "heldout_reward_final": interval([r["heldout_reward"][-1] for r in group]),
-                "heldout_reward_gain": interval(
-                    [r["heldout_reward"][-1] - r["heldout_reward"][0] for r in group]
-                ),
+                "heldout_reward_gain": interval([r["heldout_reward"][-1] - r["heldout_reward"][0] for r in group]),
                 "heldout_alignment_final": interval([r["heldout_alignment"][-1] for r in group]),
                 "heldout_alignment_change": interval(
                     [r["heldout_alignment"][-1] - r["heldout_alignment"][0] for r in group]
@@ -158,9 +156,7 @@ def plot(runs: list[dict], path: Path) -> None:
                 x = np.array(group[0]["reward_queries"])
                 y = np.array([r[key] for r in group])
                 mean = y.mean(0)
-                half = (
-                    T95.get(len(y) - 1, 1.96) * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else 0 * mean
-                )
+                half = T95.get(len(y) - 1, 1.96) * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else 0 * mean
                 label = f"{algorithm} (lr {group[0]['learning_rate']:g}, {len(group)} seeds)"
                 ax.plot(x, mean, color=colour, marker="o", ms=3, label=label)
                 ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2)
@@ -209,9 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-epochs", type=int, default=None, help="epochs of a sweep run (default: --epochs)")
     p.add_argument("--jobs", type=int, default=1, help="training processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)"
-    )
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)")
     return p.parse_args(argv)
 
 
@@ -223,9 +217,7 @@ def main(argv=None) -> None:
     sweep, ddpo_lr = {}, {}
     if args.sweep_ddpo_lr:
         sweep_args = argparse.Namespace(**{**vars(args), "epochs": args.sweep_epochs or args.epochs})
-        jobs = [
-            (task, "ddpo", args.seeds[0], lr, sweep_args) for task in args.tasks for lr in args.sweep_ddpo_lr
-        ]
+        jobs = [(task, "ddpo", args.seeds[0], lr, sweep_args) for task in args.tasks for lr in args.sweep_ddpo_lr]
         for r in run_jobs(jobs, args.jobs):
             sweep.setdefault(r["task"], {})[f"{r['learning_rate']:g}"] = r["heldout_reward"][-1]
         for task in args.tasks:
@@ -240,9 +232,7 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(result, indent=1))
         plot(runs, out.with_suffix(".png"))
 
-    runs = run_jobs(
-        jobs, args.jobs, on_result=lambda done: write(done, complete=False)
-    )  # partial results too
+    runs = run_jobs(jobs, args.jobs, on_result=lambda done: write(done, complete=False))  # partial results too
     write(runs, complete=True)
     print(json.dumps(summarize(runs), indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - t0:.0f} s")

@@ -35,9 +35,7 @@ BENCH_REWARDS = ("aesthetic", "clip", "jpeg-incompressibility", "jpeg-compressib
 def photo_like(b: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth colour fields plus grain.  # (B, 3, size, size) in [0, 1]"""
     g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(
-        torch.rand(b, 3, 8, 8, generator=g), size=(size, size), mode="bicubic", align_corners=False
-    )
+    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(size, size), mode="bicubic", align_corners=False)
     return (x + 0.03 * torch.randn(b, 3, size, size, generator=g)).clamp(0, 1)
 
 
@@ -81,17 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rewards", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 on CPU, 64 on GPU")
-    p.add_argument(
-        "--repeats", type=int, default=None, help="timed batches per reward; default 2 CPU, 10 GPU"
-    )
+    p.add_argument("--repeats", type=int, default=None, help="timed batches per reward; default 2 CPU, 10 GPU")
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument(
-        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 CPU, bf16 GPU"
-    )
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--random-weights", action="store_true", help="random ViT and head (no download)")
-    p.add_argument(
-        "--rewards", default=",".join(BENCH_REWARDS), help=f"comma-separated, from {', '.join(REWARDS)}"
-    )
+    p.add_argument("--rewards", default=",".join(BENCH_REWARDS), help=f"comma-separated, from {', '.join(REWARDS)}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/rewards_<device>.json")
     args = p.parse_args(argv)
 

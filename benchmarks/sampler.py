@@ -38,28 +38,20 @@ VARIANTS = ("ours", "ours_no_record", "diffusers", "diffusers_per_image")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.sampler", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model", default="tiny", help="built-in name (tiny, sd15-random, ...), folder, file or hub id"
-    )
+    p.add_argument("--model", default="tiny", help="built-in name (tiny, sd15-random, ...), folder, file or hub id")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="images per call (one per prompt)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32"
-    )
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/sampler_<device>_<date>.json)"
-    )
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sampler_<device>_<date>.json)")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "repeats"):
         if getattr(args, name) < 1:
@@ -108,9 +100,7 @@ def make_variants(pipe, prompts, settings, device, *, seed: int = 0, variants=VA
         "diffusers": plain,
         "diffusers_per_image": plain_per_image,
     }
-    wanted = (
-        [v.strip() for v in variants.split(",") if v.strip()] if isinstance(variants, str) else list(variants)
-    )
+    wanted = [v.strip() for v in variants.split(",") if v.strip()] if isinstance(variants, str) else list(variants)
     unknown = [v for v in wanted if v not in table]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {list(table)}")
@@ -137,9 +127,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = (
-        DTYPES[args.dtype]
-        if args.dtype != "auto"
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
 
     from rebel_diffusion.models import load_pipeline
@@ -219,8 +207,7 @@ def main(argv=None) -> dict:
                 key = f"{ours}_vs_{base}"
                 overhead[key] = results[ours]["median_seconds"] / results[base]["median_seconds"] - 1
                 overhead_cpu[key] = (
-                    results[ours]["median_process_cpu_seconds"] / results[base]["median_process_cpu_seconds"]
-                    - 1
+                    results[ours]["median_process_cpu_seconds"] / results[base]["median_process_cpu_seconds"] - 1
                 )
 
     report = {

@@ -90,9 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed sampling rounds (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}"
-    )
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     # training
     p.add_argument("--train-steps", default="10,20,50", help="trained steps T of one REBEL step")
     p.add_argument(
@@ -107,9 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the trainer's --steps-per-pass values to time (default: 1,10 on CPU, 1,5 on CUDA)",
     )
-    p.add_argument(
-        "--train-pairs", type=int, default=None, help="pairs per optimizer step (default 2 micro-batches)"
-    )
+    p.add_argument("--train-pairs", type=int, default=None, help="pairs per optimizer step (default 2 micro-batches)")
     p.add_argument(
         "--train-repeats", type=int, default=None, help="timed steps after the first (default 1 CPU, 2 GPU)"
     )
@@ -121,12 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto: a fresh (spawned) process per (T, method) on CPU (honest peak RSS), in-process on CUDA",
     )
     # rewards
-    p.add_argument(
-        "--all-rewards", action="store_true", help="also aesthetic and clip (random-weight ViT-L/14)"
-    )
-    p.add_argument(
-        "--reward-batch", type=int, default=None, help="images per reward call (default 8 CPU, 64 GPU)"
-    )
+    p.add_argument("--all-rewards", action="store_true", help="also aesthetic and clip (random-weight ViT-L/14)")
+    p.add_argument("--reward-batch", type=int, default=None, help="images per reward call (default 8 CPU, 64 GPU)")
     p.add_argument("--reward-sizes", default=None, help="image sides (default: 512 and the model's own size)")
     p.add_argument("--reward-repeats", type=int, default=None, help="default 2 CPU, 10 GPU")
     # epoch
@@ -134,24 +126,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="epochs run (the first includes warm-up)")
     p.add_argument("--timestep-fraction", type=float, default=1.0, help="epoch: fraction of steps trained")
     # FLOPs and switches
-    p.add_argument(
-        "--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100/H200: ~790)"
-    )
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100/H200: ~790)")
     p.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     att = p.add_mutually_exclusive_group()
     att.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
-    att.add_argument(
-        "--sdpa", dest="attention", action="store_const", const="sdpa", help="torch SDPA (default)"
-    )
+    att.add_argument("--sdpa", dest="attention", action="store_const", const="sdpa", help="torch SDPA (default)")
     att.add_argument("--xformers", dest="attention", action="store_const", const="xformers")
-    p.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/bench_<device>_<date>.json)"
-    )
-    p.add_argument(
-        "--out-dir", default=None, help="folder for the default file name (e.g. $OUT on the GPU machine)"
-    )
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_<device>_<date>.json)")
+    p.add_argument("--out-dir", default=None, help="folder for the default file name (e.g. $OUT on the GPU machine)")
     args = p.parse_args(argv)
 
     cuda = torch.device(args.device).type == "cuda"
@@ -193,10 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--train-pairs must be a multiple of --train-micro-batch")
     if "epoch" in args.sections:
         if args.batch % 2 or args.epoch_images % args.batch:
-            p.error(
-                "the epoch samples prompts x 2 images per call: "
-                "--batch must be even and divide --epoch-images"
-            )
+            p.error("the epoch samples prompts x 2 images per call: --batch must be even and divide --epoch-images")
         if (args.epoch_images // 2) % args.train_pairs:
             p.error(
                 f"--epoch-images {args.epoch_images} gives {args.epoch_images // 2} pairs, not a multiple of "
@@ -261,8 +242,7 @@ def bench_sampling(args, device: torch.device, pipe) -> dict:
             if peak is not None:
                 peaks[n].append(peak)
         print(
-            f"  sampling round {r + 1}/{args.repeats}: "
-            + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+            f"  sampling round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
             flush=True,
         )
     graphs_timed = graph_delta(g0, dynamo_graphs())
@@ -295,9 +275,7 @@ def bench_sampling(args, device: torch.device, pipe) -> dict:
         compile_info = {
             "graphs_compiled_in_warmup": graphs_warmup,
             "graphs_compiled_in_timed_rounds": graphs_timed,
-            "warmup_minus_median_seconds": {
-                n: round(warmup[n] - results[n]["median_seconds"], 3) for n in names
-            },
+            "warmup_minus_median_seconds": {n: round(warmup[n] - results[n]["median_seconds"], 3) for n in names},
         }
     return {
         "switches": switches(args),
@@ -315,13 +293,10 @@ def bench_sampling(args, device: torch.device, pipe) -> dict:
             "prompts": prompts,
             "variants": {
                 "ours": (
-                    "sample_trajectories(record=True): latents and log-probs of every step, "
-                    "per-image generators"
+                    "sample_trajectories(record=True): latents and log-probs of every step, per-image generators"
                 ),
                 "diffusers": "StableDiffusionPipeline.__call__, one torch.Generator, output_type='pt'",
-                "diffusers_per_image": (
-                    "StableDiffusionPipeline.__call__ with per-image generators (ours' noise)"
-                ),
+                "diffusers_per_image": ("StableDiffusionPipeline.__call__ with per-image generators (ours' noise)"),
             },
         },
         "attention_processors": attention_processors(pipe.unet),
@@ -338,9 +313,7 @@ def bench_sampling(args, device: torch.device, pipe) -> dict:
 
 
 def bench_reward_section(args, device: torch.device, model_size: int) -> dict:
-    names = ["jpeg-compressibility", "jpeg-incompressibility"] + (
-        ["aesthetic", "clip"] if args.all_rewards else []
-    )
+    names = ["jpeg-compressibility", "jpeg-incompressibility"] + (["aesthetic", "clip"] if args.all_rewards else [])
     sizes = args.reward_sizes or sorted({512, model_size})
     load_start = env.load_average()
     results = {}
@@ -604,8 +577,7 @@ def print_summary(report: dict) -> None:
             print(f"training {m}: pairs/s {speed}, peak growth MiB {peak}")
     if "rewards" in report:
         print(
-            "rewards: "
-            + ", ".join(f"{k} {v['images_per_s']:.2f}/s" for k, v in report["rewards"]["results"].items())
+            "rewards: " + ", ".join(f"{k} {v['images_per_s']:.2f}/s" for k, v in report["rewards"]["results"].items())
         )
     if "epoch" in report:
         print(f"epoch: {report['epoch']['images_per_s']:.3f} images/s")

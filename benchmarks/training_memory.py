@@ -350,9 +350,7 @@ def measure_in_fresh_process(spec: dict, T: int, mode: str) -> dict:
     ctx = multiprocessing.get_context("spawn")  # not fork: a clean process, no copied parent memory
     receiver, sender = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    proc = ctx.Process(
-        target=_measure_and_send, args=(spec, T, mode, sender), name=f"train-memory-{mode}-T{T}"
-    )
+    proc = ctx.Process(target=_measure_and_send, args=(spec, T, mode, sender), name=f"train-memory-{mode}-T{T}")
     proc.start()
     sender.close()  # the child now holds the only writer: recv() ends when it exits
     try:
@@ -452,9 +450,7 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
             for key in ("executed", "gradient"):
                 achieved = f[f"{key}_flops"] / r["median_step_seconds"]
                 f[f"{key}_tflops"] = round(achieved / 1e12, 4)
-                f[f"{key}_mfu"] = (
-                    round(achieved / (args.peak_tflops * 1e12), 4) if device.type == "cuda" else None
-                )
+                f[f"{key}_mfu"] = round(achieved / (args.peak_tflops * 1e12), 4) if device.type == "cuda" else None
             r["flops"] = f
         results[mode][str(T)] = r
         naive_oom = naive_oom or (mode == "naive" and bool(r.get("oom")))
@@ -480,9 +476,7 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
 
     def growth(mode):
         return {
-            T: r["memory"]["peak_growth_mib"]
-            for T, r in results[mode].items()
-            if "memory" in r and not r.get("oom")
+            T: r["memory"]["peak_growth_mib"] for T, r in results[mode].items() if "memory" in r and not r.get("oom")
         }
 
     growths = {m: growth(m) for m in [*ours_modes, "naive"]}
@@ -529,9 +523,7 @@ def bench_training(args, device: torch.device, flops: dict | None) -> dict:
                 "M times larger UNet calls, in the re-scoring pass too"
             ),
             "steps_per_pass": args.steps_per_pass,
-            "naive": (
-                "all T steps' graphs of a micro-batch held, one backward per micro-batch; + optimizer.step"
-            ),
+            "naive": ("all T steps' graphs of a micro-batch held, one backward per micro-batch; + optimizer.step"),
             "memory": "peak growth of the FIRST step (includes AdamW state) over the memory just before it; "
             "pairs/s from the median of the timed steps after it",
         },

@@ -14,7 +14,6 @@ def is_lcm_model(pipe) -> bool:
     return isinstance(pipe.scheduler, LCMScheduler)
 
 
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """CLIP text embeddings as SD computes them: (N, 77, D), each distinct prompt encoded once."""
@@ -30,7 +29,10 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """LCM's guidance-scale embedding of (w - 1) (sinusoidal, scale 1000), as diffusers' LCM pipeline. (B,) -> (B, dim)."""
+    """LCM's guidance-scale embedding of (w - 1) (sinusoidal, scale 1000), as diffusers' LCM pipeline.
+
+    (B,) -> (B, dim).
+    """
     w = (w.float() - 1.0) * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))

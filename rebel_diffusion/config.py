@@ -41,33 +41,57 @@ class TrainConfig:
     negative_prompt: str = _f("", "the unconditional prompt of classifier-free guidance")
     # --- prompts and reward ----------------------------------------------------------------------
     prompts: str = _f("simple_animals", "training prompts: a set in prompts/ (simple_animals, ...) or a file path")
-    reward: str = _f("aesthetic", "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
-                     "toy-alignment, module.path:attribute (a plug-in), or an http(s):// URL (a reward server)")
+    reward: str = _f(
+        "aesthetic",
+        "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
+        "toy-alignment, module.path:attribute (a plug-in), or an http(s):// URL (a reward server)",
+    )
     aesthetic_head: str | None = _f(None, "local file of the LAION aesthetic head (default: from the model hub)")
     clip_model: str | None = _f(None, "open_clip architecture of the aesthetic/clip rewards (default ViT-L-14)")
     clip_pretrained: str | None = _f(None, "open_clip pretrained tag or local weights file (default openai)")
-    preference: str | None = _f(None, "preference model on top of the reward (bradley-terry or module:attr); "
-                                "REBEL then regresses on P(y > y') - 1/2")
+    preference: str | None = _f(
+        None,
+        "preference model on top of the reward (bradley-terry or module:attr); "
+        "REBEL then regresses on P(y > y') - 1/2",
+    )
     preference_temperature: float = _f(1.0, "temperature of the bradley-terry preference")
     # --- algorithm -------------------------------------------------------------------------------
     algorithm: str = _f("rebel", "update rule: rebel, or the ddpo (PPO-clip) baseline", ("rebel", "ddpo"))
-    eta: float = _f(2.0, "REBEL's eta, against the trajectory log-likelihood (summed over latent dims and trained "
-                    "steps): the regression moves a pair's log-likelihood ratio by eta nats per unit of "
-                    "advantage gap, at any resolution")
-    normalization: str = _f("per-group", "reward normalisation into advantages: per-group (the k images of a "
-                            "prompt in this batch), per-prompt (running statistics), batch, none",
-                            ("per-group", "per-prompt", "batch", "none"))
-    adv_std_floor: float = _f(0.1, "the std that normalises rewards is at least this fraction of the batch's std "
-                              "(near-constant groups get small advantages, not exploding ones)")
+    eta: float = _f(
+        2.0,
+        "REBEL's eta, against the trajectory log-likelihood (summed over latent dims and trained "
+        "steps): the regression moves a pair's log-likelihood ratio by eta nats per unit of "
+        "advantage gap, at any resolution",
+    )
+    normalization: str = _f(
+        "per-group",
+        "reward normalisation into advantages: per-group (the k images of a "
+        "prompt in this batch), per-prompt (running statistics), batch, none",
+        ("per-group", "per-prompt", "batch", "none"),
+    )
+    adv_std_floor: float = _f(
+        0.1,
+        "the std that normalises rewards is at least this fraction of the batch's std "
+        "(near-constant groups get small advantages, not exploding ones)",
+    )
     tracker_buffer_size: int = _f(32, "per-prompt normalisation: rewards kept per prompt")
-    tracker_min_count: int = _f(16, "per-prompt normalisation: rewards a prompt needs before its own statistics are used")
-    clip_range: float = _f(1e-4, "DDPO: PPO clip range of the per-step probability ratio (of per-dim mean "
-                           "log-probs, as DDPO)")
+    tracker_min_count: int = _f(
+        16, "per-prompt normalisation: rewards a prompt needs before its own statistics are used"
+    )
+    clip_range: float = _f(
+        1e-4, "DDPO: PPO clip range of the per-step probability ratio (of per-dim mean log-probs, as DDPO)"
+    )
     adv_clip_max: float = _f(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max] (REBEL and DDPO)")
-    min_step_std: float = _f(0.1, "train only denoising steps whose noise std is at least this (0: all): the "
-                             "lowest-noise steps barely change the image but dominate the log-ratio")
-    kl_coef: float = _f(0.1, "KL regularisation toward the base model: adds kl_coef x the per-image KL of the "
-                        "trained steps to the loss (closed form, nats; LoRA's base: adapters disabled)")
+    min_step_std: float = _f(
+        0.1,
+        "train only denoising steps whose noise std is at least this (0: all): the "
+        "lowest-noise steps barely change the image but dominate the log-ratio",
+    )
+    kl_coef: float = _f(
+        0.1,
+        "KL regularisation toward the base model: adds kl_coef x the per-image KL of the "
+        "trained steps to the loss (closed form, nats; LoRA's base: adapters disabled)",
+    )
     timestep_fraction: float = _f(1.0, "fraction of the trained steps used per optimizer step (rescaled: unbiased)")
     # --- batches ---------------------------------------------------------------------------------
     epochs: int = _f(100, "training epochs (each: sample, score, update)")
@@ -76,9 +100,12 @@ class TrainConfig:
     batches_per_epoch: int = _f(4, "sampling batches per epoch, per process")
     train_batch_size: int = _f(2, "micro-batch: pairs (REBEL) or images (DDPO) per forward/backward")
     gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
-    steps_per_pass: int | None = _f(None, "denoising steps of a micro-batch trained in one UNet forward/backward: "
-                                    "activation memory grows with it, never with --num-steps; default 1 on a GPU, "
-                                    "10 on a CPU (where per-call overhead dominates)")
+    steps_per_pass: int | None = _f(
+        None,
+        "denoising steps of a micro-batch trained in one UNet forward/backward: "
+        "activation memory grows with it, never with --num-steps; default 1 on a GPU, "
+        "10 on a CPU (where per-call overhead dominates)",
+    )
     inner_epochs: int = _f(1, "passes over each epoch's samples")
     # --- optimizer -------------------------------------------------------------------------------
     learning_rate: float = _f(1e-4, "AdamW learning rate (the paper: 1e-4)")
@@ -87,42 +114,59 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    lr_scheduler: str = _f("constant", "learning-rate schedule",
-                           ("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_scheduler: str = _f(
+        "constant", "learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine")
+    )
     lr_warmup_steps: int = _f(0, "warm-up optimizer steps of the schedule")
     # --- what is trained, and how fast -----------------------------------------------------------
     finetune: str = _f("lora", "train LoRA adapters or the full UNet", ("lora", "full"))
     lora_rank: int = _f(8, "LoRA rank (the paper: 8)")
     lora_alpha: float = _f(8.0, "LoRA alpha (the paper: 8)")
     lora_targets: str = _f(",".join(DEFAULT_LORA_TARGETS), "comma-separated UNet modules that get LoRA")
-    mixed_precision: str = _f("auto", "auto = bf16 on a GPU that has it, else no; trainable weights stay fp32",
-                              ("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = _f(
+        "auto",
+        "auto = bf16 on a GPU that has it, else no; trainable weights stay fp32",
+        ("auto", "no", "fp16", "bf16"),
+    )
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory)")
     xformers: bool = _f(False, "xformers attention (extra: xformers) instead of torch SDPA")
     # --- eval, logging, output -------------------------------------------------------------------
     seed: int = _f(0, "seed of prompts, noise and LoRA initialisation (process r adds r to its sampling seeds)")
     grid_prompts: str | None = _f(None, "prompts of the fixed per-epoch image grid (default: the training prompts)")
-    grid_num_images: int = _f(8, "images in the per-epoch grid (fixed prompts and seeds), scored into grid_reward_mean")
-    heldout_every: int = _f(0, "every N epochs (and before training) score held-out prompts with --heldout-rewards "
-                            "and a diversity figure into metrics.jsonl as heldout/<name> (0: off)")
-    heldout_rewards: str | None = _f(None, "comma-separated rewards of the held-out evaluation (default: the "
-                                     "trained reward and the jpeg ones)")
+    grid_num_images: int = _f(
+        8, "images in the per-epoch grid (fixed prompts and seeds), scored into grid_reward_mean"
+    )
+    heldout_every: int = _f(
+        0,
+        "every N epochs (and before training) score held-out prompts with --heldout-rewards "
+        "and a diversity figure into metrics.jsonl as heldout/<name> (0: off)",
+    )
+    heldout_rewards: str | None = _f(
+        None, "comma-separated rewards of the held-out evaluation (default: the trained reward and the jpeg ones)"
+    )
     heldout_prompts: str = _f("heldout_animals", "prompts of the held-out evaluation (none of them trained on)")
     heldout_images: int = _f(2, "images per held-out prompt (>= 2 gives the diversity figure)")
-    heldout_diversity: str = _f("auto", "image embedding of the held-out diversity figure: auto, clip, pixels, "
-                                "none, clip:MODEL:PRETRAINED")
+    heldout_diversity: str = _f(
+        "auto", "image embedding of the held-out diversity figure: auto, clip, pixels, none, clip:MODEL:PRETRAINED"
+    )
     rescore_check: bool = _f(True, "re-score a few recorded steps each epoch and log the drift (on-policy check)")
     output_dir: str = _f("runs/rebel-diffusion", "run folder (refused if it exists, unless --resume or --overwrite)")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
     overwrite: bool = _f(False, "delete an existing --output-dir and start afresh")
     checkpoint_every: int = _f(1, "write a resumable checkpoint every N epochs (and at the end)")
     checkpoints_keep: int = _f(2, "checkpoints kept (oldest deleted)")
-    stop_grace: float = _f(20.0, "seconds from SIGINT/SIGTERM to a written checkpoint: the epoch in progress is "
-                           "finished if it ends in time, else cut short (torch elastic kills workers after 30 s)")
+    stop_grace: float = _f(
+        20.0,
+        "seconds from SIGINT/SIGTERM to a written checkpoint: the epoch in progress is "
+        "finished if it ends in time, else cut short (torch elastic kills workers after 30 s)",
+    )
     log_with: str = _f("none", "experiment tracker through accelerate", ("none", "tensorboard", "wandb"))
-    num_threads: int | None = _f(None, "torch CPU threads per process (default: half the CPUs divided among the "
-                                 "local processes, at least 1; torch's own default oversubscribes small, busy "
-                                 "machines)")
+    num_threads: int | None = _f(
+        None,
+        "torch CPU threads per process (default: half the CPUs divided among the "
+        "local processes, at least 1; torch's own default oversubscribes small, busy "
+        "machines)",
+    )
 
     # -------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -189,7 +233,13 @@ RENAMED = {
 ACTIONS = ("resume", "overwrite")
 # The only fields a --resume may change: how long, how often to checkpoint, and logging.
 SAFE_ON_RESUME = (
-    "epochs", "checkpoint_every", "checkpoints_keep", "log_with", "stop_grace", "num_threads", "output_dir"
+    "epochs",
+    "checkpoint_every",
+    "checkpoints_keep",
+    "log_with",
+    "stop_grace",
+    "num_threads",
+    "output_dir",
 ) + ACTIONS
 
 
@@ -211,16 +261,57 @@ def _lt(x):
 
 # Allowed range of each numeric field (every float must also be finite): (lower test, upper test), text.
 _RANGES = {
-    **{name: ((_ge(1), None), ">= 1") for name in (
-        "num_steps", "epochs", "images_per_prompt", "prompts_per_batch", "batches_per_epoch", "train_batch_size",
-        "gradient_accumulation_steps", "inner_epochs", "lora_rank", "grid_num_images", "checkpoint_every",
-        "checkpoints_keep", "tracker_buffer_size", "tracker_min_count", "heldout_images", "steps_per_pass", "num_threads",
-        "resolution")},
-    **{name: ((_gt(0), None), "> 0") for name in (
-        "eta", "learning_rate", "preference_temperature", "stop_grace", "clip_range", "adv_clip_max", "adam_epsilon", "lora_alpha")},
-    **{name: ((_ge(0), None), ">= 0") for name in (
-        "adv_std_floor", "kl_coef", "min_step_std", "heldout_every", "lr_warmup_steps", "weight_decay", "ddim_eta",
-        "guidance_scale", "max_grad_norm", "seed")},
+    **{
+        name: ((_ge(1), None), ">= 1")
+        for name in (
+            "num_steps",
+            "epochs",
+            "images_per_prompt",
+            "prompts_per_batch",
+            "batches_per_epoch",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "inner_epochs",
+            "lora_rank",
+            "grid_num_images",
+            "checkpoint_every",
+            "checkpoints_keep",
+            "tracker_buffer_size",
+            "tracker_min_count",
+            "heldout_images",
+            "steps_per_pass",
+            "num_threads",
+            "resolution",
+        )
+    },
+    **{
+        name: ((_gt(0), None), "> 0")
+        for name in (
+            "eta",
+            "learning_rate",
+            "preference_temperature",
+            "stop_grace",
+            "clip_range",
+            "adv_clip_max",
+            "adam_epsilon",
+            "lora_alpha",
+        )
+    },
+    **{
+        name: ((_ge(0), None), ">= 0")
+        for name in (
+            "adv_std_floor",
+            "kl_coef",
+            "min_step_std",
+            "heldout_every",
+            "lr_warmup_steps",
+            "weight_decay",
+            "ddim_eta",
+            "guidance_scale",
+            "max_grad_norm",
+            "seed",
+        )
+    },
     **{name: ((_ge(0), _lt(1)), "in [0, 1)") for name in ("adam_beta1", "adam_beta2")},
     "timestep_fraction": ((_gt(0), _le(1)), "in (0, 1]"),
 }
@@ -231,29 +322,64 @@ RANGE_TEXT = {name: text for name, (_, text) in _RANGES.items()}
 # What the toy presets share: 10 DDIM steps, 4 images per prompt (6 pairs each), lr 1e-3, no gradient
 # clipping (Adam normalises the step; clipping at 1.0 clipped every step), and the defaults: eta 2,
 # KL 0.1, the two lowest-noise steps (std 0.04, 0.02) left out by --min-step-std 0.1.
-_TOY = dict(model="toy", prompts="toy_shapes", num_steps=10, images_per_prompt=4, prompts_per_batch=8,
-            batches_per_epoch=2, train_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
-            max_grad_norm=0.0, grid_prompts="toy_heldout", grid_num_images=16, heldout_prompts="toy_heldout")
+_TOY = dict(
+    model="toy",
+    prompts="toy_shapes",
+    num_steps=10,
+    images_per_prompt=4,
+    prompts_per_batch=8,
+    batches_per_epoch=2,
+    train_batch_size=8,
+    gradient_accumulation_steps=1,
+    learning_rate=1e-3,
+    max_grad_norm=0.0,
+    grid_prompts="toy_heldout",
+    grid_num_images=16,
+    heldout_prompts="toy_heldout",
+)
 
 # Presets: named bundles of defaults (applied before --config and flags).
 PRESETS: dict[str, dict] = {
     # The REBEL paper's image setup (RLCM code): LCM Dreamshaper v7, 8 steps, guidance 8 as an embedding,
     # 8 prompts x 2 images, 10 batches, micro-batch 2 pairs, lr 1e-4, rank 8 / alpha 8.
-    "lcm": dict(model="SimianLuo/LCM_Dreamshaper_v7", sampler="lcm", num_steps=8, guidance_scale=8.0,
-                resolution=768, prompts_per_batch=8, batches_per_epoch=10, train_batch_size=2,
-                gradient_accumulation_steps=4, learning_rate=1e-4),
+    "lcm": dict(
+        model="SimianLuo/LCM_Dreamshaper_v7",
+        sampler="lcm",
+        num_steps=8,
+        guidance_scale=8.0,
+        resolution=768,
+        prompts_per_batch=8,
+        batches_per_epoch=10,
+        train_batch_size=2,
+        gradient_accumulation_steps=4,
+        learning_rate=1e-4,
+    ),
     # DDPO's aesthetic setup on SD 1.5: 50 DDIM steps, eta 1, guidance 5, lr 3e-4.
-    "ddpo": dict(algorithm="ddpo", num_steps=50, ddim_eta=1.0, guidance_scale=5.0, learning_rate=3e-4,
-                 images_per_prompt=2, prompts_per_batch=8, batches_per_epoch=4, train_batch_size=4,
-                 gradient_accumulation_steps=4),
+    "ddpo": dict(
+        algorithm="ddpo",
+        num_steps=50,
+        ddim_eta=1.0,
+        guidance_scale=5.0,
+        learning_rate=3e-4,
+        images_per_prompt=2,
+        prompts_per_batch=8,
+        batches_per_epoch=4,
+        train_batch_size=4,
+        gradient_accumulation_steps=4,
+    ),
     # The toy tasks (the built-in toy model on a CPU; prompts/toy_heldout.txt is never trained on).
     # toy: the offline quick start, toward JPEG compressibility, with a KL term that keeps the shapes
     # on-prompt (without it shapes shrink and blur, toy-alignment falls ~0.25 in 8 epochs).
     "toy": dict(**_TOY, reward="jpeg-compressibility", guidance_scale=3.0, epochs=10),
     # RL in place of classifier-free guidance: toy-alignment at guidance 1, more prompts an epoch.
     # Far from the base on purpose, so no KL term; 16 prompts an epoch, a smaller step.
-    "toy-alignment": dict(**{**_TOY, "prompts_per_batch": 16, "learning_rate": 3e-4, "eta": 3.0},
-                          reward="toy-alignment", guidance_scale=1.0, kl_coef=0.0, epochs=30),
+    "toy-alignment": dict(
+        **{**_TOY, "prompts_per_batch": 16, "learning_rate": 3e-4, "eta": 3.0},
+        reward="toy-alignment",
+        guidance_scale=1.0,
+        kl_coef=0.0,
+        epochs=30,
+    ),
     # A near-saturated reward (the base scores ~0.96 at guidance 3): training must not lower it.
     "toy-alignment-saturated": dict(**_TOY, reward="toy-alignment", guidance_scale=3.0, epochs=10),
 }
@@ -338,8 +464,9 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
     cfg = TrainConfig()
     file_values = {}
     if config_file:
-        file_values = _renamed(_without_actions(read_yaml(config_file), f"--config {config_file}"),
-                               f"--config {config_file}", warn=True)
+        file_values = _renamed(
+            _without_actions(read_yaml(config_file), f"--config {config_file}"), f"--config {config_file}", warn=True
+        )
     if flags.get("resume") and flags.get("overwrite"):
         raise UsageError("--resume and --overwrite exclude each other")
     saved_cfg = None
@@ -366,11 +493,16 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
                     f"settings except {', '.join('--' + _flag(n) for n in SAFE_ON_RESUME[:4])} "
                     "(start a new run to change it)"
                 )
-    if cfg.resume and saved_cfg is not None and cfg.epochs != saved_cfg.epochs and cfg.lr_scheduler in (
-        "linear", "cosine"
+    if (
+        cfg.resume
+        and saved_cfg is not None
+        and cfg.epochs != saved_cfg.epochs
+        and cfg.lr_scheduler in ("linear", "cosine")
     ):
-        raise UsageError(f"--resume: --epochs changes the {cfg.lr_scheduler} learning-rate schedule of this run; "
-                         "only a constant schedule can be extended")
+        raise UsageError(
+            f"--resume: --epochs changes the {cfg.lr_scheduler} learning-rate schedule of this run; "
+            "only a constant schedule can be extended"
+        )
     cfg.validate()
     return cfg
 
@@ -386,8 +518,11 @@ def _renamed(values: dict, source: str, *, warn: bool) -> dict:
         if new in values:
             raise UsageError(f"{source}: both {key} and its new name {new} are set; keep {new}")
         if warn:
-            warnings.warn(f"{source}: {key} is deprecated and will be removed in the next release; use {new}",
-                          FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"{source}: {key} is deprecated and will be removed in the next release; use {new}",
+                FutureWarning,
+                stacklevel=3,
+            )
         out[new] = value
     return out
 

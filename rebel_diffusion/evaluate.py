@@ -164,8 +164,11 @@ def load_diversity_model(spec: str, device="cpu", dtype=torch.float32):
         try:
             return _auto_clip(device, dtype)
         except UsageError as e:
-            print(f"warning: diversity uses pixel embeddings, not CLIP: {e}; pass --diversity-model "
-                  "clip:ViT-L-14-quickgelu:/path/to/open_clip_model.safetensors for the CLIP figure", file=sys.stderr)
+            print(
+                f"warning: diversity uses pixel embeddings, not CLIP: {e}; pass --diversity-model "
+                "clip:ViT-L-14-quickgelu:/path/to/open_clip_model.safetensors for the CLIP figure",
+                file=sys.stderr,
+            )
             return PixelEmbedder()
     if spec == "clip":
         return open_clip_embedder(*DEFAULT_CLIP, device, dtype)
@@ -196,8 +199,10 @@ def pairwise_diversity(embeddings: torch.Tensor) -> float:
 
 def score_images(reward, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
     """reward over (B, 3, H, W) images in chunks -> (B,) float32 on the CPU."""
-    out = [reward(images[i : i + batch_size], prompts[i : i + batch_size]).detach().float().cpu()
-           for i in range(0, len(prompts), batch_size)]
+    out = [
+        reward(images[i : i + batch_size], prompts[i : i + batch_size]).detach().float().cpu()
+        for i in range(0, len(prompts), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -218,18 +223,32 @@ def _embed(embedder, images: torch.Tensor, k: int, batch_size: int) -> torch.Ten
     return emb.view(-1, k, emb.shape[-1])
 
 
-def evaluate_images(images: torch.Tensor, prompts: list[str], k: int, rewards: dict, *, diversity=None,
-                    batch_size: int = 32) -> dict:
+def evaluate_images(
+    images: torch.Tensor, prompts: list[str], k: int, rewards: dict, *, diversity=None, batch_size: int = 32
+) -> dict:
     """Scores of one model's (P*K, 3, H, W) prompt-major images: {reward: summary, 'diversity': float|None}."""
     image_prompts = [p for p in prompts for _ in range(k)]
-    out = {"rewards": {name: summarize(score_images(r, images, image_prompts, batch_size)) for name, r in rewards.items()}}
+    out = {
+        "rewards": {name: summarize(score_images(r, images, image_prompts, batch_size)) for name, r in rewards.items()}
+    }
     out["diversity"] = pairwise_diversity(_embed(diversity, images, k, batch_size)) if diversity and k > 1 else None
     return out
 
 
-def evaluate_pipelines(base_pipe, tuned_pipe, prompts: list[str], rewards: dict, seeds: list[int], settings, *,
-                       diversity=None, batch_size: int | None = 8, progress: bool = False, tuned_unet=None,
-                       keep_images: bool = False) -> dict:
+def evaluate_pipelines(
+    base_pipe,
+    tuned_pipe,
+    prompts: list[str],
+    rewards: dict,
+    seeds: list[int],
+    settings,
+    *,
+    diversity=None,
+    batch_size: int | None = 8,
+    progress: bool = False,
+    tuned_unet=None,
+    keep_images: bool = False,
+) -> dict:
     """Score base and fine-tuned samples of the same prompts and seeds with several rewards.
 
     Args:
@@ -249,20 +268,28 @@ def evaluate_pipelines(base_pipe, tuned_pipe, prompts: list[str], rewards: dict,
 
     settings = settings.resolve(tuned_pipe)
     k = len(seeds)
-    result = {"num_prompts": len(prompts), "prompts": list(prompts), "seeds": list(seeds),
-              "settings": asdict(settings)}
+    result = {
+        "num_prompts": len(prompts),
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        "settings": asdict(settings),
+    }
     sides, images = {}, {}
     for side, pipe, unet in (("base", base_pipe, None), ("tuned", tuned_pipe, tuned_unet)):
         if pipe is None:
             continue
-        images[side] = sample_images(pipe, prompts, seeds, settings, batch_size=batch_size, progress=progress,
-                                     unet=unet)
-        sides[side] = evaluate_images(images[side], prompts, k, rewards, diversity=diversity,
-                                      batch_size=batch_size or 32)
+        images[side] = sample_images(
+            pipe, prompts, seeds, settings, batch_size=batch_size, progress=progress, unet=unet
+        )
+        sides[side] = evaluate_images(
+            images[side], prompts, k, rewards, diversity=diversity, batch_size=batch_size or 32
+        )
     result["rewards"] = {name: _compare({s: v["rewards"][name] for s, v in sides.items()}) for name in rewards}
     if diversity is not None and k > 1:
-        result["diversity"] = {**_compare({s: {"mean": v["diversity"]} for s, v in sides.items()}),
-                               "model": diversity.name}
+        result["diversity"] = {
+            **_compare({s: {"mean": v["diversity"]} for s, v in sides.items()}),
+            "model": diversity.name,
+        }
     else:
         result["diversity"] = None
     if keep_images:
@@ -342,8 +369,8 @@ def markdown_report(result: dict, header: dict) -> str:
     s = result["settings"]
     lines += [
         f"- prompts: {result['num_prompts']} x {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})",
-        f"- sampling: {s['sampler']} {s['num_steps']} steps, DDIM eta {s['ddim_eta']}, guidance {s['guidance_scale']}, "
-        f"{s['width']}x{s['height']}",
+        f"- sampling: {s['sampler']} {s['num_steps']} steps, DDIM eta {s['ddim_eta']}, "
+        f"guidance {s['guidance_scale']}, {s['width']}x{s['height']}",
         "",
         "| metric | base | fine-tuned | delta |",
         "|---|---:|---:|---:|",
@@ -353,8 +380,11 @@ def markdown_report(result: dict, header: dict) -> str:
     div = result.get("diversity")
     if div:
         lines.append(f"| diversity | {_fmt(div['base'])} | {_fmt(div['tuned'])} | {_fmt_delta(div['delta'])} |")
-        lines += ["", f"Diversity: mean pairwise cosine distance among the images of each prompt, averaged over "
-                  f"prompts, on {div['model']}."]
+        lines += [
+            "",
+            f"Diversity: mean pairwise cosine distance among the images of each prompt, averaged over "
+            f"prompts, on {div['model']}.",
+        ]
     lines += ["", "Rewards: mean over all images (higher is better for each)."]
     return "\n".join(lines) + "\n"
 
@@ -380,12 +410,19 @@ def write_reports(out: Path, result: dict, header: dict) -> None:
     (out / "eval.json").write_text(text + "\n", encoding="utf-8")
     (out / "eval.md").write_text(markdown_report(result, header), encoding="utf-8")
     if images and "base" in images and "tuned" in images:
-        save_png(comparison_grid(images["base"], images["tuned"], result["prompts"], result["seeds"]),
-                 out / "eval_grid.png")
+        save_png(
+            comparison_grid(images["base"], images["tuned"], result["prompts"], result["seeds"]), out / "eval_grid.png"
+        )
 
 
-def comparison_grid(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], seeds: list[int],
-                    max_prompts: int = 8, max_seeds: int = 4):
+def comparison_grid(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    prompts: list[str],
+    seeds: list[int],
+    max_prompts: int = 8,
+    max_seeds: int = 4,
+):
     """A row per prompt: its base images, then its fine-tuned ones (same seeds), as one PIL image.
 
     base, tuned: (P*K, 3, H, W) prompt-major images; the first ``max_prompts`` prompts and

@@ -37,8 +37,9 @@ class Source:
     config: dict = field(default_factory=dict)
 
 
-def resolve_source(run: str | Path | None = None, model: str | None = None,
-                   finetune: str | Path | None = None) -> Source:
+def resolve_source(
+    run: str | Path | None = None, model: str | None = None, finetune: str | Path | None = None
+) -> Source:
     """The model, fine-tune and run config named by ``run``/``model``/``finetune`` (the latter two win
     over the run's). The fine-tune is the run's lora/, unet/ or newest complete checkpoint."""
     from .models import DEFAULT_MODEL
@@ -52,8 +53,7 @@ def resolve_source(run: str | Path | None = None, model: str | None = None,
         weights = run_folder.find_weights(p)
     elif run:
         weights = run_folder.find_weights(run)
-    return Source(model=str(model or cfg.get("model") or DEFAULT_MODEL), finetune=weights, run_dir=run_dir,
-                  config=cfg)
+    return Source(model=str(model or cfg.get("model") or DEFAULT_MODEL), finetune=weights, run_dir=run_dir, config=cfg)
 
 
 def sampling_settings(cfg: dict | None = None, **overrides):
@@ -169,8 +169,11 @@ class _quiet_diffusers:
 def _mismatch_detail(cause: BaseException | None) -> str | None:
     """'size mismatch for X: ... shape A ... shape B' from a load_state_dict error, shortened."""
     for line in str(cause or "").splitlines():
-        m = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
-                      r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))", line)
+        m = re.search(
+            r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
+            r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))",
+            line,
+        )
         if m:
             return f"e.g. {m.group(1)} is {m.group(2)} in the file but {m.group(3)} in the model"
     return None
@@ -190,14 +193,29 @@ def flat_seeds(num_prompts: int, seeds: list[int]) -> list[int]:
     return [s for _ in range(num_prompts) for s in seeds]
 
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], settings, *, batch_size: int | None = None,
-                  progress: bool = False, unet=None) -> torch.Tensor:
+def sample_images(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    settings,
+    *,
+    batch_size: int | None = None,
+    progress: bool = False,
+    unet=None,
+) -> torch.Tensor:
     """(P * K, 3, H, W) images in [0, 1], prompt-major: image p*K + k is prompts[p] with seeds[k]."""
     from .sampling import sample_trajectories
 
     traj = sample_trajectories(
-        pipe, prompts, images_per_prompt=len(seeds), seeds=flat_seeds(len(prompts), seeds),
-        settings=settings, record=False, batch_size=batch_size, progress=progress, unet=unet,
+        pipe,
+        prompts,
+        images_per_prompt=len(seeds),
+        seeds=flat_seeds(len(prompts), seeds),
+        settings=settings,
+        record=False,
+        batch_size=batch_size,
+        progress=progress,
+        unet=unet,
     )
     return traj.images
 
@@ -216,8 +234,16 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:03d}_seed{seed}.png"
 
 
-def write_samples(out: Path, images: torch.Tensor, prompts: list[str], seeds: list[int], *, source: Source,
-                  settings, prompt_label: str) -> None:
+def write_samples(
+    out: Path,
+    images: torch.Tensor,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    source: Source,
+    settings,
+    prompt_label: str,
+) -> None:
     """One PNG per image (``p{prompt index}_seed{seed}.png``), a captioned ``grid.png`` (a row per
     prompt), and ``samples.json`` saying which file is which."""
     from .report import make_grid, save_png

@@ -335,14 +335,19 @@ def _load_external(model: str, dtype):
     except Exception as e:
         if path.exists():  # a local file or folder that is not a loadable SD pipeline: no download hint
             where = "the single-file checkpoint" if path.is_file() else "the folder"
-            hint = "pass a diffusers pipeline folder (saved with save_pretrained) or a Stable Diffusion .safetensors checkpoint"
+            hint = (
+                "pass a diffusers pipeline folder (saved with save_pretrained) "
+                "or a Stable Diffusion .safetensors checkpoint"
+            )
         else:
             where = "the model hub"
             hint = (
                 "pass a local diffusers folder or a .safetensors file with --model, "
                 f"or download it first with `hf download {model}` where the hub is reachable"
             )
-        raise UsageError(f"--model {model}: could not load from {where} ({type(e).__name__}: {_first_line(e)}); {hint}") from e
+        raise UsageError(
+            f"--model {model}: could not load from {where} ({type(e).__name__}: {_first_line(e)}); {hint}"
+        ) from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -368,7 +373,9 @@ def parse_lora_targets(text: str) -> list[str]:
     """'to_q, to_k,,to_v' -> ['to_q', 'to_k', 'to_v']; an empty list is a UsageError."""
     targets = [t.strip() for t in str(text).split(",") if t.strip()]
     if not targets:
-        raise UsageError("--lora-targets is empty: name UNet modules separated by commas, e.g. to_q,to_k,to_v,to_out.0")
+        raise UsageError(
+            "--lora-targets is empty: name UNet modules separated by commas, e.g. to_q,to_k,to_v,to_out.0"
+        )
     return list(dict.fromkeys(targets))
 
 
@@ -450,7 +457,9 @@ def _save_peft_adapter(unet, folder: Path) -> None:
     from safetensors.torch import save_file
 
     config = unet.peft_config["default"]
-    weights = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    weights = {
+        f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()
+    }
     save_file(weights, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
 

@@ -66,8 +66,11 @@ class Comparer:
 
         with self._lock:
             base = sample_images(self.base_pipe, [prompt], [seed], self.settings)[0]
-            tuned = base if self.tuned_pipe is self.base_pipe else sample_images(
-                self.tuned_pipe, [prompt], [seed], self.settings)[0]
+            tuned = (
+                base
+                if self.tuned_pipe is self.base_pipe
+                else sample_images(self.tuned_pipe, [prompt], [seed], self.settings)[0]
+            )
         return base, tuned
 
     def scores(self, prompt: str, base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float] | None:
@@ -186,9 +189,21 @@ def _event_options(listener, hidden: bool) -> dict:
     return {"show_api": False} if "show_api" in params else {}
 
 
-def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pipe=None, tuned_pipe=None,
-              reward=None, settings=None, device="cpu", dtype=None, aesthetic_head: str | None = None,
-              default_prompt: str | None = None, default_seed: int = 0):
+def build_app(
+    run_dir=None,
+    *,
+    model: str | None = None,
+    finetune=None,
+    base_pipe=None,
+    tuned_pipe=None,
+    reward=None,
+    settings=None,
+    device="cpu",
+    dtype=None,
+    aesthetic_head: str | None = None,
+    default_prompt: str | None = None,
+    default_seed: int = 0,
+):
     """The preview page as a ``gr.Blocks`` (not launched).
 
     Models: ``base_pipe``/``tuned_pipe`` when given, else loaded here, once, from ``run_dir`` (its
@@ -206,8 +221,9 @@ def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pip
     source = Source(model=model or "", finetune=finetune)
     if base_pipe is None or tuned_pipe is None:
         source = resolve_source(run=run_dir, model=model, finetune=finetune)
-        base_pipe, tuned_pipe = load_models(source, device=torch.device(device), dtype=dtype or torch.float32,
-                                            with_base=True)
+        base_pipe, tuned_pipe = load_models(
+            source, device=torch.device(device), dtype=dtype or torch.float32, with_base=True
+        )
     elif run_dir is not None:
         run_dir, cfg = run_folder.read_config(run_dir)
         source.config, source.run_dir = cfg, run_dir
@@ -237,18 +253,27 @@ def build_app(run_dir=None, *, model: str | None = None, finetune=None, base_pip
         info = gr.Textbox(first[2], label="rewards", lines=2, interactive=False)
         gr.Markdown("### Training history")
         with gr.Row():
-            gallery = gr.Gallery(grids0, label="grid per epoch (click one, then step with the arrows)",
-                                 columns=4, format="png", allow_preview=True, object_fit="contain", scale=3)
-            curve = gr.Image(curve0, label="reward curve", type="pil", format="png", interactive=False, height=420,
-                             scale=2)
+            gallery = gr.Gallery(
+                grids0,
+                label="grid per epoch (click one, then step with the arrows)",
+                columns=4,
+                format="png",
+                allow_preview=True,
+                object_fit="contain",
+                scale=3,
+            )
+            curve = gr.Image(
+                curve0, label="reward curve", type="pil", format="png", interactive=False, height=420, scale=2
+            )
         refresh = gr.Button("Refresh history")
 
         def history():
             return load_history(run_dir, scratch)
 
         button.click(comparer.compare, [prompt, seed], [base_img, tuned_img, info], api_name="compare")
-        prompt.submit(comparer.compare, [prompt, seed], [base_img, tuned_img, info],
-                      **_event_options(prompt.submit, hidden=True))
+        prompt.submit(
+            comparer.compare, [prompt, seed], [base_img, tuned_img, info], **_event_options(prompt.submit, hidden=True)
+        )
         refresh.click(history, None, [gallery, curve], api_name="history")
         # A page (re)load re-reads the history quietly: a live run's new epochs show up.
         app.load(history, None, [gallery, curve], show_progress="hidden", **_event_options(app.load, hidden=True))
@@ -284,8 +309,9 @@ def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
     if not name:
         return None, None
     try:
-        return load_rewards([name], device=device, dtype=torch.float32,
-                            aesthetic_head=aesthetic_head or cfg.get("aesthetic_head"))[name], name
+        return load_rewards(
+            [name], device=device, dtype=torch.float32, aesthetic_head=aesthetic_head or cfg.get("aesthetic_head")
+        )[name], name
     except (UsageError, RunError) as e:  # RunError: a reward server that is down
         if reward:  # asked for explicitly: the user must hear it
             raise
@@ -302,8 +328,10 @@ def _summary(source, run_dir, comparer) -> str:
         lines.append("- no fine-tune: both sides show the base model")
     if run_dir:
         lines.append(f"- run: `{run_dir}`")
-    lines.append(f"- sampling: {s.sampler}, {s.num_steps} steps, DDIM eta {s.ddim_eta}, guidance {s.guidance_scale}, "
-                 f"{s.width}x{s.height}; reward: {comparer.reward_name or 'none'}")
+    lines.append(
+        f"- sampling: {s.sampler}, {s.num_steps} steps, DDIM eta {s.ddim_eta}, guidance {s.guidance_scale}, "
+        f"{s.width}x{s.height}; reward: {comparer.reward_name or 'none'}"
+    )
     return "\n".join(lines)
 
 
@@ -328,7 +356,14 @@ def check_port(host: str, port: int) -> int:
 
 def launch(app, *, host: str = "127.0.0.1", port: int, share: bool = False, block: bool = True):
     """Start the server (no server-side rendering, no Node needed); ``block=False`` returns at once."""
-    options = dict(server_name=host, server_port=port, share=share, show_error=True, quiet=not block,
-                   prevent_thread_lock=not block, ssr_mode=False)
+    options = dict(
+        server_name=host,
+        server_port=port,
+        share=share,
+        show_error=True,
+        quiet=not block,
+        prevent_thread_lock=not block,
+        ssr_mode=False,
+    )
     params = inspect.signature(app.launch).parameters
     return app.launch(**{k: v for k, v in options.items() if k in params})

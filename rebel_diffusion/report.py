@@ -76,9 +76,7 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     return lines
 
 
-def make_grid(
-    images: torch.Tensor, captions: list[str] | None = None, ncols: int | None = None
-) -> Image.Image:
+def make_grid(images: torch.Tensor, captions: list[str] | None = None, ncols: int | None = None) -> Image.Image:
     """Tile images into one RGB picture, with a wrapped caption under each tile.
 
     Args:
@@ -188,7 +186,7 @@ def _current_keys(record: dict) -> dict:
     out = {}
     for k, v in record.items():
         if k.startswith(RENAMED_PREFIX[0]):
-            k = RENAMED_PREFIX[1] + k[len(RENAMED_PREFIX[0]):]
+            k = RENAMED_PREFIX[1] + k[len(RENAMED_PREFIX[0]) :]
         out[RENAMED_KEYS.get(k, k)] = v
     return out
 
@@ -225,7 +223,9 @@ def truncate_metrics(path: str | os.PathLike, last_epoch: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path) if not (isinstance(r.get("epoch"), (int, float)) and r["epoch"] > last_epoch)]
+    kept = [
+        r for r in read_metrics(path) if not (isinstance(r.get("epoch"), (int, float)) and r["epoch"] > last_epoch)
+    ]
     path, tmp = _atomic_target(path)
     try:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

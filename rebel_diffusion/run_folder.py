@@ -77,9 +77,7 @@ def complete_checkpoints(out: Path) -> list[Path]:
     folder = Path(out) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    return sorted(
-        (p for p in folder.glob("epoch_*") if p.is_dir() and (p / STATE).is_file()), key=_natural_key
-    )
+    return sorted((p for p in folder.glob("epoch_*") if p.is_dir() and (p / STATE).is_file()), key=_natural_key)
 
 
 def _natural_key(path: Path):
@@ -425,12 +423,22 @@ def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
     front = {
         "base_model": config.get("model"),
         "library_name": "diffusers",
-        "tags": ["stable-diffusion", "text-to-image", "diffusers", "lora" if folder.name == LORA_DIR else "unet",
-                 "reinforcement-learning", "rebel-diffusion", str(config.get("algorithm", "rebel"))],
+        "tags": [
+            "stable-diffusion",
+            "text-to-image",
+            "diffusers",
+            "lora" if folder.name == LORA_DIR else "unet",
+            "reinforcement-learning",
+            "rebel-diffusion",
+            str(config.get("algorithm", "rebel")),
+        ],
         "pipeline_tag": "text-to-image",
     }
-    use = (f'pipe.load_lora_weights("{folder.name}")' if folder.name == LORA_DIR
-           else f'pipe.unet = UNet2DConditionModel.from_pretrained("{folder.name}")')
+    use = (
+        f'pipe.load_lora_weights("{folder.name}")'
+        if folder.name == LORA_DIR
+        else f'pipe.unet = UNet2DConditionModel.from_pretrained("{folder.name}")'
+    )
     text = (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# {out.name}\n\n"
@@ -439,7 +447,9 @@ def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
         f"`{config.get('reward')}`: {last.get('epoch', 0)} epochs of {config.get('num_steps')} "
         f"{config.get('sampler')} steps at guidance {config.get('guidance_scale')}.\n\n"
         + (f"![the last epoch's grid]({CARD_GRID})\n\n" if grids else "")
-        + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n"
+        + "\n".join(rows)
+        + "\n\n"
         "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n"
         "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
         f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}")\n{use}\n```\n'

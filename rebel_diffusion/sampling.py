@@ -160,7 +160,10 @@ class Trajectories:
         return replace(
             first,
             prompts=[p for part in parts for p in part.prompts],
-            **{n: cat(n) for n in ("group", "seeds", "prompt_embeds", "negative_embeds", "latents", "log_probs", "images")},
+            **{
+                n: cat(n)
+                for n in ("group", "seeds", "prompt_embeds", "negative_embeds", "latents", "log_probs", "images")
+            },
         )
 
 

@@ -244,8 +244,9 @@ def make_trainable(cfg: TrainConfig, pipe) -> tuple[torch.nn.Module | None, dict
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     lora_matches = {}
     if cfg.finetune == "lora":
-        lora_matches = add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                target_modules=parse_lora_targets(cfg.lora_targets))
+        lora_matches = add_lora(
+            unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=parse_lora_targets(cfg.lora_targets)
+        )
     else:
         unet.to(torch.float32).requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -296,7 +297,9 @@ def check_tracker(log_with: str) -> None:
 
     packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(log_with, ())
     if packages and not any(importlib.util.find_spec(p) for p in packages):
-        raise UsageError(f"--log-with {log_with}: the {packages[0]} package is not installed; pip install {packages[0]}")
+        raise UsageError(
+            f"--log-with {log_with}: the {packages[0]} package is not installed; pip install {packages[0]}"
+        )
 
 
 def check_resumable(out: Path, num_processes: int) -> None:
@@ -305,7 +308,8 @@ def check_resumable(out: Path, num_processes: int) -> None:
     if marker.get("format") != run_folder.FORMAT:
         raise UsageError(
             f"--resume: {out} was written by an earlier rebel-diffusion (run format {marker.get('format')}, with eta "
-            "per latent dim): it cannot continue exactly; start a new run (its lora/ still loads in sample and diffusers)"
+            "per latent dim): it cannot continue exactly; start a new run "
+            "(its lora/ still loads in sample and diffusers)"
         )
     saved = int(marker.get("num_processes", 1))
     if saved != num_processes:
@@ -321,12 +325,16 @@ def describe_plan(run: Run) -> str:
     n = acc.num_processes
     unit = "pairs" if cfg.algorithm == "rebel" else "images"
     trainable = sum(p.numel() for p in run.params)
-    dims = run.pipe.unet.config.in_channels * (run.settings.height // run.pipe.vae_scale_factor) * (
-        run.settings.width // run.pipe.vae_scale_factor
+    dims = (
+        run.pipe.unet.config.in_channels
+        * (run.settings.height // run.pipe.vae_scale_factor)
+        * (run.settings.width // run.pipe.vae_scale_factor)
     )
     if cfg.algorithm == "rebel":
-        step_size = (f"eta {cfg.eta:g} nats of trajectory log-likelihood per unit advantage "
-                     f"(= {cfg.eta / dims:.3g} per latent dim, D = {dims})")
+        step_size = (
+            f"eta {cfg.eta:g} nats of trajectory log-likelihood per unit advantage "
+            f"(= {cfg.eta / dims:.3g} per latent dim, D = {dims})"
+        )
     else:
         step_size = f"PPO clip range {cfg.clip_range:g} (per-dim mean log-prob ratio, D = {dims})"
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
@@ -343,7 +351,8 @@ def describe_plan(run: Run) -> str:
         f"{cfg.train_batch_size} {unit}, up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
         f"per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
-        f"{trainable:,} trainable parameters ({cfg.finetune}" + (f": LoRA on {lora}" if lora else "")
+        f"{trainable:,} trainable parameters ({cfg.finetune}"
+        + (f": LoRA on {lora}" if lora else "")
         + f"); output {run.out}"
     )
 
@@ -377,8 +386,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     # The whole run's bar: epochs done of --epochs, with an ETA from the epochs so far.
-    overall = tqdm(total=cfg.epochs, initial=run.epoch, desc="training", unit="epoch", position=0,
-                   disable=not run.accelerator.is_local_main_process)
+    overall = tqdm(
+        total=cfg.epochs,
+        initial=run.epoch,
+        desc="training",
+        unit="epoch",
+        position=0,
+        disable=not run.accelerator.is_local_main_process,
+    )
     try:
         if run.epoch == 0:
             report_epoch(run, epoch=0, metrics={"epoch": 0})
@@ -433,8 +448,12 @@ def _request_stop(run: Run, signum: int) -> None:
         return
     run.stop_signal, run.stop_time = signum, now
     if run.accelerator.is_local_main_process:
-        print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint within --stop-grace "
-              f"{run.cfg.stop_grace:g} s (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping with a checkpoint within --stop-grace "
+            f"{run.cfg.stop_grace:g} s (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def stop_point(run: Run) -> None:
@@ -448,8 +467,11 @@ def stop_point(run: Run) -> None:
     waited = now - run.stop_time if asked else 0.0
     remaining = math.inf if run.last_epoch_seconds is None else run.last_epoch_seconds - (now - run.epoch_started)
     local = torch.tensor([1.0 if asked else 0.0, waited, min(max(remaining, 0.0), 1e9)], device=run.accelerator.device)
-    flag, waited, remaining = run.accelerator.reduce(local, reduction="max").tolist() if run.accelerator.num_processes > 1 \
+    flag, waited, remaining = (
+        run.accelerator.reduce(local, reduction="max").tolist()
+        if run.accelerator.num_processes > 1
         else local.tolist()
+    )
     if flag > 0 and waited + remaining + CHECKPOINT_SECONDS > run.cfg.stop_grace:
         if run.stop_signal is None:  # another process was signalled: stop with its signal's exit code
             run.stop_signal, run.stop_time = signal.SIGTERM, now
@@ -567,8 +589,13 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
     unet.eval()
     parts = []
     n = cfg.prompts_per_batch * cfg.images_per_prompt
-    for b in tqdm(range(cfg.batches_per_epoch), desc=f"epoch {epoch}: sampling", leave=False, position=1,
-                  disable=not acc.is_local_main_process):
+    for b in tqdm(
+        range(cfg.batches_per_epoch),
+        desc=f"epoch {epoch}: sampling",
+        leave=False,
+        position=1,
+        disable=not acc.is_local_main_process,
+    ):
         with acc.autocast():
             parts.append(
                 sample_trajectories(
@@ -726,10 +753,10 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
             out["kl"] = stats["kl"]
         return out
 
-    pairs_total = run.accelerator.reduce(torch.tensor([float(valid.sum())], device=run.accelerator.device),
-                                         reduction="sum")
-    return UpdatePlan(units=len(pairs), salt=1, accumulate=accumulate,
-                      summary={"pairs": int(pairs_total.item())})
+    pairs_total = run.accelerator.reduce(
+        torch.tensor([float(valid.sum())], device=run.accelerator.device), reduction="sum"
+    )
+    return UpdatePlan(units=len(pairs), salt=1, accumulate=accumulate, summary={"pairs": int(pairs_total.item())})
 
 
 def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: torch.Tensor, epoch: int):
@@ -764,8 +791,13 @@ def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:
     steps_total = cfg.inner_epochs * steps_per_pass_total
     stats: dict[str, list[float]] = {"grad_norm": []}
     fit = {"prediction": [], "target": []}  # the last pass's, each measured before its own step
-    bar = tqdm(total=steps_total, desc=f"epoch {epoch}: training", leave=False, position=1,
-               disable=not acc.is_local_main_process)
+    bar = tqdm(
+        total=steps_total,
+        desc=f"epoch {epoch}: training",
+        leave=False,
+        position=1,
+        disable=not acc.is_local_main_process,
+    )
     for inner in range(cfg.inner_epochs):
         seed = np.random.SeedSequence([cfg.seed, epoch, inner, plan.salt]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(seed))
@@ -933,8 +965,9 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
         if acc.is_main_process:
             run_folder.commit_checkpoint(run.out, epoch, keep=run.cfg.checkpoints_keep)
             run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
-            run_folder.write_model_card(run.out, dataclasses.asdict(run.cfg),
-                                        report.read_metrics(run.out / run_folder.METRICS))
+            run_folder.write_model_card(
+                run.out, dataclasses.asdict(run.cfg), report.read_metrics(run.out / run_folder.METRICS)
+            )
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         run_folder.abort_checkpoint(run.out, epoch)
         last = run_folder.latest_checkpoint(run.out)
@@ -1015,4 +1048,3 @@ def _first_line(e: BaseException) -> str:
 
 def _flat_config(cfg: TrainConfig) -> dict:
     return {k: ("" if v is None else v) for k, v in dataclasses.asdict(cfg).items()}
-

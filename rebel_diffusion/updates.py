@@ -67,8 +67,9 @@ def rebel_accumulate(
 
     pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
     steps: the stochastic steps trained (all of them, or a subsample whose sum is multiplied by
-    ``step_scale`` = T/m to stay unbiased); ``steps_per_pass`` of them share a UNet call. on_policy: the weights are still those that sampled
-    ``traj``, so every log-ratio is exactly 0 and the no-graph pass is skipped.
+    ``step_scale`` = T/m to stay unbiased); ``steps_per_pass`` of them share a UNet call.
+    on_policy: the weights are still those that sampled ``traj``, so every log-ratio is exactly 0
+    and the no-graph pass is skipped.
     ``score_unet``: the module for the no-graph pass (default ``unet``; pass the unwrapped module
     under DDP). ``valid``: (P,) bool, pairs to learn from (pairs with a non-finite reward keep their
     place, so every process runs the same backward passes, but add no gradient). ``ratio_steps``:
@@ -178,8 +179,11 @@ def ddpo_accumulate(
             old = traj.log_probs[index.to(traj.log_probs.device)][:, group].to(logp.device)  # (n, m)
             terms = logp.numel()
             loss, stats = ppo_clip_loss(
-                logp.flatten(), old.flatten(), adv.repeat_interleave(len(group)),
-                clip_range=clip_range, adv_clip_max=adv_clip_max,
+                logp.flatten(),
+                old.flatten(),
+                adv.repeat_interleave(len(group)),
+                clip_range=clip_range,
+                adv_clip_max=adv_clip_max,
             )
             loss = loss / num_terms
             if kl_coef > 0:

@@ -113,9 +113,7 @@ class RewardHandler(BaseHTTPRequestHandler):
     def _path_ok(self) -> bool:
         if urllib.parse.urlsplit(self.path).path == self.server.score_path:
             return True
-        self._reply(
-            HTTPStatus.NOT_FOUND, {"error": f"no such path; the reward is at {self.server.score_path}"}
-        )
+        self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path; the reward is at {self.server.score_path}"})
         return False
 
     def _reply(self, status: HTTPStatus, payload: dict) -> None:
@@ -151,9 +149,7 @@ def load(name: str, **options):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a reward over HTTP for rebel-diffusion's --reward URL.")
-    p.add_argument(
-        "--reward", required=True, help="a built-in reward (e.g. jpeg-compressibility) or module:attr"
-    )
+    p.add_argument("--reward", required=True, help="a built-in reward (e.g. jpeg-compressibility) or module:attr")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
     p.add_argument("--path", default="/score", help="URL path of the reward")

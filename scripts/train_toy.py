@@ -287,20 +287,14 @@ def train_vae(args, work: Path, state: State):
     combos = data.train_combos()
 
     def loss_fn(step):
-        x = (
-            data.make_batch(args.vae_batch, step_seed(args.seed, "vae", step), combos)[0] * 2 - 1
-        )  # (B, 3, 32, 32)
+        x = data.make_batch(args.vae_batch, step_seed(args.seed, "vae", step), combos)[0] * 2 - 1  # (B, 3, 32, 32)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(
-            post.mean.shape, generator=step_generator(args.seed, "vae", step)
-        )
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=step_generator(args.seed, "vae", step))
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         return mse + 1e-6 * post.kl().mean(), {"mse": float(mse)}
 
-    wall, cpu = run_steps(
-        "vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn
-    )
+    wall, cpu = run_steps("vae", args, work, vae, list(vae.parameters()), args.vae_steps, args.vae_lr, loss_fn)
     vae.save_pretrained(work / "vae")
     with torch.no_grad():  # reconstruction error on fresh images of all combinations
         x = data.make_batch(256, args.seed + 10_001)[0] * 2 - 1
@@ -344,9 +338,7 @@ def train_classifier(args, work: Path, state: State):
         acc = sum(float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in losses) / 3
         return sum(losses.values()), {"acc": acc}
 
-    wall, cpu = run_steps(
-        "classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn
-    )
+    wall, cpu = run_steps("classifier", args, work, clf, list(clf.parameters()), args.clf_steps, args.clf_lr, loss_fn)
     save_classifier(clf, work / "classifier")
     acc = classifier_accuracy(clf, vae, args.seed)
     print(f"[classifier] done in {wall / 60:.1f} min, accuracy on fresh images {acc}", flush=True)
@@ -358,10 +350,7 @@ def classifier_accuracy(clf, vae, seed: int, n: int = 2048) -> dict:
     """Accuracy per head on fresh generator images, as drawn and after a VAE round trip."""
     x, labels, _ = data.make_batch(n, seed + 20_002)
     rec = torch.cat(
-        [
-            (vae.decode(vae.encode(c * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-            for c in x.split(256)
-        ]
+        [(vae.decode(vae.encode(c * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1) for c in x.split(256)]
     )
     out = {}
     for name, imgs in (("real", x), ("vae_roundtrip", rec)):
@@ -438,9 +427,7 @@ def train_unet(args, work: Path, state: State):
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 8, 8)
         cond = combo[idx].clone()
         cond[torch.rand(len(idx), generator=g) < args.cfg_dropout] = uncond  # empty caption
-        noise = torch.randn(z0.shape, generator=g) + OFFSET_NOISE * torch.randn(
-            len(idx), 4, 1, 1, generator=g
-        )
+        noise = torch.randn(z0.shape, generator=g) + OFFSET_NOISE * torch.randn(len(idx), 4, 1, 1, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, emb[cond]).sample
@@ -515,9 +502,7 @@ def compact_tokenizer(folder: Path) -> None:
 
 
 @torch.no_grad()
-def sample(
-    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, eta: float = 0.0
-) -> torch.Tensor:
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, eta: float = 0.0) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1], one seeded generator per image."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return pipe(
@@ -664,9 +649,7 @@ def save_grid(
     for c in range(n_cells):
         x0, y0 = pad + (c % cols) * (cell_w + pad), 20 + pad + (c // cols) * (cell_h + pad)
         for j in range(per_caption):
-            grid.paste(
-                pils[c * per_caption + j].resize((side, side), Image.NEAREST), (x0 + j * (side + 2), y0)
-            )
+            grid.paste(pils[c * per_caption + j].resize((side, side), Image.NEAREST), (x0 + j * (side + 2), y0))
         words = prompts[c * per_caption].split(" on ")
         draw.text((x0, y0 + side + 2), words[0], fill="black")
         draw.text((x0, y0 + side + 14), "on " + words[1] if len(words) > 1 else "", fill="black")
@@ -686,9 +669,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --work")
-    p.add_argument(
-        "--redo", default="", help="comma-separated stages to rerun (with --resume), e.g. export,eval"
-    )
+    p.add_argument("--redo", default="", help="comma-separated stages to rerun (with --resume), e.g. export,eval")
     p.add_argument("--stop-after", choices=STAGES, default="eval")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="a few steps a stage, into --work/smoke_*")
@@ -724,9 +705,7 @@ def main(argv=None) -> int:
     if args.smoke and work.exists():
         shutil.rmtree(work)
     if work.exists() and any(work.glob("*.ckpt")) and not args.resume:
-        print(
-            f"error: {work} holds a run; pass --resume to continue it, or delete the folder", file=sys.stderr
-        )
+        print(f"error: {work} holds a run; pass --resume to continue it, or delete the folder", file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
     state = State(work)

@@ -139,9 +139,7 @@ class RewardGap(Preference):
         self.reward, self.temperature = ctx.reward, ctx.temperature or 1.0
 
     def prefer(self, images_a, images_b, prompts):
-        return torch.sigmoid(
-            (self.reward(images_a, prompts) - self.reward(images_b, prompts)) / self.temperature
-        )
+        return torch.sigmoid((self.reward(images_a, prompts) - self.reward(images_b, prompts)) / self.temperature)
 
 
 def sharp_gap(ctx: PreferenceContext) -> Preference:

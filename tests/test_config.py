@@ -59,10 +59,16 @@ def test_every_field_is_used_by_the_recipe():
     derived = set()  # self.X read by the methods that compute batch sizes from the fields
     config_tree = ast.parse((root / "config.py").read_text())
     for node in ast.walk(config_tree):
-        if isinstance(node, ast.FunctionDef) and node.name in ("images_per_epoch", "units_per_epoch",
-                                                               "optimizer_steps_per_epoch"):
-            derived |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
-                        and isinstance(n.value, ast.Name) and n.value.id == "self"}
+        if isinstance(node, ast.FunctionDef) and node.name in (
+            "images_per_epoch",
+            "units_per_epoch",
+            "optimizer_steps_per_epoch",
+        ):
+            derived |= {
+                n.attr
+                for n in ast.walk(node)
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+            }
     unused = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in reads | derived]
     assert not unused, f"config fields never read by the recipe: {unused}"
 
@@ -127,8 +133,13 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_derived_counts():
-    cfg = TrainConfig(prompts_per_batch=8, batches_per_epoch=4, images_per_prompt=3, train_batch_size=2,
-                      gradient_accumulation_steps=4)
+    cfg = TrainConfig(
+        prompts_per_batch=8,
+        batches_per_epoch=4,
+        images_per_prompt=3,
+        train_batch_size=2,
+        gradient_accumulation_steps=4,
+    )
     assert cfg.images_per_epoch(2) == 8 * 4 * 3 * 2
     assert cfg.units_per_epoch() == 32 * 3  # 3 pairs per prompt of 3 images
     assert cfg.optimizer_steps_per_epoch() == 96 // 8

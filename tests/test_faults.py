@@ -323,8 +323,9 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_within_the_grace(tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
         "-m", "rebel_diffusion", "train", *SMALL, *slow, "--epochs", "5", "--output-dir", str(out),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's job
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group, as a terminal's job
     _wait_for(out / "grids" / "epoch_0001.png", 400)  # epoch 1 done (not checkpointed: every 2)
     epoch_1 = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["epoch"] == 1][0]
     assert epoch_1["sample_seconds"] + epoch_1["train_seconds"] > 30  # longer than elastic's grace

@@ -74,9 +74,7 @@ def tokenizer(tmp_path_factory):
 
 def test_tokenizer_matches_open_clip(tokenizer):
     expected = open_clip.tokenize(PROMPTS)  # (N, 77), zero-padded after <end_of_text>
-    got = tokenizer(
-        PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
+    got = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert got.shape == expected.shape == (len(PROMPTS), 77)
     for g, e in zip(got, expected):
         n = int((e != 0).sum())
@@ -99,9 +97,7 @@ def test_tokenizer_matches_open_clip_on_rare_words(tokenizer):
     prompts = [" ".join(words[i : i + 15]) for i in range(0, len(words), 15)]
     assert len(prompts) > 100
     expected = open_clip.tokenize(prompts)
-    got = tokenizer(
-        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
+    got = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     real = expected != 0
     assert torch.equal(got[real], expected[real])
 
@@ -259,9 +255,7 @@ def test_add_lora_trains_only_lora(tiny_pipe, unet_inputs):
     assert {p.shape[0] for n, p in trainable.items() if ".lora_A." in n} == {4}  # the rank
     # every attention projection q, k, v, out got an adapter
     targets = [
-        n
-        for n, _ in unet.named_modules()
-        if n.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0"))
+        n for n, _ in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0"))
     ]
     assert targets
     for n in targets:

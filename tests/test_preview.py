@@ -43,12 +43,29 @@ def make_fake_run(run):
             if "lora_B" in name:
                 p.data = torch.randn(p.shape) * 0.5
     save_lora(pipe.unet, run / "lora")
-    config = dict(model="tiny", reward="jpeg-compressibility", sampler="ddim", num_steps=STEPS, ddim_eta=1.0,
-                  eta=1.0, guidance_scale=5.0, resolution=32, seed=0)
+    config = dict(
+        model="tiny",
+        reward="jpeg-compressibility",
+        sampler="ddim",
+        num_steps=STEPS,
+        ddim_eta=1.0,
+        eta=1.0,
+        guidance_scale=5.0,
+        resolution=32,
+        seed=0,
+    )
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     for e in range(3):
-        append_metrics(run / "metrics.jsonl", {"epoch": e, "reward_mean": -2.0 + e, "reward_std": 0.2,
-                                               "eval_reward_mean": -2.1 + e, "eval/jpeg-incompressibility": 2.0 - e})
+        append_metrics(
+            run / "metrics.jsonl",
+            {
+                "epoch": e,
+                "reward_mean": -2.0 + e,
+                "reward_std": 0.2,
+                "eval_reward_mean": -2.1 + e,
+                "eval/jpeg-incompressibility": 2.0 - e,
+            },
+        )
         save_png(make_grid(torch.rand(4, 3, 32, 32), [f"epoch {e}"] * 4), run / "grids" / f"epoch_{e:04d}.png")
     return run
 
@@ -111,7 +128,10 @@ def test_history_lists_epoch_grids(tuned_server):
     _, _, client = tuned_server
     gallery, curve = client.predict(api_name="/history")
     assert [item["caption"] for item in gallery] == [
-        "epoch 0: grid reward -2.1", "epoch 1: grid reward -1.1", "epoch 2: grid reward -0.1"]  # older keys read as today's
+        "epoch 0: grid reward -2.1",
+        "epoch 1: grid reward -1.1",
+        "epoch 2: grid reward -0.1",
+    ]  # older keys read as today's
     assert rgb(curve).shape[0] > 300  # reward panel + one heldout/ panel
 
 
@@ -121,8 +141,12 @@ def test_base_model_against_itself_is_identical():
     from rebel_diffusion.rewards import load_reward
     from rebel_diffusion.sampling import SamplingSettings
 
-    app = build_app(base_pipe=load_pipeline("tiny"), tuned_pipe=load_pipeline("tiny"),  # two separate loads
-                    reward=load_reward("jpeg-compressibility"), settings=SamplingSettings(num_steps=STEPS))
+    app = build_app(
+        base_pipe=load_pipeline("tiny"),
+        tuned_pipe=load_pipeline("tiny"),  # two separate loads
+        reward=load_reward("jpeg-compressibility"),
+        settings=SamplingSettings(num_steps=STEPS),
+    )
     try:
         _, client = serve(app)
         base, tuned, text = client.predict("a koala", 7, api_name="/compare")
@@ -139,10 +163,24 @@ def test_headless_browser_shows_the_images(tuned_server, tmp_path_factory):
     _, url, client = tuned_server
     out = tmp_path_factory.mktemp("screenshot")
     shot = out / "preview.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={out / 'profile'}", f"--screenshot={shot}",
-           "--window-size=1280,1400", "--virtual-time-budget=10000", "--hide-scrollbars", url]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={out / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,1400",
+        "--virtual-time-budget=10000",
+        "--hide-scrollbars",
+        url,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.is_file(), proc.stderr[-2000:]
     print(f"screenshot: {shot}", file=sys.stderr)
@@ -180,8 +218,10 @@ def test_without_gradio_says_how_to_install(run_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     assert cli.main(["preview", "--run", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("rebel-diffusion preview: error: preview needs Gradio, which is not installed: "
-                       "pip install 'rebel-diffusion[preview]'")
+    assert err[-1] == (
+        "rebel-diffusion preview: error: preview needs Gradio, which is not installed: "
+        "pip install 'rebel-diffusion[preview]'"
+    )
 
 
 def test_run_without_weights(tmp_path, capsys):

@@ -45,7 +45,9 @@ def test_rebel_loss_closed_form():
     lb = torch.tensor([0.1, 0.4, 0.5])
     target = torch.tensor([1.0, -0.5, 0.25])
     eta = 0.5
-    expected = np.mean([((0.3 - 0.1) / 0.5 - 1.0) ** 2, ((-0.2 - 0.4) / 0.5 + 0.5) ** 2, ((0 - 0.5) / 0.5 - 0.25) ** 2])
+    expected = np.mean(
+        [((0.3 - 0.1) / 0.5 - 1.0) ** 2, ((-0.2 - 0.4) / 0.5 + 0.5) ** 2, ((0 - 0.5) / 0.5 - 0.25) ** 2]
+    )
     assert rebel_loss(la, lb, target, eta).item() == pytest.approx(expected, rel=1e-6)
     assert rebel_residual(la, lb, target, eta)[0].item() == pytest.approx(0.4 - 1.0, rel=1e-6)
 
@@ -116,7 +118,9 @@ def test_normalize_modes():
     torch.testing.assert_close(adv, r)
     assert used == {"none": 4}
     z, used = normalize_rewards(r, list("abcd"), "batch")
-    assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std(unbiased=False).item() == pytest.approx(
+        1.0, rel=1e-4
+    )
     assert used == {"batch": 4}
     with pytest.raises(ValueError):
         normalize_rewards(r, list("abcd"), "per-prompt")
@@ -208,8 +212,18 @@ def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
     steps = trained_steps(std, (std[-skip] + std[-skip - 1]) / 2)  # a threshold between two steps
     assert steps == list(range(4 - skip))
     pipe.unet.zero_grad()
-    stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
-                             steps_per_pass=2, ratio_steps=steps)
+    stats = rebel_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        pairs,
+        targets,
+        eta=0.5,
+        train_batch_size=2,
+        steps=steps,
+        steps_per_pass=2,
+        ratio_steps=steps,
+    )
     ours = _grads(lora)
     pipe.unet.zero_grad()
     images = torch.arange(len(traj))
@@ -221,8 +235,9 @@ def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
     assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-9)
     # the fit statistics' prediction is (1/eta) (D(y) - D(y')) over those steps
-    torch.testing.assert_close(stats["prediction"].double(), ((ratio[pairs[:, 0]] - ratio[pairs[:, 1]]) / 0.5).detach(),
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        stats["prediction"].double(), ((ratio[pairs[:, 0]] - ratio[pairs[:, 1]]) / 0.5).detach(), rtol=1e-6, atol=1e-9
+    )
 
 
 def _lora_setup(dtype):
@@ -234,9 +249,13 @@ def _lora_setup(dtype):
     scheduler = make_scheduler(pipe, traj.settings)
     if dtype == torch.float64:  # the recorded trajectories and the model in double precision
         pipe.unet.double()
-        traj = dataclasses.replace(traj, latents=traj.latents.double(), log_probs=traj.log_probs.double(),
-                                   prompt_embeds=traj.prompt_embeds.double(),
-                                   negative_embeds=traj.negative_embeds.double())
+        traj = dataclasses.replace(
+            traj,
+            latents=traj.latents.double(),
+            log_probs=traj.log_probs.double(),
+            prompt_embeds=traj.prompt_embeds.double(),
+            negative_embeds=traj.negative_embeds.double(),
+        )
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     with torch.no_grad():  # move off-policy so the log-ratios (and the residual's first term) are non-zero
         for p in lora:
@@ -264,8 +283,17 @@ def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per
     assert log_ratios(pipe.unet, scheduler, traj, torch.arange(len(traj))).abs().max() > 1e-4
 
     pipe.unet.zero_grad()
-    stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps,
-                             steps_per_pass=steps_per_pass)
+    stats = rebel_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        pairs,
+        targets,
+        eta=eta,
+        train_batch_size=2,
+        steps=steps,
+        steps_per_pass=steps_per_pass,
+    )
     ours = _grads(lora)
 
     # Naive: the whole graph of every step of every image, one backward.
@@ -297,8 +325,17 @@ def test_rebel_on_policy_gradient_matches_rescored():
     grads = []
     for on_policy in (True, False):
         pipe.unet.zero_grad()
-        rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=1.0, train_batch_size=1, steps=[0, 1, 2],
-                         on_policy=on_policy)
+        rebel_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            pairs,
+            targets,
+            eta=1.0,
+            train_batch_size=1,
+            steps=[0, 1, 2],
+            on_policy=on_policy,
+        )
         grads.append(_grads(lora))
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-4
 
@@ -310,14 +347,25 @@ def test_ddpo_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_
     adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
     images = torch.arange(len(traj))
     pipe.unet.zero_grad()
-    stats = ddpo_accumulate(pipe.unet, scheduler, traj, images, adv, clip_range=0.2, adv_clip_max=5.0,
-                            train_batch_size=4, steps=steps, steps_per_pass=steps_per_pass)
+    stats = ddpo_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        images,
+        adv,
+        clip_range=0.2,
+        adv_clip_max=5.0,
+        train_batch_size=4,
+        steps=steps,
+        steps_per_pass=steps_per_pass,
+    )
     ours = _grads(lora)
     pipe.unet.zero_grad()
     new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
     old = traj.log_probs[:, steps]
-    loss, naive_stats = ppo_clip_loss(new.flatten(), old.flatten(), adv[:, None].expand_as(new).flatten(),
-                                      clip_range=0.2)
+    loss, naive_stats = ppo_clip_loss(
+        new.flatten(), old.flatten(), adv[:, None].expand_as(new).flatten(), clip_range=0.2
+    )
     (loss / new.numel()).backward()
     naive = _grads(lora)
     assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[dtype]
@@ -342,8 +390,9 @@ def _run_rebel_steps(sign: float, steps_n: int = 6):
     diffs, losses = [], []
     for s in range(steps_n):
         opt.zero_grad()
-        stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps,
-                                 on_policy=s == 0)
+        stats = rebel_accumulate(
+            pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps, on_policy=s == 0
+        )
         losses.append(stats["loss"])
         opt.step()
         ratio = log_ratios(pipe.unet, scheduler, traj, torch.arange(len(traj)))
@@ -365,9 +414,13 @@ def test_gaussian_kl_matches_torch_distributions():
     gen = torch.Generator().manual_seed(0)
     mean, ref = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
     std = torch.tensor([0.3, 0.5, 1.2]).view(3, 1, 1, 1)
-    expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref, std.expand_as(ref))
-    ).flatten(1).sum(1)
+    expected = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref, std.expand_as(ref))
+        )
+        .flatten(1)
+        .sum(1)
+    )
     torch.testing.assert_close(gaussian_kl(mean, ref, std), expected)
     torch.testing.assert_close(gaussian_kl(mean, ref, 0.5), gaussian_kl(mean, ref, torch.full((3, 1, 1, 1), 0.5)))
 
@@ -406,14 +459,36 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
     if algorithm == "rebel":
         pairs = pair_indices(traj.group)
         targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
-        stats = rebel_accumulate(pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
-                                 steps_per_pass=2, ratio_steps=steps, kl_coef=coef,
-                                 reference_mean=_reference_mean(pipe, scheduler, traj))
+        stats = rebel_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            pairs,
+            targets,
+            eta=0.5,
+            train_batch_size=2,
+            steps=steps,
+            steps_per_pass=2,
+            ratio_steps=steps,
+            kl_coef=coef,
+            reference_mean=_reference_mean(pipe, scheduler, traj),
+        )
     else:
         adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
-        stats = ddpo_accumulate(pipe.unet, scheduler, traj, images, adv, clip_range=0.2, adv_clip_max=5.0,
-                                train_batch_size=4, steps=steps, steps_per_pass=2, kl_coef=coef,
-                                reference_mean=_reference_mean(pipe, scheduler, traj))
+        stats = ddpo_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            images,
+            adv,
+            clip_range=0.2,
+            adv_clip_max=5.0,
+            train_batch_size=4,
+            steps=steps,
+            steps_per_pass=2,
+            kl_coef=coef,
+            reference_mean=_reference_mean(pipe, scheduler, traj),
+        )
     ours = _grads(lora)
     pipe.unet.zero_grad()
     new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)

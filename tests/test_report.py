@@ -125,7 +125,9 @@ def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
     ]
     plain = report.plot_reward_curve(metrics, tmp_path / "plain.png")
     for r in metrics:
-        r.update({"heldout/aesthetic": 5.0 + r["epoch"], "heldout/diversity": float("nan") if r["epoch"] == 1 else 0.3})
+        r.update(
+            {"heldout/aesthetic": 5.0 + r["epoch"], "heldout/diversity": float("nan") if r["epoch"] == 1 else 0.3}
+        )
     assert report.heldout_keys(metrics) == ["heldout/aesthetic", "heldout/diversity"]
     richer = report.plot_reward_curve(metrics, tmp_path / "sub" / "curve.png")
     h_plain, h_rich = Image.open(plain).size[1], Image.open(richer).size[1]

@@ -110,10 +110,7 @@ def test_table_names_and_unknown_name():
         load_reward("clip", clip_modle="ViT-L-14")
     assert "no reward option 'clip_modle'" in one_line(e) and "clip_model" in str(e.value)
     # None means "default": a trainer may pass its whole config.
-    assert (
-        load_reward("jpeg-compressibility", clip_model=None, aesthetic_head=None).name
-        == "jpeg-compressibility"
-    )
+    assert load_reward("jpeg-compressibility", clip_model=None, aesthetic_head=None).name == "jpeg-compressibility"
 
 
 def test_builtins_are_built_from_the_context():
@@ -202,9 +199,7 @@ def test_preprocessing_matches_open_clip_pil_transform():
         x = (smooth_images(b=2, h=h, w=w) * 255).round() / 255  # exactly representable in uint8
         ours = clip_preprocess(x, size, MEAN, STD)
         pil = image_transform(size, is_train=False, mean=MEAN, std=STD)
-        ref = torch.stack(
-            [pil(Image.fromarray((xi.permute(1, 2, 0) * 255).round().byte().numpy())) for xi in x]
-        )
+        ref = torch.stack([pil(Image.fromarray((xi.permute(1, 2, 0) * 255).round().byte().numpy())) for xi in x])
         assert ours.shape == ref.shape == (2, 3, size, size)
         # In grey levels. PIL rounds and clamps to uint8 after each of its two 1-D passes, so single
         # pixels next to clipped grain differ by a few levels; on average they agree within half a level.
@@ -223,9 +218,7 @@ def test_aesthetic_end_to_end_on_tiny_pipeline_images(tiny_clip, tiny_images):
 
     # Same figures recomputed by hand: preprocess, encode, L2-normalise, head.
     model = reward.backbone.model
-    x = clip_preprocess(
-        tiny_images, 64, model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
-    )
+    x = clip_preprocess(tiny_images, 64, model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"])
     with torch.no_grad():
         expected = reward.head(F.normalize(model.encode_image(x), dim=-1))
     torch.testing.assert_close(scores, expected)
@@ -424,9 +417,7 @@ def test_plugin_kinds_the_contract_accepts(plugins_importable):
 
     # 2. A Reward subclass, built as cls(ctx) with every option in the context.
     cls = load_reward("plugin_reward:ScaledBrightness", device="cpu", dtype="bf16", clip_model="ViT-B-32")
-    assert (
-        cls.name == "scaled-brightness" and cls.device == torch.device("cpu") and cls.dtype == torch.bfloat16
-    )
+    assert cls.name == "scaled-brightness" and cls.device == torch.device("cpu") and cls.dtype == torch.bfloat16
     assert cls.context == RewardContext(device="cpu", dtype=torch.bfloat16, clip_model="ViT-B-32")
     torch.testing.assert_close(cls(x, prompts), 2 * mean)
     assert set(cls.details(x, prompts)) == {"red"}

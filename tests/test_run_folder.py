@@ -65,8 +65,13 @@ def trainable(unet) -> dict[str, torch.Tensor]:
 
 
 def write(out, epoch, weights, keep=2):
-    state = {"weights": weights, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
-             "lr_scheduler": {"last_epoch": epoch}, "tracker": {"stats": {}}, "global_step": 3 * epoch}
+    state = {
+        "weights": weights,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+        "lr_scheduler": {"last_epoch": epoch},
+        "tracker": {"stats": {}},
+        "global_step": 3 * epoch,
+    }
     run_folder.begin_checkpoint(out, epoch)
     run_folder.write_process_state(out, epoch, 0, {"torch": torch.arange(epoch + 4)})
     run_folder.write_shared_state(out, epoch, state)
@@ -110,15 +115,19 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path, lora_unet):
 def test_checkpoint_applies_with_the_runs_lora_layout(tmp_path, lora_unet, unet_inputs):
     """A checkpoint (no lora/ export yet) loads into a fresh pipeline with rank, alpha and targets
     from the run's config.yaml, and then computes what the trained UNet computes."""
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
-        {"model": "tiny", "finetune": "lora", "lora_rank": 4, "lora_alpha": 2.0, "lora_targets": "to_q,to_v"}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"model": "tiny", "finetune": "lora", "lora_rank": 4, "lora_alpha": 2.0, "lora_targets": "to_q,to_v"}
+        )
+    )
     folder = write(tmp_path, 1, trainable(lora_unet))
     pipe = build_tiny_pipeline()
     assert apply_weights(pipe, find_weights(tmp_path)) == "checkpoint"
     assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
     # another layout in the config: one line, nothing loaded half-way
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"finetune": "lora", "lora_rank": 8, "lora_alpha": 8.0,
-                                                          "lora_targets": "to_q,to_v"}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"finetune": "lora", "lora_rank": 8, "lora_alpha": 8.0, "lora_targets": "to_q,to_v"})
+    )
     with pytest.raises(UsageError, match="does not fit the model") as info:
         apply_weights(build_tiny_pipeline(), folder)
     one_line_usage_error(info)
@@ -155,10 +164,19 @@ def test_model_card(tmp_path, lora_unet):
 
     run_folder.export_weights(tmp_path, lora_unet, "lora")
     save_png(make_grid(torch.rand(2, 3, 32, 32), ["a", "b"]), tmp_path / "grids" / "epoch_0002.png")
-    metrics = [{"epoch": 0, "reward_mean": -1.5, "grid_reward_mean": -1.4, "heldout/toy-alignment": 0.8},
-               {"epoch": 2, "reward_mean": -1.2, "grid_reward_mean": -1.1, "heldout/toy-alignment": 0.85}]
-    config = {"model": "toy", "finetune": "lora", "algorithm": "rebel", "reward": "jpeg-compressibility",
-              "num_steps": 10, "sampler": "ddim", "guidance_scale": 3.0}
+    metrics = [
+        {"epoch": 0, "reward_mean": -1.5, "grid_reward_mean": -1.4, "heldout/toy-alignment": 0.8},
+        {"epoch": 2, "reward_mean": -1.2, "grid_reward_mean": -1.1, "heldout/toy-alignment": 0.85},
+    ]
+    config = {
+        "model": "toy",
+        "finetune": "lora",
+        "algorithm": "rebel",
+        "reward": "jpeg-compressibility",
+        "num_steps": 10,
+        "sampler": "ddim",
+        "guidance_scale": 3.0,
+    }
     card = run_folder.write_model_card(tmp_path, config, metrics).read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "toy" and front["library_name"] == "diffusers" and "lora" in front["tags"]
@@ -199,9 +217,7 @@ def test_read_config_errors(tmp_path):
 
 @pytest.mark.parametrize("where", ["lora folder", "run folder", "file"])
 def test_apply_lora(where, lora_unet, lora_folder, unet_inputs):
-    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[
-        where
-    ]
+    path = {"lora folder": lora_folder, "run folder": lora_folder.parent, "file": lora_folder / LORA_FILE}[where]
     pipe = build_tiny_pipeline()
     assert apply_weights(pipe, find_weights(path)) == "lora"
     assert_close(unet_out(pipe.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
@@ -240,9 +256,7 @@ def test_lora_with_keys_that_match_nothing(tmp_path):
 def test_lora_from_another_architecture(lora_folder, tmp_path):
     """Same layer names, other widths (as a LoRA trained on a wider UNet): refused, not loaded half-way."""
     wider = {
-        k: torch.randn(v.shape[0], v.shape[1] + 16)
-        if ".lora.down." in k
-        else torch.randn(v.shape[0] + 16, v.shape[1])
+        k: torch.randn(v.shape[0], v.shape[1] + 16) if ".lora.down." in k else torch.randn(v.shape[0] + 16, v.shape[1])
         for k, v in load_file(str(lora_folder / LORA_FILE)).items()
     }
     save_file(wider, str(tmp_path / LORA_FILE))

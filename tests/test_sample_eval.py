@@ -44,14 +44,29 @@ def make_fake_run(run, *, lora: bool = True, checkpoint: bool = False):
         state = {n: p.detach().contiguous() for n, p in pipe.unet.named_parameters() if p.requires_grad}
         save_file(state, str(ckpt / "trainable.safetensors"))
         (ckpt / "state.json").write_text('{"epoch": 1, "global_step": 1}')
-    config = dict(model="tiny", reward="jpeg-compressibility", prompts="simple_animals", sampler="ddim",
-                  num_steps=STEPS, eta=1.0, ddim_eta=1.0, guidance_scale=5.0, resolution=32, seed=0,
-                  eval_prompts="heldout_animals", finetune="lora", lora_rank=8, lora_alpha=8.0,
-                  lora_targets="to_q,to_k,to_v,to_out.0")
+    config = dict(
+        model="tiny",
+        reward="jpeg-compressibility",
+        prompts="simple_animals",
+        sampler="ddim",
+        num_steps=STEPS,
+        eta=1.0,
+        ddim_eta=1.0,
+        guidance_scale=5.0,
+        resolution=32,
+        seed=0,
+        eval_prompts="heldout_animals",
+        finetune="lora",
+        lora_rank=8,
+        lora_alpha=8.0,
+        lora_targets="to_q,to_k,to_v,to_out.0",
+    )
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     for e in range(2):
-        append_metrics(run / "metrics.jsonl", {"epoch": e, "reward_mean": -2.0 + e, "reward_std": 0.1,
-                                               "eval_reward_mean": -2.1 + e, "loss": 0.5})
+        append_metrics(
+            run / "metrics.jsonl",
+            {"epoch": e, "reward_mean": -2.0 + e, "reward_std": 0.1, "eval_reward_mean": -2.1 + e, "loss": 0.5},
+        )
         save_png(make_grid(torch.rand(4, 3, 32, 32), [f"epoch {e}"] * 4), run / "grids" / f"epoch_{e:04d}.png")
     return run
 
@@ -112,8 +127,23 @@ def test_heldout_animals_do_not_overlap_the_training_animals():
 
 def test_sample_writes_pngs_grid_and_manifest(run_dir, tmp_path):
     out = tmp_path / "tuned"
-    rc = cli.main(["sample", "--run", str(run_dir), "--prompt", "a cat", "--prompt", "a dog",
-                   "--seeds", "0", "1", "--output-dir", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "sample",
+            "--run",
+            str(run_dir),
+            "--prompt",
+            "a cat",
+            "--prompt",
+            "a dog",
+            "--seeds",
+            "0",
+            "1",
+            "--output-dir",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     names = {"p000_seed0.png", "p000_seed1.png", "p001_seed0.png", "p001_seed1.png"}
     assert names | {"grid.png", "samples.json"} == {p.name for p in out.iterdir()}
@@ -130,8 +160,21 @@ def test_same_seed_same_image_whichever_batch_and_model(run_dir, tmp_path):
     common = ["--model", "tiny", "--steps", str(STEPS), "--resolution", "32", "--quiet", "--prompt", "a cat"]
     assert cli.main(["sample", *common, "--seeds", "0", "1", "--output-dir", str(tmp_path / "a")]) == 0
     assert cli.main(["sample", *common, "--num-images", "1", "--seed", "1", "--output-dir", str(tmp_path / "b")]) == 0
-    assert cli.main(["sample", *common, "--finetune", str(run_dir / "lora"), "--seeds", "0",
-                     "--output-dir", str(tmp_path / "c")]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                *common,
+                "--finetune",
+                str(run_dir / "lora"),
+                "--seeds",
+                "0",
+                "--output-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     # Seed 1 alone gives the picture it gave beside seed 0.
     assert np.array_equal(pixels(tmp_path / "a" / "p000_seed1.png"), pixels(tmp_path / "b" / "p000_seed1.png"))
     # The fine-tune changes the image drawn from the same seed (same starting noise).
@@ -156,9 +199,24 @@ def test_sample_from_a_trainer_checkpoint_matches_its_lora(run_dir, tmp_path):
 
 def test_eval_writes_json_markdown_and_grid(run_dir, two_prompts, tmp_path):
     out = tmp_path / "eval"
-    rc = cli.main(["eval", "--run", str(run_dir), "--prompts", str(two_prompts), "--num-images", "2",
-                   "--rewards", "jpeg-compressibility,jpeg-incompressibility", "--diversity-model", "tiny-random-clip",
-                   "--output-dir", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "eval",
+            "--run",
+            str(run_dir),
+            "--prompts",
+            str(two_prompts),
+            "--num-images",
+            "2",
+            "--rewards",
+            "jpeg-compressibility,jpeg-incompressibility",
+            "--diversity-model",
+            "tiny-random-clip",
+            "--output-dir",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["prompts"] == ["otter", "penguin"] and result["seeds"] == [0, 1]
@@ -191,8 +249,10 @@ def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
     assert r["delta"] == 0.0 and result["diversity"]["delta"] == 0.0
     alone = evaluate_pipelines(None, b, ["otter"], rewards, [0, 1], settings, diversity=PixelEmbedder())
     assert alone["rewards"]["jpeg-compressibility"]["base"] is None
-    assert heldout_metrics(alone) == {"heldout/jpeg-compressibility": r["tuned"],
-                                      "heldout/diversity": result["diversity"]["tuned"]}
+    assert heldout_metrics(alone) == {
+        "heldout/jpeg-compressibility": r["tuned"],
+        "heldout/diversity": result["diversity"]["tuned"],
+    }
 
 
 def test_diversity_figure(monkeypatch, capsys):
@@ -235,20 +295,43 @@ def test_lora_that_does_not_fit_the_model(run_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
-    bad = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora.down" in k or "lora_A" in k else v
-           for k, v in weights.items()}
+    bad = {
+        k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora.down" in k or "lora_A" in k else v
+        for k, v in weights.items()
+    }
     (tmp_path / "bad").mkdir()
     save_file(bad, str(tmp_path / "bad" / "pytorch_lora_weights.safetensors"))
-    rc = cli.main(["sample", "--model", "tiny", "--finetune", str(tmp_path / "bad"), "--prompt", "a cat",
-                   "--steps", "1", "--quiet"])
+    rc = cli.main(
+        [
+            "sample",
+            "--model",
+            "tiny",
+            "--finetune",
+            str(tmp_path / "bad"),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 2
     line = error_line(capsys, "sample")
     assert "does not fit the model tiny" in line and "size" in line.lower()
 
 
 def test_unknown_reward_in_eval(run_dir, capsys, tmp_path):
-    rc = cli.main(["eval", "--run", str(run_dir), "--rewards", "jpeg-compressibility,beauty",
-                   "--output-dir", str(tmp_path / "e")])
+    rc = cli.main(
+        [
+            "eval",
+            "--run",
+            str(run_dir),
+            "--rewards",
+            "jpeg-compressibility,beauty",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ]
+    )
     assert rc == 2
     assert "unknown reward 'beauty'" in error_line(capsys, "eval")
     assert not (tmp_path / "e").exists()  # failed before sampling anything
@@ -267,8 +350,24 @@ def test_other_bad_input(run_dir, capsys):
 
 def test_sample_old_eta_flag_is_ddim_eta_with_a_warning(tmp_path, capsys):
     out = tmp_path / "s"
-    rc = cli.main(["sample", "--model", "tiny", "--steps", str(STEPS), "--resolution", "32", "--quiet",
-                   "--prompt", "a cat", "--eta", "0.5", "--output-dir", str(out)])
+    rc = cli.main(
+        [
+            "sample",
+            "--model",
+            "tiny",
+            "--steps",
+            str(STEPS),
+            "--resolution",
+            "32",
+            "--quiet",
+            "--prompt",
+            "a cat",
+            "--eta",
+            "0.5",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert "--eta is deprecated" in capsys.readouterr().err
     assert json.loads((out / "samples.json").read_text())["settings"]["ddim_eta"] == 0.5

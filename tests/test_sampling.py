@@ -86,9 +86,7 @@ def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
     a_t = acp[t]
     if alpha_prev is None:
         alpha_prev = (
-            acp[t_prev]
-            if t_prev >= 0
-            else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+            acp[t_prev] if t_prev >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
         )
     a_prev = torch.as_tensor(alpha_prev, dtype=torch.float64)
     x, e = x.double(), model_output.double()
@@ -106,9 +104,7 @@ def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
 
 def fresh_pipeline(pipe, scheduler=None):
     """A new pipeline object sharing ``pipe``'s modules, with its own scheduler (fixtures stay untouched)."""
-    scheduler = (
-        scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
-    )
+    scheduler = scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
     new = type(pipe)(**{**pipe.components, "scheduler": scheduler, "requires_safety_checker": False})
     new.set_progress_bar_config(disable=True)
     return new
@@ -166,9 +162,7 @@ def zero_variance_traj(tiny_pipe):
     pipe = fresh_pipeline(tiny_pipe)
     # set after construction: StableDiffusionPipeline.__init__ rewrites steps_offset=0 to 1
     pipe.scheduler = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "steps_offset": 0})
-    return pipe, sample_trajectories(
-        pipe, PROMPTS[:1], images_per_prompt=2, seed=SEED, settings=DDIM_SETTINGS
-    )
+    return pipe, sample_trajectories(pipe, PROMPTS[:1], images_per_prompt=2, seed=SEED, settings=DDIM_SETTINGS)
 
 
 def test_sampler_marks_zero_variance_ddim_step(zero_variance_traj):
@@ -278,9 +272,7 @@ def test_lcm_guidance_embedding_path(tiny_lcm_pipe, lcm_traj):
         e = pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
         if j == 0:  # the embedding matters
             other = pipe.get_guidance_scale_embedding(torch.tensor([1.0]), embedding_dim=dim)
-            assert (
-                pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=other).sample - e
-            ).abs().max() > 1e-4
+            assert (pipe.unet(x, t, encoder_hidden_states=cond, timestep_cond=other).sample - e).abs().max() > 1e-4
         x = sched.step(e, t, x, generator=g).prev_sample
         assert_close(lcm_traj.latents[i, j + 1], x[0], rtol=1e-4, atol=1e-4)
 
@@ -352,8 +344,12 @@ def test_rescore_reproduces_recorded_log_probs(name, request):
         batched = rescore_log_probs(pipe.unet, sched, traj, steps_per_pass=steps_per_pass)
         assert float((batched - traj.log_probs[:, steps]).abs().max()) <= RESCORE_TOL
     mixed = steps_log_prob(pipe.unet, sched, traj, [steps[-1], steps[0]], index=[1, 2])  # any order, (2, 2)
-    assert_close(mixed, torch.stack([step_log_prob(pipe.unet, sched, traj, j, index=[1, 2])
-                                     for j in (steps[-1], steps[0])], dim=1), rtol=0, atol=1e-6)
+    assert_close(
+        mixed,
+        torch.stack([step_log_prob(pipe.unet, sched, traj, j, index=[1, 2]) for j in (steps[-1], steps[0])], dim=1),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_rescore_without_stochastic_steps(tiny_lcm_pipe):

@@ -57,9 +57,7 @@ def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
     a_t = acp[t]
     if alpha_prev is None:
         alpha_prev = (
-            acp[t_prev]
-            if t_prev >= 0
-            else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
+            acp[t_prev] if t_prev >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
         )
     a_prev = torch.as_tensor(alpha_prev, dtype=torch.float64)
     x, e = x.double(), model_output.double()

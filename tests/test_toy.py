@@ -39,10 +39,7 @@ def test_captions_match_the_drawn_pixels():
     for i, cap in enumerate(captions):
         s, c, b = (int(labels[k][i]) for k in ("shape", "colour", "background"))
         assert cap == data.caption(s, c, b)
-        assert (
-            f"{data.COLOUR_NAMES[c]} {data.SHAPES[s]} on" in cap
-            and f"{data.COLOUR_NAMES[b]} background" in cap
-        )
+        assert f"{data.COLOUR_NAMES[c]} {data.SHAPES[s]} on" in cap and f"{data.COLOUR_NAMES[b]} background" in cap
         assert data.parse_caption(cap) == (s, c, b)
         x, y = int(labels["cx"][i]), int(labels["cy"][i])
         assert torch.allclose(images[i, :, y, x], pal[c], atol=1e-6), cap  # the shape's centre

@@ -220,8 +220,9 @@ def test_variants_run(tmp_path, extra):
     out = tmp_path / "run"
     argv = ["train", *SMALL, "--epochs", "1", "--output-dir", str(out), *extra]
     if "--mixed-precision" in extra:  # accelerate fixes the precision once per process: a fresh one
-        result = subprocess.run([sys.executable, "-m", "rebel_diffusion", *argv], env=_env(), capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "rebel_diffusion", *argv], env=_env(), capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     else:
         assert main(argv) == 0
@@ -271,8 +272,13 @@ def test_fp16_trains_fp32_lora_on_a_frozen_fp16_unet(tmp_path):
 
     On a CPU accelerate runs fp16 without a GradScaler; on a GPU it adds one (not testable here).
     """
-    result = subprocess.run([sys.executable, "-c", FP16_CHECK, str(tmp_path / "run")], env=_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", FP16_CHECK, str(tmp_path / "run")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0 and "fp16 ok" in result.stdout, result.stderr[-3000:]
 
 

@@ -18,23 +18,40 @@ class DeprecatedAlias(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"warning: {option_string} is deprecated and will be removed in the next release; "
-              f"use {self.new_flag}", file=sys.stderr)
+        print(
+            f"warning: {option_string} is deprecated and will be removed in the next release; use {self.new_flag}",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """--run, --model, --finetune, --device, --dtype."""
     g = parser.add_argument_group("model")
-    g.add_argument("--run", metavar="DIR", help="a training run folder (its config.yaml gives the model and "
-                   "sampling settings; its lora/, unet/ or newest checkpoint the fine-tune)")
-    g.add_argument("--model", help="base model: a built-in (tiny, tiny-lcm, tiny-v, toy, sd15-random), a diffusers "
-                   "folder, a .safetensors file or a hub id (default: the run's model, else Stable Diffusion 1.5)")
-    g.add_argument("--finetune", metavar="PATH", help="a LoRA folder/file, a unet/ folder, a run or a checkpoint "
-                   "folder to apply on the base model (default: the run's)")
+    g.add_argument(
+        "--run",
+        metavar="DIR",
+        help="a training run folder (its config.yaml gives the model and "
+        "sampling settings; its lora/, unet/ or newest checkpoint the fine-tune)",
+    )
+    g.add_argument(
+        "--model",
+        help="base model: a built-in (tiny, tiny-lcm, tiny-v, toy, sd15-random), a diffusers "
+        "folder, a .safetensors file or a hub id (default: the run's model, else Stable Diffusion 1.5)",
+    )
+    g.add_argument(
+        "--finetune",
+        metavar="PATH",
+        help="a LoRA folder/file, a unet/ folder, a run or a checkpoint "
+        "folder to apply on the base model (default: the run's)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="model precision (default: fp16 on GPU, fp32 on CPU)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="model precision (default: fp16 on GPU, fp32 on CPU)",
+    )
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: half the CPUs, at least 1)")
 
 
@@ -88,7 +105,7 @@ def prompts_from_args(args: argparse.Namespace, cfg: dict, default: str | None =
     if isinstance(name, list):  # a run config may hold the prompt list itself
         return [str(p) for p in name], "the run's grid prompts"
     if not name:
-        raise UsageError("no prompts: pass --prompt \"text\" (repeatable) or --prompts NAME_OR_FILE")
+        raise UsageError('no prompts: pass --prompt "text" (repeatable) or --prompts NAME_OR_FILE')
     return load_prompts(name), str(name)
 
 

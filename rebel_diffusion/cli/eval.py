@@ -30,22 +30,35 @@ DEFAULT_PROMPTS = "heldout_animals"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     g = parser.add_argument_group("what to measure")
-    g.add_argument("--rewards", help="comma-separated rewards (aesthetic, clip, jpeg-compressibility, "
-                   "jpeg-incompressibility, toy-alignment, module:attr); default: the run's held-out rewards, "
-                   "else its reward and the jpeg ones")
-    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head (default: the run's, "
-                   "else the model hub)")
-    g.add_argument("--prompts", metavar="NAME_OR_FILE", help="held-out prompts: a set in prompts/ or a file "
-                   f"(default: the run's held-out prompts, else {DEFAULT_PROMPTS})")
+    g.add_argument(
+        "--rewards",
+        help="comma-separated rewards (aesthetic, clip, jpeg-compressibility, "
+        "jpeg-incompressibility, toy-alignment, module:attr); default: the run's held-out rewards, "
+        "else its reward and the jpeg ones",
+    )
+    g.add_argument(
+        "--aesthetic-head", metavar="FILE", help="local LAION aesthetic head (default: the run's, else the model hub)"
+    )
+    g.add_argument(
+        "--prompts",
+        metavar="NAME_OR_FILE",
+        help="held-out prompts: a set in prompts/ or a file "
+        f"(default: the run's held-out prompts, else {DEFAULT_PROMPTS})",
+    )
     g.add_argument("--num-images", type=int, default=4, help="images per prompt (>= 2 for diversity; default 4)")
     g.add_argument("--seed", type=int, default=0, help="first seed; prompt p's images use seeds seed..seed+K-1")
-    g.add_argument("--diversity-model", default="auto", metavar="SPEC",
-                   help=f"image embedding for diversity: {DIVERSITY_CHOICES} (default auto: CLIP ViT-L-14/openai "
-                   "from the hub cache or the hub, else pixel embeddings with a warning; reports name the one used). "
-                   "OpenAI weights from a local file: clip:ViT-L-14-quickgelu:/path/to/open_clip_model.safetensors")
+    g.add_argument(
+        "--diversity-model",
+        default="auto",
+        metavar="SPEC",
+        help=f"image embedding for diversity: {DIVERSITY_CHOICES} (default auto: CLIP ViT-L-14/openai "
+        "from the hub cache or the hub, else pixel embeddings with a warning; reports name the one used). "
+        "OpenAI weights from a local file: clip:ViT-L-14-quickgelu:/path/to/open_clip_model.safetensors",
+    )
     add_sampling_arguments(parser)
-    parser.add_argument("--output-dir", help="where eval.json, eval.md, eval_grid.png go (default: RUN/eval, "
-                        "else ./eval)")
+    parser.add_argument(
+        "--output-dir", help="where eval.json, eval.md, eval_grid.png go (default: RUN/eval, else ./eval)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -64,21 +77,40 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, cfg)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    names = parse_reward_names(args.rewards or cfg.get("heldout_rewards") or cfg.get("eval_rewards"),
-                               cfg.get("reward"))
-    rewards = load_rewards(names, device=device, dtype=dtype,
-                           aesthetic_head=args.aesthetic_head or cfg.get("aesthetic_head"))
+    names = parse_reward_names(
+        args.rewards or cfg.get("heldout_rewards") or cfg.get("eval_rewards"), cfg.get("reward")
+    )
+    rewards = load_rewards(
+        names, device=device, dtype=dtype, aesthetic_head=args.aesthetic_head or cfg.get("aesthetic_head")
+    )
     diversity = load_diversity_model(args.diversity_model, device) if args.num_images > 1 else None
     out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "eval"
 
     base, tuned = load_models(source, device=device, dtype=dtype, with_base=True)
     seeds = list(range(args.seed, args.seed + args.num_images))
-    print(f"eval: {len(prompts)} prompts ({prompt_set}) x {len(seeds)} seeds, base vs {describe(source)}, "
-          f"rewards {', '.join(names)}", file=sys.stderr)
-    result = evaluate_pipelines(base, tuned, prompts, rewards, seeds, settings, diversity=diversity,
-                                batch_size=args.batch_size, progress=not args.quiet, keep_images=True)
-    header = {"model": source.model, "finetune": str(source.finetune), "run": str(source.run_dir or ""),
-              "prompt_set": str(prompt_set)}
+    print(
+        f"eval: {len(prompts)} prompts ({prompt_set}) x {len(seeds)} seeds, base vs {describe(source)}, "
+        f"rewards {', '.join(names)}",
+        file=sys.stderr,
+    )
+    result = evaluate_pipelines(
+        base,
+        tuned,
+        prompts,
+        rewards,
+        seeds,
+        settings,
+        diversity=diversity,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        keep_images=True,
+    )
+    header = {
+        "model": source.model,
+        "finetune": str(source.finetune),
+        "run": str(source.run_dir or ""),
+        "prompt_set": str(prompt_set),
+    }
     write_reports(out, result, header)
     print(markdown_report(result, header))
     print(f"wrote eval.json, eval.md and eval_grid.png to {out}")

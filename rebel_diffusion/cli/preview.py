@@ -18,16 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("page")
     g.add_argument("--reward", help="reward shown beside the images (default: the run's)")
     g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head for --reward aesthetic")
-    g.add_argument("--prompt", help=f"prompt compared on page load (default: one of the run's prompts, else "
-                   f"{DEFAULT_PROMPT!r})")
+    g.add_argument(
+        "--prompt", help=f"prompt compared on page load (default: one of the run's prompts, else {DEFAULT_PROMPT!r})"
+    )
     g.add_argument("--seed", type=int, default=0, help="first seed compared on page load (default 0)")
     g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
     g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
     g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (default: the run's)")
     g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")
     s = parser.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 opens it to the network)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
     s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
 
@@ -42,11 +46,19 @@ def run(args: argparse.Namespace) -> int:
     set_num_threads(args.num_threads)
     device = pick_device(args.device)
     cfg = run_folder.read_config(args.run)[1] if args.run else {}
-    settings = sampling_settings(cfg, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                                 ddim_eta=args.ddim_eta)
-    app = build_app(args.run, model=args.model, finetune=args.finetune, reward=args.reward, device=device,
-                    dtype=pick_dtype(args.dtype, device), aesthetic_head=args.aesthetic_head,
-                    default_prompt=args.prompt, default_seed=args.seed, settings=settings)
+    settings = sampling_settings(cfg, num_steps=args.steps, guidance_scale=args.guidance_scale, ddim_eta=args.ddim_eta)
+    app = build_app(
+        args.run,
+        model=args.model,
+        finetune=args.finetune,
+        reward=args.reward,
+        device=device,
+        dtype=pick_dtype(args.dtype, device),
+        aesthetic_head=args.aesthetic_head,
+        default_prompt=args.prompt,
+        default_seed=args.seed,
+        settings=settings,
+    )
     print(f"preview on http://{args.host}:{port} (Ctrl-C to stop)", file=sys.stderr)
     try:
         launch(app, host=args.host, port=port, share=args.share)

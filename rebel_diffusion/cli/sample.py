@@ -23,14 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     g = parser.add_argument_group("what to draw")
     g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    g.add_argument("--prompts", metavar="NAME_OR_FILE", help="a prompt set from prompts/ (e.g. simple_animals) "
-                   "or a text file, one prompt a line (default: the run's grid prompts)")
+    g.add_argument(
+        "--prompts",
+        metavar="NAME_OR_FILE",
+        help="a prompt set from prompts/ (e.g. simple_animals) "
+        "or a text file, one prompt a line (default: the run's grid prompts)",
+    )
     g.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds, one image each per prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt when --seeds is not given")
     g.add_argument("--seed", type=int, default=0, help="first seed with --num-images (default 0)")
     add_sampling_arguments(parser)
-    parser.add_argument("--output-dir", help="where to write the PNGs and grid.png (default: RUN/samples, "
-                        "else ./samples)")
+    parser.add_argument(
+        "--output-dir", help="where to write the PNGs and grid.png (default: RUN/samples, else ./samples)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -45,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     _, pipe = load_models(source, device=device, dtype=pick_dtype(args.dtype, device), with_base=False)
     settings = settings.resolve(pipe)
     n = len(prompts) * len(seeds)
-    print(f"sampling {n} images ({len(prompts)} prompts x {len(seeds)} seeds, {settings.num_steps} steps) "
-          f"from {describe(source)}", file=sys.stderr)
+    print(
+        f"sampling {n} images ({len(prompts)} prompts x {len(seeds)} seeds, {settings.num_steps} steps) "
+        f"from {describe(source)}",
+        file=sys.stderr,
+    )
     images = sample_images(pipe, prompts, seeds, settings, batch_size=args.batch_size, progress=not args.quiet)
     write_samples(out, images, prompts, seeds, source=source, settings=settings, prompt_label=prompt_label)
     print(f"wrote {n} images and grid.png to {out}")

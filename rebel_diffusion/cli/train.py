@@ -17,8 +17,10 @@ from ..train import train
 from .common import DeprecatedAlias
 
 HELP = "fine-tune a model toward a reward with REBEL (or DDPO)"
-OOM_HINT = ("lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
-            "--steps-per-pass or --grid-num-images, or add --gradient-checkpointing, then --resume")
+OOM_HINT = (
+    "lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
+    "--steps-per-pass or --grid-num-images, or add --gradient-checkpointing, then --resume"
+)
 
 
 def _flag(name: str) -> str:
@@ -28,8 +30,11 @@ def _flag(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; unset flags stay unset (so the config file and preset below them show)."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a bundle of defaults: " + ", ".join(
-        f"{k} ({v.get('model', 'any model')})" for k, v in PRESETS.items()))
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a bundle of defaults: " + ", ".join(f"{k} ({v.get('model', 'any model')})" for k, v in PRESETS.items()),
+    )
     for f in dataclasses.fields(TrainConfig):
         tp = field_type(f.name)
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=field_help(f.name))
@@ -38,8 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(_flag(f.name), type=tp, choices=f.metadata["choices"], **kwargs)
     for old, new in RENAMED.items():
-        parser.add_argument(_flag(old), dest=new, type=field_type(new), default=argparse.SUPPRESS,
-                            action=DeprecatedAlias, new_flag=_flag(new))
+        parser.add_argument(
+            _flag(old),
+            dest=new,
+            type=field_type(new),
+            default=argparse.SUPPRESS,
+            action=DeprecatedAlias,
+            new_flag=_flag(new),
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -67,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
 def fault_message(e: BaseException) -> str | None:
     """One line for a fault of memory or the OS, saying what to do; None for anything else (a bug)."""
     text = _first_line(e)
-    if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in text or (
-        "not enough memory" in text
+    if (
+        isinstance(e, torch.OutOfMemoryError | MemoryError)
+        or "can't allocate memory" in text
+        or ("not enough memory" in text)
     ):
         return f"out of memory ({text[:120]}); {OOM_HINT}"
     if isinstance(e, OSError):

@@ -177,9 +177,7 @@ _URL_OPTIONS = ("http_timeout", "http_retries")
 
 
 _PREFERENCE_BUILDERS: dict[str, Callable[[PreferenceContext], Preference]] = {
-    "bradley-terry": lambda c: BradleyTerryPreference(
-        c.reward, 1.0 if c.temperature is None else c.temperature
-    ),
+    "bradley-terry": lambda c: BradleyTerryPreference(c.reward, 1.0 if c.temperature is None else c.temperature),
 }
 
 
@@ -232,8 +230,7 @@ def load_preference(
         extra = [k for k, v in options.items() if v is not None and k not in ("device", "dtype")]
         if extra:
             raise UsageError(
-                f"preference {name_or_path}: option {extra[0]!r} only applies to a reward loaded by name "
-                "(reward=NAME)"
+                f"preference {name_or_path}: option {extra[0]!r} only applies to a reward loaded by name (reward=NAME)"
             )
     # Device and dtype: given, else the reward's.
     device = options.get("device") or getattr(reward, "device", None)
@@ -257,9 +254,7 @@ def make_context(context: RewardContext | None = None, options: dict | None = No
     options = dict(options or {})
     unknown = [k for k in options if k not in RewardContext.option_names()]
     if unknown:
-        raise UsageError(
-            f"no reward option {unknown[0]!r}: the options are {', '.join(RewardContext.option_names())}"
-        )
+        raise UsageError(f"no reward option {unknown[0]!r}: the options are {', '.join(RewardContext.option_names())}")
     if context is None:
         return RewardContext(**options)
     return dataclasses.replace(context, **options) if options else context
@@ -274,14 +269,11 @@ def load_plugin(spec: str, kind: str = "reward"):
         obj = importlib.import_module(module_name)
     except Exception as e:  # ModuleNotFoundError, or an error raised while importing the user's module
         raise UsageError(
-            f"{kind} plug-in {spec}: cannot import module {module_name!r} ({short_cause(e)}); "
-            "is it on PYTHONPATH?"
+            f"{kind} plug-in {spec}: cannot import module {module_name!r} ({short_cause(e)}); is it on PYTHONPATH?"
         ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(
-                f"{kind} plug-in {spec}: {module_name!r} has no attribute {attr!r}; check the name"
-            )
+            raise UsageError(f"{kind} plug-in {spec}: {module_name!r} has no attribute {attr!r}; check the name")
         obj = getattr(obj, part)
     return obj
 

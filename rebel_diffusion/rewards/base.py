@@ -101,9 +101,7 @@ _REAL_DTYPES = (
 )  # fmt: skip
 
 
-def check_scores(
-    scores, batch_size: int, name: str, device: torch.device, kind: str = "reward"
-) -> torch.Tensor:
+def check_scores(scores, batch_size: int, name: str, device: torch.device, kind: str = "reward") -> torch.Tensor:
     """Coerce what a reward returned to float32 ``(B,)`` on ``device``, or say what is wrong (one line)."""
     try:
         scores = torch.as_tensor(scores).detach()

@@ -65,9 +65,7 @@ def clip_preprocess(
     elif resize_mode == "squash":
         new_hw = (size, size)
     else:
-        raise UsageError(
-            f"open_clip resize_mode {resize_mode!r} is not supported here (use 'shortest' or 'squash')"
-        )
+        raise UsageError(f"open_clip resize_mode {resize_mode!r} is not supported here (use 'shortest' or 'squash')")
     x = images.float()
     if (h, w) != new_hw:
         x = F.interpolate(x, size=new_hw, mode=interpolation, antialias=True, align_corners=False)
@@ -211,9 +209,7 @@ def _weights_error(clip_model: str, clip_pretrained: str, tag_cfg: dict, e: Exce
             f"{source.rstrip('/')} ({cause}); download them where the hub is reachable and pass the "
             "checkpoint file with --clip-pretrained PATH"
         )
-    return (
-        f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: could not build the model ({cause})"
-    )
+    return f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: could not build the model ({cause})"
 
 
 # ----------------------------------------------------------------------------------------------

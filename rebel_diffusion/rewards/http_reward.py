@@ -235,15 +235,11 @@ def parse_scores(data: bytes, content_type: str, batch_size: int, url: str) -> t
     if len(scores) != batch_size:
         raise RunError(f"reward server {url} returned {len(scores)} scores for {batch_size} images")
     bad_type = [
-        i
-        for i, s in enumerate(scores)
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int | float))
+        i for i, s in enumerate(scores) if s is not None and (isinstance(s, bool) or not isinstance(s, int | float))
     ]
     if bad_type:
         i = bad_type[0]
-        raise RunError(
-            f"reward server {url} returned a {type(scores[i]).__name__} as score {i}: scores are numbers"
-        )
+        raise RunError(f"reward server {url} returned a {type(scores[i]).__name__} as score {i}: scores are numbers")
     values = [_as_float(s) for s in scores]
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:

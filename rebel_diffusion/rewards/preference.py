@@ -114,9 +114,7 @@ class BradleyTerryPreference(Preference):
 
     def __init__(self, reward, temperature: float = 1.0):
         if reward is None or not callable(reward):
-            raise UsageError(
-                "the bradley-terry preference needs a pointwise reward: pass reward=NAME (--reward)"
-            )
+            raise UsageError("the bradley-terry preference needs a pointwise reward: pass reward=NAME (--reward)")
         if not temperature > 0:
             raise UsageError(f"bradley-terry temperature must be > 0, got {temperature}")
         super().__init__()

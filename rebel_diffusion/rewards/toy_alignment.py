@@ -54,9 +54,7 @@ class ToyClassifier(nn.Module):
         image_size: int = IMAGE_SIZE,
     ):
         super().__init__()
-        self.config = dict(
-            width=width, hidden=hidden, n_shapes=n_shapes, n_colours=n_colours, image_size=image_size
-        )
+        self.config = dict(width=width, hidden=hidden, n_shapes=n_shapes, n_colours=n_colours, image_size=image_size)
         w = width
 
         def block(c_in, c_out, stride):
@@ -118,9 +116,7 @@ def load_classifier(folder: str | Path | None = None) -> ToyClassifier:
         config = json.loads((folder / CONFIG_NAME).read_text())
         if config.get("shapes") != list(SHAPES) or config.get("colours") != list(COLOUR_NAMES):
             raise ValueError("its shapes/colours differ from rebel_diffusion.toy.data's")
-        model = ToyClassifier(
-            **{k: config[k] for k in ("width", "hidden", "n_shapes", "n_colours", "image_size")}
-        )
+        model = ToyClassifier(**{k: config[k] for k in ("width", "hidden", "n_shapes", "n_colours", "image_size")})
         model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()})
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -193,9 +189,9 @@ class ToyAlignmentReward(Reward):
         size = self.model.config["image_size"]
         x = images.to(self.dtype)
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(
-                x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            ).to(self.dtype)
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).to(
+                self.dtype
+            )
         probs = {k: v.float().softmax(-1) for k, v in self.model(x).items()}  # {(B, n_k)}
 
         out: dict[str, torch.Tensor] = {}

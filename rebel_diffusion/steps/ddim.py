@@ -78,7 +78,9 @@ def ddim_step_with_logprob(
     mean = sqrt_alpha_prev * x0 + direction * eps
 
     # 5. x_prev ~ N(mean, sigma_t^2), or the given one; its log-density.
-    prev = draw_or_score(mean, std, None if prev_sample is None else math_dtype(prev_sample), generator, model_output.dtype)
+    prev = draw_or_score(
+        mean, std, None if prev_sample is None else math_dtype(prev_sample), generator, model_output.dtype
+    )
     log_prob = None if all(deterministic) else gaussian_log_prob(prev, mean, std)
     if with_mean:
         return prev.to(sample.dtype), log_prob, mean, std

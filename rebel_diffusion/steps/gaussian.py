@@ -99,5 +99,3 @@ def draw_or_score(mean, std, prev_sample, generator, noise_dtype):
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=noise_dtype)
         prev_sample = mean + std * math_dtype(noise)
     return prev_sample
-
-

@@ -67,7 +67,9 @@ def lcm_step_with_logprob(
     # 4. x_prev ~ N(sqrt(abar_prev) denoised, (1 - abar_prev) I).
     mean = per_image([math.sqrt(a) for a in a_prev], x) * denoised
     std = per_image([math.sqrt(1 - a) for a in a_prev], x)
-    prev = draw_or_score(mean, std, None if prev_sample is None else math_dtype(prev_sample), generator, model_output.dtype)
+    prev = draw_or_score(
+        mean, std, None if prev_sample is None else math_dtype(prev_sample), generator, model_output.dtype
+    )
     if with_mean:
         return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std), mean, std
     return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std)

@@ -90,9 +90,7 @@ def train_combos() -> list[tuple[int, int, int]]:
 def caption(shape: int, colour: int, background: int) -> str:
     """``'a red circle on a blue background'`` (``'an orange ...'``) for attribute ids."""
     col, bg = COLOUR_NAMES[colour], COLOUR_NAMES[background]
-    return CAPTION_TEMPLATE.format(
-        a=_article(col), colour=col, shape=SHAPES[shape], a_bg=_article(bg), background=bg
-    )
+    return CAPTION_TEMPLATE.format(a=_article(col), colour=col, shape=SHAPES[shape], a_bg=_article(bg), background=bg)
 
 
 def _article(word: str) -> str:
