@@ -32,7 +32,10 @@ def _f(default, help: str, choices: tuple | None = None):
 @dataclass
 class TrainConfig:
     # --- model and sampler -----------------------------------------------------------------------
-    model: str = _f(DEFAULT_MODEL, "hub id, local diffusers folder, .safetensors file, or built-in: tiny, toy")
+    model: str = _f(
+        DEFAULT_MODEL,
+        "hub id, local diffusers folder, .safetensors file, or built-in: tiny, tiny-lcm, tiny-v, toy, sd15-random",
+    )
     sampler: str = _f("auto", "denoising sampler; auto = LCM for LCM models, else DDIM", ("auto", "ddim", "lcm"))
     num_steps: int = _f(50, "denoising steps per image (the trajectory length T)")
     ddim_eta: float = _f(1.0, "DDIM noise scale (> 0; 1.0 as DDPO); unused by LCM")
