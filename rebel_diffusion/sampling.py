@@ -69,7 +69,12 @@ def make_scheduler(pipe, settings: SamplingSettings, device=None):
     """A fresh DDIM or LCM scheduler from the pipeline's config, with ``num_steps`` timesteps set."""
     from diffusers import DDIMScheduler, LCMScheduler
 
-    cls = LCMScheduler if settings.sampler == "lcm" else DDIMScheduler
+    if settings.sampler == "ddim":
+        cls = DDIMScheduler
+    elif settings.sampler == "lcm":
+        cls = LCMScheduler
+    else:
+        raise ValueError(f"no scheduler for sampler {settings.sampler!r}: resolve the settings first")
     scheduler = cls.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(settings.num_steps, device=device)
     return scheduler
@@ -78,16 +83,18 @@ def make_scheduler(pipe, settings: SamplingSettings, device=None):
 def scheduler_step(
     scheduler, settings, model_output, timestep, sample, *, prev_sample=None, generator=None, with_mean=False
 ):
-    """Dispatch to the DDIM or LCM step with log-prob."""
-    if settings.sampler == "lcm":
+    """One step of ``settings.sampler`` with its log-prob: ``steps.ddim`` or ``steps.lcm`` (same returns)."""
+    if settings.sampler == "ddim":
+        return ddim_step_with_logprob(
+            scheduler, model_output, timestep, sample, eta=settings.ddim_eta, prev_sample=prev_sample,
+            generator=generator, with_mean=with_mean,
+        )  # fmt: skip
+    elif settings.sampler == "lcm":
         return lcm_step_with_logprob(
             scheduler, model_output, timestep, sample, prev_sample=prev_sample, generator=generator,
             with_mean=with_mean,
         )  # fmt: skip
-    return ddim_step_with_logprob(
-        scheduler, model_output, timestep, sample, eta=settings.ddim_eta, prev_sample=prev_sample, generator=generator,
-        with_mean=with_mean,
-    )  # fmt: skip
+    raise ValueError(f"no step for sampler {settings.sampler!r}: resolve the settings first")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,9 +32,6 @@ from rebel_diffusion.sampling import (
     steps_log_prob,
 )
 
-CPU = torch.device("cpu")
-N_STEPS = 10  # scheduler steps in the step-function tests
-SHAPE = (2, 4, 8, 8)
 PROMPTS = ["a red circle on a blue background", "a green square, on grass!"]
 K = 2  # images per prompt
 SEED = 100
@@ -45,61 +42,6 @@ RESCORE_TOL = 1e-5  # fp32 CPU
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator(device=CPU).manual_seed(seed)
-
-
-def randn(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(shape, generator=gen(seed)) * scale
-
-
-def same_noise(shape, seed: int) -> torch.Tensor:
-    """The draw our step makes with ``generator=gen(seed)`` (diffusers' randn_tensor)."""
-    return randn_tensor(shape, generator=gen(seed), device=CPU, dtype=torch.float32)
-
-
-def normal_log_prob(x, mean, std) -> torch.Tensor:
-    """Reference: torch's Normal log-density, mean over the non-batch dims."""
-    std = torch.as_tensor(std, dtype=mean.dtype).expand_as(mean)
-    return Normal(mean, std).log_prob(x).flatten(1).mean(dim=1)
-
-
-def ddim_scheduler(n: int = N_STEPS, **overrides) -> DDIMScheduler:
-    sched = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, **overrides})
-    sched.set_timesteps(n)
-    return sched
-
-
-def lcm_scheduler(n: int = 4, **overrides) -> LCMScheduler:
-    sched = LCMScheduler(**{**SD_SCHEDULER_CONFIG, **overrides})
-    sched.set_timesteps(n)
-    return sched
-
-
-def ddim_reference(sched, model_output, t: int, x, eta: float, alpha_prev=None):
-    """Closed-form DDIM Gaussian (Song et al. 2021, eq. 12, as DDPO) in float64: (mean, std, x0_hat)."""
-    acp = sched.alphas_cumprod.double()
-    cfg = sched.config
-    t_prev = t - cfg.num_train_timesteps // sched.num_inference_steps
-    a_t = acp[t]
-    if alpha_prev is None:
-        alpha_prev = (
-            acp[t_prev] if t_prev >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
-        )
-    a_prev = torch.as_tensor(alpha_prev, dtype=torch.float64)
-    x, e = x.double(), model_output.double()
-    if cfg.prediction_type == "epsilon":
-        x0, eps = (x - (1 - a_t).sqrt() * e) / a_t.sqrt(), e
-    else:  # v_prediction
-        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * e, a_t.sqrt() * e + (1 - a_t).sqrt() * x
-    if cfg.clip_sample:
-        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * var.sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
-    return mean, std, x0
 
 
 def fresh_pipeline(pipe, scheduler=None):
@@ -120,10 +62,6 @@ def text_embeds(pipe, prompt: str) -> torch.Tensor:
         return_tensors="pt",
     ).input_ids
     return pipe.text_encoder(ids)[0]
-
-
-def stochastic_steps(traj) -> list[int]:
-    return traj.stochastic_steps()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +269,7 @@ def test_per_image_seed_reproducible_lcm(tiny_lcm_pipe, lcm_traj):
 def test_rescore_reproduces_recorded_log_probs(name, request):
     pipe, traj, _ = case(request, name)
     sched = make_scheduler(pipe, traj.settings)
-    steps = stochastic_steps(traj)
+    steps = traj.stochastic_steps()
     new = rescore_log_probs(pipe.unet, sched, traj)
     assert new.shape == (len(traj), len(steps)) and new.dtype == torch.float32
     assert float((new - traj.log_probs[:, steps]).abs().max()) <= RESCORE_TOL

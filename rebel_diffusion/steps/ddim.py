@@ -21,6 +21,17 @@ def ddim_step_with_logprob(
 ):
     """One DDIM step (Song et al. 2021, eq. 12) that also returns the log-prob of ``prev_sample``.
 
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_hat + sigma_t z,  z ~ N(0, I),
+    sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)  (eq. 16),
+    so pi(x_prev | x_t) = N(mean, sigma_t^2 I) with mean the first two terms.
+
+    Paper notation -> names here (diffusers' ``DDIMScheduler.step`` names in brackets):
+        t - 1 -> t_prev [prev_timestep];  abar_t -> a_t, alpha_t [alpha_prod_t];
+        abar_prev -> a_prev, sqrt_alpha_prev [alpha_prod_t_prev];  sigma_t(1)^2 -> var [variance];
+        sigma_t(eta) -> std [std_dev_t];  sqrt(1 - abar_prev - sigma_t^2) -> direction;
+        x0_hat -> x0 [pred_original_sample];  eps_hat -> eps [pred_epsilon];  x_prev -> prev [prev_sample].
+    The per-image scalars (a_t, a_prev, var, ...) are host float64 lists, one entry per image.
+
     Args:
         scheduler: a diffusers ``DDIMScheduler`` after ``set_timesteps``.
         model_output: (B, C, h, w) the (guided) UNet output at ``timestep``.
@@ -32,11 +43,9 @@ def ddim_step_with_logprob(
 
     Returns:
         (prev_sample (B, C, h, w) in ``sample``'s dtype, log_prob (B,) float32), where log_prob is
-        the Gaussian log-density of prev_sample, MEAN over C, h, w (module docstring). log_prob is
-        None for a deterministic (zero-variance) step. ``with_mean``: also the step's Gaussian mean
-        (B, C, h, w) and std (a float or (B, 1, 1, 1)), for the KL to a reference policy.
-
-    Notation -> names: abar_t = alpha_t, abar_prev = alpha_prev, sigma_t = std.
+        the Gaussian log-density of prev_sample, MEAN over C, h, w (``rebel_diffusion.steps``).
+        log_prob is None for a deterministic (zero-variance) step. ``with_mean``: also the step's
+        Gaussian mean (B, C, h, w) and std (a float or (B, 1, 1, 1)), for the KL to a reference policy.
     """
     if eta <= 0:
         raise ValueError(
@@ -48,39 +57,44 @@ def ddim_step_with_logprob(
     cfg = scheduler.config
     batch = sample.shape[0]
     ts = as_timesteps(timestep, batch)
-    step = cfg.num_train_timesteps // scheduler.num_inference_steps
 
-    # 1. abar_t and abar_prev; below t = 0 the "previous" alpha is final_alpha_cumprod (no clamping).
+    # 1. The previous timestep t_prev = t - num_train_timesteps / num_inference_steps.
+    t_prev = [t - cfg.num_train_timesteps // scheduler.num_inference_steps for t in ts]
+
+    # 2. abar_t and abar_prev; below t = 0 abar_prev is final_alpha_cumprod (no clamping).
     acp = scheduler.alphas_cumprod.double().cpu()
     final = float(scheduler.final_alpha_cumprod)
     a_t = [float(acp[t]) for t in ts]
-    a_prev = [float(acp[t - step]) if t - step >= 0 else final for t in ts]
+    a_prev = [float(acp[tp]) if tp >= 0 else final for tp in t_prev]
+    x = math_dtype(sample)  # float32 math whatever the model's dtype
+    alpha_t = per_image(a_t, x)
 
-    # 2. sigma_t^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), in float64 on the host.
+    # 3. x0_hat and eps_hat from the model output ("predicted x_0" of eq. 12).
+    x0, eps = predict_x0_eps(cfg.prediction_type, math_dtype(model_output), x, alpha_t)
+
+    # 4. Clip x0_hat as the scheduler would (thresholding is refused).
+    if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
+        x0 = clip_x0(scheduler, x0)
+
+    # 5. sigma_t(eta) = eta sqrt(var), var = (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev) (eq. 16).
     var = [(1 - ap) / (1 - at) * (1 - at / ap) for at, ap in zip(a_t, a_prev)]
     deterministic = [v <= MIN_VARIANCE for v in var]
     if any(deterministic) and not all(deterministic):
         raise ValueError("a batch mixes deterministic (zero-variance) and stochastic DDIM steps; score them apart")
     std_f = [0.0 if d else eta * math.sqrt(v) for v, d in zip(var, deterministic)]
-    dir_f = [math.sqrt(max(0.0, 1 - ap - s * s)) for ap, s in zip(a_prev, std_f)]
-
-    # 3. x0_hat and eps_hat from the model output (float32 math whatever the model's dtype).
-    x = math_dtype(sample)
-    alpha_t = per_image(a_t, x)
-    sqrt_alpha_prev = per_image([math.sqrt(a) for a in a_prev], x)
-    direction = per_image(dir_f, x)
     std = per_image(std_f, x)
-    x0, eps = predict_x0_eps(cfg.prediction_type, math_dtype(model_output), x, alpha_t)
-    if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
-        x0 = clip_x0(scheduler, x0)
 
-    # 4. mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_hat
+    # 6. The "direction pointing to x_t" of eq. 12: sqrt(1 - abar_prev - sigma_t^2) eps_hat.
+    direction = per_image([math.sqrt(max(0.0, 1 - ap - s * s)) for ap, s in zip(a_prev, std_f)], x)
+
+    # 7. mean = sqrt(abar_prev) x0_hat + direction; x_prev = mean + sigma_t z, or the given one.
+    sqrt_alpha_prev = per_image([math.sqrt(a) for a in a_prev], x)
     mean = sqrt_alpha_prev * x0 + direction * eps
-
-    # 5. x_prev ~ N(mean, sigma_t^2), or the given one; its log-density.
     prev = draw_or_score(
         mean, std, None if prev_sample is None else math_dtype(prev_sample), generator, model_output.dtype
     )
+
+    # 8. log pi(x_prev | x_t): the Gaussian log-density, mean over C, h, w; none for a deterministic step.
     log_prob = None if all(deterministic) else gaussian_log_prob(prev, mean, std)
     if with_mean:
         return prev.to(sample.dtype), log_prob, mean, std

@@ -85,6 +85,7 @@ def predict_x0_eps(prediction_type: str, model_output, sample, alpha_t):
 
 
 def clip_x0(scheduler, x0):
+    """x0_hat clamped to the scheduler's ``clip_sample_range`` where it clips; thresholding is refused."""
     if getattr(scheduler.config, "thresholding", False):
         raise ValueError("schedulers with thresholding=True are not supported (SD 1.x/2.x do not use it)")
     if getattr(scheduler.config, "clip_sample", False):
@@ -94,6 +95,7 @@ def clip_x0(scheduler, x0):
 
 
 def draw_or_score(mean, std, prev_sample, generator, noise_dtype):
+    """``prev_sample`` when given (scoring), else a draw mean + std z, z ~ N(0, I) of ``mean``'s shape."""
     if prev_sample is None:
         # Same draw as diffusers' schedulers (shape, generator(s), device, dtype), so samples match.
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=noise_dtype)

@@ -1,0 +1,347 @@
+"""One optimizer step's gradient (``rebel_diffusion.updates``): REBEL and DDPO, step by step, equal to
+full-graph autograd; the KL term; updates move the log-ratio toward the target."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from rebel_diffusion.ddpo import ppo_clip_loss
+from rebel_diffusion.models import add_lora, load_pipeline
+from rebel_diffusion.rebel import (
+    pair_indices,
+    rebel_loss,
+    trained_steps,
+)
+from rebel_diffusion.sampling import (
+    SamplingSettings,
+    make_scheduler,
+    sample_trajectories,
+    step_log_prob,
+    steps_log_prob,
+)
+from rebel_diffusion.steps import gaussian_kl
+from rebel_diffusion.updates import ddpo_accumulate, log_ratios, rebel_accumulate
+
+# ------------------------------------------------------------------------------------------------
+# the exact step-by-step gradient on the tiny model
+
+
+# fp32: the target bound (1e-5; batching changes fp32 summation order at that level). fp64: the
+# same computation in double precision, where any algebraic difference would show above 1e-12.
+GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+EXACTNESS_CASES = [  # (dtype, steps_per_pass)
+    pytest.param(torch.float32, 1, id="fp32-1-step-per-pass"),
+    pytest.param(torch.float64, 1, id="fp64-1-step-per-pass"),
+    pytest.param(torch.float64, 3, id="fp64-3-steps-per-pass"),
+]
+
+
+@pytest.mark.parametrize("skip", [1, 2])
+def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
+    """--min-step-std: the regression and its gradient cover the trained steps alone, exactly."""
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    pairs = pair_indices(traj.group)
+    targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+    std = traj.step_std.tolist()
+    assert std == sorted(std, reverse=True) and min(std) > 0  # DDIM: the noise falls step by step
+    steps = trained_steps(std, (std[-skip] + std[-skip - 1]) / 2)  # a threshold between two steps
+    assert steps == list(range(4 - skip))
+    pipe.unet.zero_grad()
+    stats = rebel_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        pairs,
+        targets,
+        eta=0.5,
+        train_batch_size=2,
+        steps=steps,
+        steps_per_pass=2,
+        ratio_steps=steps,
+    )
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    images = torch.arange(len(traj))
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
+    loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, 0.5)
+    loss.backward()
+    naive = _grads(lora)
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-9)
+    # the fit statistics' prediction is (1/eta) (D(y) - D(y')) over those steps
+    torch.testing.assert_close(
+        stats["prediction"].double(), ((ratio[pairs[:, 0]] - ratio[pairs[:, 1]]) / 0.5).detach(), rtol=1e-6, atol=1e-9
+    )
+
+
+def _lora_setup(dtype):
+    pipe = load_pipeline("tiny")
+    torch.manual_seed(0)
+    add_lora(pipe.unet, rank=4, alpha=4)
+    settings = SamplingSettings(num_steps=4, guidance_scale=3.0, ddim_eta=1.0)
+    traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=3, settings=settings, seed=3)
+    scheduler = make_scheduler(pipe, traj.settings)
+    if dtype == torch.float64:  # the recorded trajectories and the model in double precision
+        pipe.unet.double()
+        traj = dataclasses.replace(
+            traj,
+            latents=traj.latents.double(),
+            log_probs=traj.log_probs.double(),
+            prompt_embeds=traj.prompt_embeds.double(),
+            negative_embeds=traj.negative_embeds.double(),
+        )
+    lora = [p for p in pipe.unet.parameters() if p.requires_grad]
+    with torch.no_grad():  # move off-policy so the log-ratios (and the residual's first term) are non-zero
+        for p in lora:
+            p.add_(0.05 * torch.randn_like(p))
+    return pipe, traj, scheduler, lora
+
+
+@pytest.fixture(scope="module")
+def lora_setups():
+    return {dtype: _lora_setup(dtype) for dtype in (torch.float32, torch.float64)}
+
+
+def _grads(params):
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize(("dtype", "steps_per_pass"), EXACTNESS_CASES)  # 3 of 4 steps: groups [3, 1]
+def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_pass):
+    pipe, traj, scheduler, lora = lora_setups[dtype]
+    pairs = pair_indices(traj.group)  # 3 + 3 pairs
+    targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+    steps = traj.stochastic_steps()
+    eta = 0.5
+    assert len(steps) == 4
+    assert log_ratios(pipe.unet, scheduler, traj, torch.arange(len(traj))).abs().max() > 1e-4
+
+    pipe.unet.zero_grad()
+    stats = rebel_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        pairs,
+        targets,
+        eta=eta,
+        train_batch_size=2,
+        steps=steps,
+        steps_per_pass=steps_per_pass,
+    )
+    ours = _grads(lora)
+
+    # Naive: the whole graph of every step of every image, one backward.
+    pipe.unet.zero_grad()
+    images = torch.arange(len(traj))
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
+    loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, eta)
+    loss.backward()
+    naive = _grads(lora)
+    rel = ((ours - naive).norm() / naive.norm()).item()
+    assert ours.dtype == dtype and rel <= GRAD_TOL[dtype], rel
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_rebel_on_policy_gradient_matches_rescored():
+    """on_policy=True (log-ratio 0) equals the rescored computation when the weights sampled traj."""
+    pipe = load_pipeline("tiny")
+    torch.manual_seed(1)
+    add_lora(pipe.unet, rank=4, alpha=4)
+    lora = [p for p in pipe.unet.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.05 * torch.randn_like(p))
+    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, ddim_eta=1.0)
+    traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=2, settings=settings)
+    scheduler = make_scheduler(pipe, traj.settings)
+    pairs, targets = pair_indices(traj.group), torch.tensor([0.7, -0.3])
+    grads = []
+    for on_policy in (True, False):
+        pipe.unet.zero_grad()
+        rebel_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            pairs,
+            targets,
+            eta=1.0,
+            train_batch_size=1,
+            steps=[0, 1, 2],
+            on_policy=on_policy,
+        )
+        grads.append(_grads(lora))
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize(("dtype", "steps_per_pass"), EXACTNESS_CASES)
+def test_ddpo_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_pass):
+    pipe, traj, scheduler, lora = lora_setups[dtype]
+    steps = traj.stochastic_steps()
+    adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
+    images = torch.arange(len(traj))
+    pipe.unet.zero_grad()
+    stats = ddpo_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        images,
+        adv,
+        clip_range=0.2,
+        adv_clip_max=5.0,
+        train_batch_size=4,
+        steps=steps,
+        steps_per_pass=steps_per_pass,
+    )
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    old = traj.log_probs[:, steps]
+    loss, naive_stats = ppo_clip_loss(
+        new.flatten(), old.flatten(), adv[:, None].expand_as(new).flatten(), clip_range=0.2
+    )
+    (loss / new.numel()).backward()
+    naive = _grads(lora)
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[dtype]
+    assert stats["loss"] == pytest.approx(loss.item() / new.numel(), rel=1e-5)
+    assert stats["approx_kl"] == pytest.approx(naive_stats["approx_kl"].item(), rel=1e-4)
+    assert stats["clipfrac"] == pytest.approx(naive_stats["clipfrac"].item(), abs=1e-6)
+
+
+def _run_rebel_steps(sign: float, steps_n: int = 6):
+    pipe = load_pipeline("tiny")
+    torch.manual_seed(0)
+    add_lora(pipe.unet, rank=4, alpha=4)
+    settings = SamplingSettings(num_steps=3, guidance_scale=2.0, ddim_eta=1.0)
+    traj = sample_trajectories(pipe, ["a cat", "a dog"], images_per_prompt=2, settings=settings, seed=7)
+    scheduler = make_scheduler(pipe, traj.settings)
+    lora = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(lora, lr=3e-4)
+    pairs = pair_indices(traj.group)
+    eta = 0.01  # small eta: the regression target eta * (A - A') is reachable in a few steps
+    targets = sign * torch.tensor([1.0, 1.0])
+    steps = [0, 1, 2]
+    diffs, losses = [], []
+    for s in range(steps_n):
+        opt.zero_grad()
+        stats = rebel_accumulate(
+            pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps, on_policy=s == 0
+        )
+        losses.append(stats["loss"])
+        opt.step()
+        ratio = log_ratios(pipe.unet, scheduler, traj, torch.arange(len(traj)))
+        diffs.append((ratio[pairs[:, 0]] - ratio[pairs[:, 1]]).tolist())
+    return np.array(diffs), np.array(losses), eta
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rebel_steps_move_log_ratio_toward_target(sign):
+    diffs, losses, eta = _run_rebel_steps(sign)
+    # Each pair's log-ratio difference moves toward eta * target, in the target's direction...
+    assert np.all(sign * diffs[-1] > 0)
+    assert np.all(np.abs(diffs[-1] - sign * eta) < np.abs(0.0 - sign * eta))
+    # ...and the regression loss falls.
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    std = torch.tensor([0.3, 0.5, 1.2]).view(3, 1, 1, 1)
+    expected = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref, std.expand_as(ref))
+        )
+        .flatten(1)
+        .sum(1)
+    )
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), expected)
+    torch.testing.assert_close(gaussian_kl(mean, ref, 0.5), gaussian_kl(mean, ref, torch.full((3, 1, 1, 1), 0.5)))
+
+
+def _reference_mean(pipe, scheduler, traj):
+    """The base policy's step means: the same UNet with its LoRA adapters disabled (as the trainer)."""
+
+    def mean(steps, index):
+        pipe.unet.disable_adapters()
+        try:
+            return steps_log_prob(pipe.unet, scheduler, traj, steps, index=index, with_mean=True)[1]
+        finally:
+            pipe.unet.enable_adapters()
+
+    return mean
+
+
+def _naive_kl(pipe, scheduler, traj, steps, images):
+    """sum_t KL_t of each image by full-graph autograd: (n,)."""
+    out = []
+    for j in steps:
+        _, mean, std = steps_log_prob(pipe.unet, scheduler, traj, [j], index=images, with_mean=True)
+        with torch.no_grad():
+            ref = _reference_mean(pipe, scheduler, traj)([j], images)
+        out.append(gaussian_kl(mean, ref, std))
+    return torch.stack(out, dim=1).sum(dim=1)
+
+
+@pytest.mark.parametrize("algorithm", ["rebel", "ddpo"])
+def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorithm):
+    """The KL term toward the base (adapters disabled) adds exactly its gradient, step by step."""
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    steps, coef = [0, 1, 2], 0.3
+    images = torch.arange(len(traj))
+    pipe.unet.zero_grad()
+    if algorithm == "rebel":
+        pairs = pair_indices(traj.group)
+        targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+        stats = rebel_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            pairs,
+            targets,
+            eta=0.5,
+            train_batch_size=2,
+            steps=steps,
+            steps_per_pass=2,
+            ratio_steps=steps,
+            kl_coef=coef,
+            reference_mean=_reference_mean(pipe, scheduler, traj),
+        )
+    else:
+        adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
+        stats = ddpo_accumulate(
+            pipe.unet,
+            scheduler,
+            traj,
+            images,
+            adv,
+            clip_range=0.2,
+            adv_clip_max=5.0,
+            train_batch_size=4,
+            steps=steps,
+            steps_per_pass=2,
+            kl_coef=coef,
+            reference_mean=_reference_mean(pipe, scheduler, traj),
+        )
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    kl = _naive_kl(pipe, scheduler, traj, steps, images)  # (B,)
+    if algorithm == "rebel":
+        ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
+        members = pairs.flatten()  # each image once per pair it is in
+        loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, 0.5) + coef * kl[members].mean()
+        expected_kl = kl[members].mean()
+    else:
+        old = traj.log_probs[:, steps]
+        ppo, _ = ppo_clip_loss(new.flatten(), old.flatten(), adv[:, None].expand_as(new).flatten(), clip_range=0.2)
+        loss = ppo / new.numel() + coef * kl.mean()
+        expected_kl = kl.mean()
+    loss.backward()
+    naive = _grads(lora)
+    assert expected_kl.item() > 1e-6  # off the base: the term is not zero
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
+    assert stats["kl"] == pytest.approx(expected_kl.item(), rel=1e-9)
