@@ -117,6 +117,11 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    ema_decay: float = _f(
+        0.0,
+        "EMA of the trainable weights, w_ema <- d w_ema + (1 - d) w after every optimizer "
+        "step (0: off); when on, the exported LoRA and sample/eval/preview use the EMA weights",
+    )
     lr_scheduler: str = _f(
         "constant", "learning-rate schedule", ("constant", "constant_with_warmup", "linear", "cosine")
     )
@@ -315,7 +320,7 @@ _RANGES = {
             "seed",
         )
     },
-    **{name: ((_ge(0), _lt(1)), "in [0, 1)") for name in ("adam_beta1", "adam_beta2")},
+    **{name: ((_ge(0), _lt(1)), "in [0, 1)") for name in ("adam_beta1", "adam_beta2", "ema_decay")},
     "timestep_fraction": ((_gt(0), _le(1)), "in (0, 1]"),
 }
 RANGES = {name: tests for name, (tests, _) in _RANGES.items()}

@@ -8,6 +8,7 @@ anything in it is written or deleted. The one module that knows these file names
       checkpoints/epoch_NNNN/   complete checkpoints, written atomically:
           state.json            epoch and optimizer step; present only in a complete checkpoint
           trainable.safetensors the trainable weights (LoRA or whole UNet), by parameter name
+          ema.safetensors       their exponential moving average (only with --ema-decay)
           optimizer.pt, lr_scheduler.pt, tracker.json, rng_<process>.pt
       lora/pytorch_lora_weights.safetensors or unet/   the exported weights, for plain diffusers
 
@@ -42,6 +43,7 @@ GRIDS = "grids"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"  # inside a checkpoint: its epoch; present only in a complete one
 TRAINABLE = "trainable.safetensors"  # inside a checkpoint: the trainable weights (LoRA or UNet)
+EMA = "ema.safetensors"  # inside a checkpoint, with --ema-decay: the EMA of the trainable weights
 OPTIMIZER = "optimizer.pt"
 LR_SCHEDULER = "lr_scheduler.pt"
 TRACKER = "tracker.json"
@@ -236,6 +238,8 @@ def write_shared_state(out: Path, epoch: int, state: dict) -> None:
 
     tmp = _temp_dir(out, epoch)
     save_file(state["weights"], str(tmp / TRAINABLE))
+    if state.get("ema") is not None:
+        save_file(state["ema"], str(tmp / EMA))
     torch.save(state["optimizer"], tmp / OPTIMIZER)
     torch.save(state["lr_scheduler"], tmp / LR_SCHEDULER)
     (tmp / TRACKER).write_text(json.dumps(state["tracker"]))
@@ -271,6 +275,7 @@ def read_checkpoint(folder: Path, process_index: int = 0) -> dict:
         "epoch": int(meta["epoch"]),
         "global_step": int(meta["global_step"]),
         "weights": load_file(str(folder / TRAINABLE)),
+        "ema": load_file(str(folder / EMA)) if (folder / EMA).is_file() else None,
         "optimizer": torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True),
         "lr_scheduler": torch.load(folder / LR_SCHEDULER, weights_only=True),
         "tracker": json.loads((folder / TRACKER).read_text()),
@@ -380,7 +385,8 @@ def apply_weights(pipe, path: Path) -> str:
 
 
 def apply_checkpoint(pipe, folder: Path) -> None:
-    """Load checkpoint ``folder``'s trainable weights into ``pipe.unet`` (adding the run's LoRA first)."""
+    """Load checkpoint ``folder``'s trainable weights into ``pipe.unet`` (adding the run's LoRA first);
+    their EMA where the run kept one (``--ema-decay``), as the exported LoRA holds."""
     from safetensors.torch import load_file
 
     from .config import TrainConfig
@@ -389,7 +395,7 @@ def apply_checkpoint(pipe, folder: Path) -> None:
     _, cfg = read_config(folder)
     defaults = TrainConfig()
     try:
-        weights = load_file(str(folder / TRAINABLE))
+        weights = load_file(str(folder / (EMA if (folder / EMA).is_file() else TRAINABLE)))
     except Exception as e:
         raise UsageError(f"{folder / TRAINABLE}: cannot be read ({type(e).__name__}: {e})") from e
     if cfg.get("finetune", defaults.finetune) == "lora":

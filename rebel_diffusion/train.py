@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +99,7 @@ class Run:
     epoch_started: float = 0.0
     last_epoch_seconds: float | None = None
     checkpointed_epoch: int | None = 0  # the last epoch on disk (0: the start needs no checkpoint)
+    ema: dict[str, torch.Tensor] | None = None  # EMA of the trainable weights (fp32, their device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +157,8 @@ def setup(cfg: TrainConfig) -> Run:
         ref_unet=ref_unet,
         steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
     )
+    if cfg.ema_decay > 0:
+        run.ema = {n: p.detach().float().clone() for n, p in _trainable_named(run).items()}
     if cfg.resume:
         load_checkpoint(run, run_folder.latest_checkpoint(out))
     # 6. Every check has passed: now the run folder changes (config.yaml only as a run starts).
@@ -338,6 +341,8 @@ def describe_plan(run: Run) -> str:
     else:
         step_size = f"PPO clip range {cfg.clip_range:g} (per-dim mean log-prob ratio, D = {dims})"
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
+    if cfg.ema_decay > 0:
+        regulariser += f"; EMA of the weights (decay {cfg.ema_decay:g}) exported and evaluated"
     lora = ", ".join(f"{t} ({m} modules)" for t, m in run.lora_matches.items())
     return (
         f"rebel-diffusion: {cfg.algorithm} on {cfg.model} ({run.settings.sampler}, {run.settings.num_steps} steps, "
@@ -500,6 +505,11 @@ def restore_state(run: Run, state: dict) -> None:
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.tracker.load_state_dict(state["tracker"])
     run.global_step = state["global_step"]
+    if run.ema is not None:
+        if state.get("ema") is None:
+            raise ValueError("the checkpoint has no EMA weights (the run was trained without --ema-decay)")
+        for name, value in state["ema"].items():
+            run.ema[name].copy_(value.to(run.ema[name].device))
 
 
 def _all_processes_zero(run: Run, count: int) -> bool:
@@ -681,9 +691,23 @@ def _optimizer_step(run: Run) -> float:
         run.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             run.global_step += 1
+            if run.ema is not None:
+                ema_update(run.ema, _trainable_named(run), cfg.ema_decay)
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params, in place, per tensor."""
+    for name, value in params.items():
+        ema[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+
+
+def _trainable_named(run: Run) -> dict[str, torch.nn.Parameter]:
+    unet = run.accelerator.unwrap_model(run.unet)
+    return {n: p for n, p in unet.named_parameters() if p.requires_grad}
 
 
 def _backward(run: Run):
@@ -863,12 +887,13 @@ def report_epoch(run: Run, epoch: int, metrics: dict) -> None:
     reward curve (main process)."""
     acc = run.accelerator
     if acc.is_main_process:
-        images, prompts, rewards = grid_images(run)
+        with _ema_weights(run):  # what the run exports is what its grid and held-out figures show
+            images, prompts, rewards = grid_images(run)
+            heldout = heldout_eval(run) if run.heldout is not None and epoch % run.cfg.heldout_every == 0 else {}
         finite = rewards[torch.isfinite(rewards)]
         metrics["grid_reward_mean"] = float(finite.mean()) if len(finite) else float("nan")
         metrics["grid_reward_std"] = float(finite.std(unbiased=False)) if len(finite) else float("nan")
-        if run.heldout is not None and epoch % run.cfg.heldout_every == 0:
-            metrics.update(heldout_eval(run))
+        metrics.update(heldout)
         grid = report.make_grid(images, [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards.tolist())])
         report.save_png(grid, run.out / run_folder.GRIDS / f"epoch_{epoch:04d}.png")
         metrics_file = run.out / run_folder.METRICS
@@ -931,6 +956,7 @@ def capture_state(run: Run) -> dict:
         "tracker": json.loads(json.dumps(run.tracker.state_dict())),
         "global_step": run.global_step,
         "rng": _rng_state(),
+        "ema": None if run.ema is None else {n: v.detach().cpu().clone().contiguous() for n, v in run.ema.items()},
     }
 
 
@@ -964,7 +990,8 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
         acc.wait_for_everyone()
         if acc.is_main_process:
             run_folder.commit_checkpoint(run.out, epoch, keep=run.cfg.checkpoints_keep)
-            run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
+            with _ema_weights(run):  # the exported LoRA holds the EMA, when there is one
+                run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
             run_folder.write_model_card(
                 run.out, dataclasses.asdict(run.cfg), report.read_metrics(run.out / run_folder.METRICS)
             )
@@ -978,6 +1005,25 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
     acc.wait_for_everyone()
     run.checkpointed_epoch = epoch
     return run_folder.checkpoint_dir(run.out, epoch)
+
+
+@contextmanager
+def _ema_weights(run: Run):
+    """The EMA weights in place of the trained ones inside the block (nothing without --ema-decay)."""
+    if run.ema is None:
+        yield
+        return
+    named = _trainable_named(run)
+    saved = {n: p.detach().clone() for n, p in named.items()}
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(run.ema[n].to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(saved[n])
 
 
 def _check_in_sync(run: Run, state: dict[str, torch.Tensor]) -> None:

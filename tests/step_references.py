@@ -1,5 +1,6 @@
-"""References for the step math, independent of ``rebel_diffusion``: torch's ``Normal``, diffusers'
-schedulers, and the closed-form DDIM Gaussian written out in float64. Shared by the step and sampler tests."""
+"""References for the step math, independent of the code under test: torch's ``Normal``, diffusers'
+schedulers (SD's config), and the closed-form DDIM Gaussian in float64. Shared by the step and sampler
+tests."""
 
 from __future__ import annotations
 

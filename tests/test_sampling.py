@@ -1,8 +1,9 @@
-"""The DDIM and LCM steps with log-probs, the trajectory sampler and re-scoring.
+"""The trajectory sampler (``rebel_diffusion.sampling``): recorded trajectories, CFG, per-image
+seeds, re-scoring and the on-policy check.
 
 References are independent of ``rebel_diffusion.sampling``: ``torch.distributions.Normal``, diffusers'
-own ``DDIMScheduler.step`` / ``LCMScheduler.step`` / ``StableDiffusionPipeline``, and manual
-two-pass loops written out here.
+own ``DDIMScheduler`` / ``LCMScheduler`` / ``StableDiffusionPipeline``, and manual two-pass loops
+written out here. The step math itself is tested in ``test_steps.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from torch.distributions import Normal
+from step_references import ddim_reference, ddim_scheduler, gen, lcm_scheduler, normal_log_prob
 from torch.testing import assert_close
 
 from rebel_diffusion import sampling

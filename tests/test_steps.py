@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
-from torch.distributions import Normal
-from torch.testing import assert_close
+from diffusers import DDIMScheduler
 from step_references import (
     N_STEPS,
     ddim_reference,
@@ -18,6 +16,8 @@ from step_references import (
     randn,
     same_noise,
 )
+from torch.distributions import Normal
+from torch.testing import assert_close
 
 from rebel_diffusion.models import SD_SCHEDULER_CONFIG
 from rebel_diffusion.steps import ddim_step_with_logprob, gaussian_log_prob, lcm_step_with_logprob

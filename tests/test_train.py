@@ -315,3 +315,44 @@ def test_two_processes_one_set_of_outputs(tmp_path):
     checkpoint = out / "checkpoints" / "epoch_0002"
     assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ema_update_closed_form():
+    from rebel_diffusion.train import ema_update
+
+    ema = {"w": torch.tensor([1.0, 2.0])}
+    for value in (3.0, 5.0):
+        ema_update(ema, {"w": torch.tensor([value, value])}, decay=0.75)
+    # 0.75 * (0.75 * x0 + 0.25 * 3) + 0.25 * 5
+    expected = 0.75 * (0.75 * torch.tensor([1.0, 2.0]) + 0.25 * 3.0) + 0.25 * 5.0
+    assert torch.allclose(ema["w"], expected)
+
+
+def test_ema_is_checkpointed_exported_and_resumes_exactly(tmp_path):
+    """--ema-decay: the checkpoint keeps the EMA beside the raw weights, the exported LoRA is the
+    EMA (not the last weights), and a resumed run ends with the same EMA as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from rebel_diffusion import run_folder
+    from rebel_diffusion.models import build_tiny_pipeline, lora_state_dict
+    from rebel_diffusion.run_folder import apply_checkpoint
+
+    ema = ["--ema-decay", "0.5"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", *SMALL, *ema, "--epochs", "3", "--output-dir", str(full)]) == 0
+    assert main(["train", *SMALL, *ema, "--epochs", "2", "--output-dir", str(split)]) == 0
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(split)]) == 0
+    last_full, last_split = run_folder.latest_checkpoint(full), run_folder.latest_checkpoint(split)
+    ema_full, raw = load_file(str(last_full / "ema.safetensors")), load_file(str(last_full / "trainable.safetensors"))
+    ema_split = load_file(str(last_split / "ema.safetensors"))
+    assert ema_full.keys() == raw.keys() and all(torch.equal(ema_full[k], ema_split[k]) for k in ema_full)
+    assert any(not torch.equal(ema_full[k], raw[k]) for k in raw)  # an average, not the last weights
+    assert without_time(read_metrics(full)) == without_time(read_metrics(split))
+    # The exported LoRA and a checkpoint applied for sampling both hold the EMA.
+    pipe = build_tiny_pipeline()
+    apply_checkpoint(pipe, last_full)
+    applied = {n: p for n, p in pipe.unet.named_parameters() if n in ema_full}
+    assert all(torch.equal(applied[n].detach(), ema_full[n]) for n in ema_full)
+    exported = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
+    expected = lora_state_dict(pipe.unet)
+    assert all(torch.allclose(exported["unet." + k], v) for k, v in expected.items())
