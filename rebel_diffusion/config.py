@@ -49,6 +49,12 @@ class TrainConfig:
         "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
         "toy-alignment, module.path:attribute (a plug-in), or an http(s):// URL (a reward server)",
     )
+    reward_combine: str = _f(
+        "sum",
+        "several rewards (--reward a=1,b=0.5): sum = the weighted sum of raw rewards, normalised as one; "
+        "normalized = each reward normalised on its own, then the weighted sum of those advantages",
+        ("sum", "normalized"),
+    )
     aesthetic_head: str | None = _f(None, "local file of the LAION aesthetic head (default: from the model hub)")
     clip_model: str | None = _f(None, "open_clip architecture of the aesthetic/clip rewards (default ViT-L-14)")
     clip_pretrained: str | None = _f(None, "open_clip pretrained tag or local weights file (default openai)")
@@ -439,6 +445,10 @@ def _coerce(name: str, value, tp, source: str):
     never a number; an int is a float where a float is wanted."""
     if value is None:
         return None
+    if name == "reward" and isinstance(value, dict):  # YAML: reward: {aesthetic: 1.0, clip: 0.5}
+        from .rewards.combined import format_reward_weights, parse_reward_weights
+
+        return format_reward_weights(parse_reward_weights(value))
     if tp is float and isinstance(value, str):
         try:
             return float(value)

@@ -327,7 +327,10 @@ def parse_reward_names(text: str | None, trained: str | None) -> list[str]:
         if not names:
             raise UsageError("--rewards is empty: give names separated by commas, e.g. aesthetic,clip")
     else:
-        names = ([trained] if trained else []) + list(JPEG_REWARDS)
+        from .rewards import parse_reward_weights
+
+        weights = parse_reward_weights(trained) if trained else None  # several rewards: each of them
+        names = (list(weights) if weights else [trained] if trained else []) + list(JPEG_REWARDS)
     return list(dict.fromkeys(names))
 
 

@@ -249,6 +249,11 @@ def _series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def component_keys(metrics: list[dict]) -> list[str]:
+    """The ``reward/<name>`` keys (one per component of several rewards), in first-seen order."""
+    return list(dict.fromkeys(k for r in metrics for k in r if k.startswith("reward/")))
+
+
 def heldout_keys(metrics: list[dict]) -> list[str]:
     """The ``heldout/<name>`` keys present in ``metrics``, in first-seen order."""
     return list(dict.fromkeys(k for r in metrics for k in r if k.startswith("heldout/")))
@@ -258,14 +263,15 @@ def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     """Plot the training reward against the epoch and save a PNG atomically.
 
     Top panel: ``reward_mean`` with a +-``reward_std`` band and ``grid_reward_mean``. One more panel
-    per ``heldout/<name>`` key (held-out rewards and diversity live on different scales), so reward
-    hacking (training reward up, the others down) is visible at a glance.
+    per ``reward/<name>`` key (a component of several rewards) and per ``heldout/<name>`` key
+    (held-out rewards and diversity live on different scales), so reward hacking (training reward
+    up, the others down) is visible at a glance.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    extra = heldout_keys(metrics)
+    extra = component_keys(metrics) + heldout_keys(metrics)
     fig = Figure(figsize=(6.4, 3.2 + 1.8 * len(extra)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1 + len(extra), 1, sharex=True, squeeze=False)[:, 0]

@@ -40,7 +40,7 @@ from .generation import set_num_threads
 from .models import add_lora, load_pipeline, parse_lora_targets
 from .prompts_io import load_prompts
 from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
-from .rewards import Reward, load_preference, load_reward
+from .rewards import CombinedReward, Reward, load_preference, load_reward
 from .sampling import (
     SamplingSettings,
     Trajectories,
@@ -524,7 +524,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     traj = sample_epoch(run, epoch)
     t_sample = time.perf_counter()
     # 2. Score, and gather every process's rewards for the statistics.
-    rewards = score(run.reward, traj)  # (B,)
+    components = score_components(run.reward, traj)  # {name: (B,)}, several rewards only
+    rewards = run.reward.combine(components) if components else score(run.reward, traj)  # (B,)
     all_rewards = acc.gather(rewards.to(acc.device)).cpu()
     # Group ids are per process; offset them so that groups of different processes stay apart.
     groups_per_process = cfg.prompts_per_batch * cfg.batches_per_epoch
@@ -542,10 +543,23 @@ def train_epoch(run: Run, epoch: int) -> dict:
     # 3. Normalise into advantages (the tracker sees the same gathered data on every process).
     adv_all = torch.zeros_like(all_rewards)
     kept = finite_all.nonzero().flatten().tolist()
-    adv_kept, used = normalize_rewards(
-        all_rewards[kept], [all_prompts[i] for i in kept], cfg.normalization, run.tracker,
-        group=all_groups[kept], std_floor=cfg.adv_std_floor, adv_clip_max=cfg.adv_clip_max,
-    )  # fmt: skip
+    kept_prompts = [all_prompts[i] for i in kept]
+    if components and cfg.reward_combine == "normalized":
+        # Each reward normalised on its own (per-prompt statistics kept apart by name), then weighted.
+        adv_kept, used = torch.zeros(len(kept)), {}
+        for name, values in components.items():
+            gathered = acc.gather(values.to(acc.device)).cpu()[kept]
+            adv, used = normalize_rewards(
+                gathered, [f"{name}\x00{p}" for p in kept_prompts], cfg.normalization, run.tracker,
+                group=all_groups[kept], std_floor=cfg.adv_std_floor,
+            )  # fmt: skip
+            adv_kept += run.reward.weights[name] * adv
+        adv_kept = adv_kept.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+    else:
+        adv_kept, used = normalize_rewards(
+            all_rewards[kept], kept_prompts, cfg.normalization, run.tracker,
+            group=all_groups[kept], std_floor=cfg.adv_std_floor, adv_clip_max=cfg.adv_clip_max,
+        )  # fmt: skip
     adv_all[kept] = adv_kept
     rank_slice = slice(acc.process_index * len(traj), (acc.process_index + 1) * len(traj))
     advantages = adv_all[rank_slice]  # (B,)
@@ -558,6 +572,9 @@ def train_epoch(run: Run, epoch: int) -> dict:
     images = cfg.images_per_epoch(acc.num_processes)
     kept_rewards = all_rewards[finite_all]
     extra = {f"normalized_by/{kind}": n for kind, n in used.items()}
+    for name, values in components.items():  # each component's mean over this epoch's images
+        gathered = acc.gather(values.to(acc.device)).cpu()
+        extra[f"reward/{name}"] = float(gathered[torch.isfinite(gathered)].mean())
     return {
         "epoch": epoch,
         "reward_mean": float(kept_rewards.mean()) if len(kept_rewards) else float("nan"),
@@ -632,6 +649,20 @@ def score(reward, traj_or_images, prompts=None, batch_size: int = 32) -> torch.T
         for i in range(0, len(prompts), batch_size)
     ]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def score_components(reward, traj: Trajectories, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """{name: (B,) float32 on the CPU} of a ``CombinedReward``'s components; {} for one reward."""
+    if not isinstance(reward, CombinedReward):
+        return {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(traj), batch_size):
+        for name, value in reward.components(
+            traj.images[i : i + batch_size], traj.prompts[i : i + batch_size]
+        ).items():
+            parts.setdefault(name, []).append(value.float().cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def _gather_prompts(run: Run, prompts: list[str]) -> list[str]:

@@ -203,3 +203,10 @@ def test_help_shows_each_default_once():
         text = action.help or ""
         assert text.count("(default") <= 1, text
         assert "(default: None)" not in text, text
+
+
+def test_several_rewards_as_a_yaml_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "tiny", "reward": {"jpeg-compressibility": 1, "toy-alignment": 0.5}}))
+    cfg = parse(["--config", str(path)])
+    assert cfg.reward == "jpeg-compressibility=1,toy-alignment=0.5" and cfg.reward_combine == "sum"

@@ -485,3 +485,43 @@ def test_plugin_output_errors_are_one_line(plugins_importable, spec, expected):
 def test_nonfinite_plugin_scores_pass_through(plugins_importable):
     # The trainer drops NaN/inf rewards and counts them; the reward does not refuse them.
     assert torch.isnan(load_reward("plugin_reward:nan_reward")(smooth_images(), ["p"] * 3)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# several rewards at once
+
+
+def test_parse_reward_weights():
+    from rebel_diffusion.rewards import parse_reward_weights
+
+    assert parse_reward_weights("aesthetic") is None
+    assert parse_reward_weights("http://127.0.0.1:8000/score?model=a") is None  # a query is not a weight
+    assert parse_reward_weights("aesthetic=1.0,clip=0.5") == {"aesthetic": 1.0, "clip": 0.5}
+    assert parse_reward_weights("jpeg-compressibility,toy-alignment") == {
+        "jpeg-compressibility": 1.0,
+        "toy-alignment": 1.0,
+    }
+    assert parse_reward_weights({"aesthetic": 2, "clip": -1}) == {"aesthetic": 2.0, "clip": -1.0}
+    for bad, match in (
+        ("a=1,a=2", "named twice"),
+        ("a=1,,b=2", "empty"),
+        ("a=0,b=1", "non-zero"),
+        ("a=nan,b=1", "finite"),
+    ):
+        with pytest.raises(UsageError, match=match):
+            parse_reward_weights(bad)
+
+
+def test_combined_reward_is_the_weighted_sum_of_its_components():
+    from rebel_diffusion.rewards import CombinedReward, load_reward
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle on a blue background"] * 3
+    combined = load_reward("jpeg-compressibility=2,jpeg-incompressibility=0.5")
+    assert isinstance(combined, CombinedReward)
+    small = load_reward("jpeg-compressibility")(images, prompts)
+    parts = combined.components(images, prompts)
+    assert torch.equal(parts["jpeg-compressibility"], small)
+    assert torch.allclose(combined(images, prompts), 2 * small + 0.5 * (-small))  # incompressibility = -size
+    with pytest.raises(UsageError, match="takes option 'clip_model'"):
+        load_reward("jpeg-compressibility=1,jpeg-incompressibility=1", clip_model="ViT-B-32")

@@ -356,3 +356,32 @@ def test_ema_is_checkpointed_exported_and_resumes_exactly(tmp_path):
     exported = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
     expected = lora_state_dict(pipe.unet)
     assert all(torch.allclose(exported["unet." + k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("combine", ["sum", "normalized"])
+def test_several_rewards_are_logged_and_combined(tmp_path, combine):
+    """--reward a=w,b=w: each component's mean is logged; with 'sum' the reward is their weighted sum."""
+    out = tmp_path / "run"
+    reward = "jpeg-compressibility=1,jpeg-incompressibility=0.25"
+    assert (
+        main(
+            [
+                "train",
+                *SMALL,
+                "--reward",
+                reward,
+                "--reward-combine",
+                combine,
+                "--epochs",
+                "1",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = read_metrics(out)[-1]
+    a, b = record["reward/jpeg-compressibility"], record["reward/jpeg-incompressibility"]
+    assert abs(a + b) < 1e-5  # the two are each other's negatives
+    assert record["reward_mean"] == pytest.approx(a + 0.25 * b, abs=1e-5)
+    assert yaml.safe_load((out / "config.yaml").read_text())["reward"] == reward

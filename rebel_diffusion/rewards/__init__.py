@@ -82,6 +82,7 @@ from .base import (
     short_cause,
 )
 from .clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipScoreReward
+from .combined import COMBINE, CombinedReward, format_reward_weights, parse_reward_weights
 from .http_reward import DEFAULT_RETRIES, HttpReward, is_url
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .preference import (
@@ -108,6 +109,10 @@ PREFERENCES: dict[str, type[Preference]] = {
 }
 
 __all__ = [
+    "COMBINE",
+    "CombinedReward",
+    "format_reward_weights",
+    "parse_reward_weights",
     "PREFERENCES",
     "REWARDS",
     "BradleyTerryPreference",
@@ -197,6 +202,9 @@ def load_reward(name_or_path: str, context: RewardContext | None = None, **optio
     ``UsageError`` (one line) for an unknown name, option or a plug-in outside the contract (package
     docstring). Weights load on the first call, or on ``reward.load()``.
     """
+    weights = parse_reward_weights(name_or_path)
+    if weights is not None:
+        return _combined(weights, context, options)
     ctx = make_context(context, options)
     if is_url(name_or_path):
         _check_options(f"reward {name_or_path}", ctx, _URL_OPTIONS)
@@ -247,6 +255,27 @@ def load_preference(
             "or module.path:attribute for your own"
         )
     return _PREFERENCE_BUILDERS[name_or_path](ctx)
+
+
+_EVERY_REWARD = ("device", "dtype")  # RewardContext fields every reward takes
+
+
+def _combined(weights: dict[str, float], context: RewardContext | None, options: dict) -> CombinedReward:
+    """Each component gets the options it reads (built-ins) or all of them (plug-ins, servers); an
+    option no component reads is a UsageError, as for one reward."""
+    rewards, read = {}, set()
+    for name in weights:
+        if name in _BUILDERS:
+            reads = (*_BUILDERS[name][0], *_EVERY_REWARD)  # device and dtype go to every reward
+            mine = {k: v for k, v in options.items() if k in reads}
+        else:
+            mine = dict(options)
+        read |= set(mine)
+        rewards[name] = load_reward(name, context, **mine)
+    unread = [k for k, v in options.items() if k not in read and k not in _EVERY_REWARD and v is not None]
+    if unread:
+        raise UsageError(f"no component of --reward {format_reward_weights(weights)} takes option {unread[0]!r}")
+    return CombinedReward(rewards, weights)
 
 
 def make_context(context: RewardContext | None = None, options: dict | None = None) -> RewardContext:
