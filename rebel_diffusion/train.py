@@ -527,6 +527,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     components = score_components(run.reward, traj)  # {name: (B,)}, several rewards only
     rewards = run.reward.combine(components) if components else score(run.reward, traj)  # (B,)
     all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+    all_components = {name: acc.gather(v.to(acc.device)).cpu() for name, v in components.items()}  # gathered once
     # Group ids are per process; offset them so that groups of different processes stay apart.
     groups_per_process = cfg.prompts_per_batch * cfg.batches_per_epoch
     all_groups = acc.gather((traj.group + acc.process_index * groups_per_process).to(acc.device)).cpu()
@@ -547,10 +548,9 @@ def train_epoch(run: Run, epoch: int) -> dict:
     if components and cfg.reward_combine == "normalized":
         # Each reward normalised on its own (per-prompt statistics kept apart by name), then weighted.
         adv_kept, used = torch.zeros(len(kept)), {}
-        for name, values in components.items():
-            gathered = acc.gather(values.to(acc.device)).cpu()[kept]
+        for name, values in all_components.items():
             adv, used = normalize_rewards(
-                gathered, [f"{name}\x00{p}" for p in kept_prompts], cfg.normalization, run.tracker,
+                values[kept], [f"{name}\x00{p}" for p in kept_prompts], cfg.normalization, run.tracker,
                 group=all_groups[kept], std_floor=cfg.adv_std_floor,
             )  # fmt: skip
             adv_kept += run.reward.weights[name] * adv
@@ -572,9 +572,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     images = cfg.images_per_epoch(acc.num_processes)
     kept_rewards = all_rewards[finite_all]
     extra = {f"normalized_by/{kind}": n for kind, n in used.items()}
-    for name, values in components.items():  # each component's mean over this epoch's images
-        gathered = acc.gather(values.to(acc.device)).cpu()
-        extra[f"reward/{name}"] = float(gathered[torch.isfinite(gathered)].mean())
+    for name, values in all_components.items():  # each component's mean over this epoch's images
+        extra[f"reward/{name}"] = float(values[torch.isfinite(values)].mean())
     return {
         "epoch": epoch,
         "reward_mean": float(kept_rewards.mean()) if len(kept_rewards) else float("nan"),
