@@ -285,6 +285,10 @@ def evaluate_pipelines(
             images[side], prompts, k, rewards, diversity=diversity, batch_size=batch_size or 32
         )
     result["rewards"] = {name: _compare({s: v["rewards"][name] for s, v in sides.items()}) for name in rewards}
+    from .rewards.base import Reward
+
+    for name, reward in rewards.items():
+        result["rewards"][name]["units"] = reward.units if isinstance(reward, Reward) else ""
     if diversity is not None and k > 1:
         result["diversity"] = {
             **_compare({s: {"mean": v["diversity"]} for s, v in sides.items()}),
@@ -375,14 +379,17 @@ def markdown_report(result: dict, header: dict) -> str:
         f"- sampling: {s['sampler']} {s['num_steps']} steps, DDIM eta {s['ddim_eta']}, "
         f"guidance {s['guidance_scale']}, {s['width']}x{s['height']}",
         "",
-        "| metric | base | fine-tuned | delta |",
-        "|---|---:|---:|---:|",
+        "| metric | base | fine-tuned | delta | units |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, v in result["rewards"].items():
-        lines.append(f"| {name} | {_fmt(v['base'])} | {_fmt(v['tuned'])} | {_fmt_delta(v['delta'])} |")
+        units = v.get("units") or "as the reward gives them"
+        lines.append(f"| {name} | {_fmt(v['base'])} | {_fmt(v['tuned'])} | {_fmt_delta(v['delta'])} | {units} |")
     div = result.get("diversity")
     if div:
-        lines.append(f"| diversity | {_fmt(div['base'])} | {_fmt(div['tuned'])} | {_fmt_delta(div['delta'])} |")
+        lines.append(
+            f"| diversity | {_fmt(div['base'])} | {_fmt(div['tuned'])} | {_fmt_delta(div['delta'])} | cosine distance |"
+        )
         lines += [
             "",
             f"Diversity: mean pairwise cosine distance among the images of each prompt, averaged over "

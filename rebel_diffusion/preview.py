@@ -1,7 +1,8 @@
 """The preview page: a Gradio app to see what training did (``rebel-diffusion preview --run DIR``).
 
-- Before/after: a prompt and a seed give the base and the fine-tuned image side by side (same
-  seed, so the same starting noise), with the run's reward of each.
+- Before/after: a prompt and a first seed give several seeds of the base model in one row and of
+  the fine-tuned model in the row below (seed for seed the same starting noise), with the run's
+  reward of each, its units and direction ("higher is better"), and the means.
 - History: the run's per-epoch grids as a gallery to step through, and the reward curves
   (re-read from disk on each page load and on "Refresh", so a live run can be watched).
 
@@ -29,6 +30,8 @@ from .errors import RunError, UsageError
 
 DEFAULT_PROMPT = "a photo of an otter"
 DISPLAY_MIN = 256  # small samples (32px tiny models) are upscaled, nearest, for the page
+GAP = 8  # white pixels between the seeds of a strip
+DEFAULT_NUM_SEEDS, MAX_NUM_SEEDS = 4, 8
 INSTALL_HINT = "pip install 'rebel-diffusion[preview]'"
 
 
@@ -49,54 +52,100 @@ def import_gradio():
 class Comparer:
     """Base and fine-tuned pipelines, built once, and the reward that scores their images.
 
-    ``compare(prompt, seed)`` samples one image from each with the same seed: (base PIL, tuned PIL,
-    text with the rewards). Calls are serialised: a pipeline is not thread-safe.
+    ``compare(prompt, seed, num_seeds)`` samples the seeds ``seed, seed + 1, ...`` from each model
+    (the same seed gives both the same starting noise): (base strip, fine-tuned strip, Markdown table
+    of the rewards). Calls are serialised: a pipeline is not thread-safe.
     """
 
-    def __init__(self, base_pipe, tuned_pipe, settings, reward=None, reward_name: str | None = None):
+    def __init__(self, base_pipe, tuned_pipe, settings, reward=None):
         self.base_pipe, self.tuned_pipe = base_pipe, tuned_pipe
         self.settings = settings.resolve(tuned_pipe)
-        self.reward, self.reward_name = reward, reward_name
+        self.reward = reward  # a Reward or None
         self._lock = threading.Lock()
 
+    @property
+    def reward_label(self) -> str | None:
+        """The reward's name with its units and direction (``Reward.label``), or None."""
+        return self.reward.label() if self.reward is not None else None
+
     @torch.no_grad()
-    def images(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base, tuned): two (3, H, W) images in [0, 1] drawn from the same seed."""
+    def images(self, prompt: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, tuned): (n, 3, H, W) images in [0, 1], image i drawn from ``seeds[i]`` by both."""
         from .generation import sample_images
 
         with self._lock:
-            base = sample_images(self.base_pipe, [prompt], [seed], self.settings)[0]
+            base = sample_images(self.base_pipe, [prompt], seeds, self.settings)  # (n, 3, H, W)
             tuned = (
                 base
                 if self.tuned_pipe is self.base_pipe
-                else sample_images(self.tuned_pipe, [prompt], [seed], self.settings)[0]
+                else sample_images(self.tuned_pipe, [prompt], seeds, self.settings)
             )
         return base, tuned
 
-    def scores(self, prompt: str, base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float] | None:
+    def scores(self, prompt: str, base: torch.Tensor, tuned: torch.Tensor) -> tuple[list, list] | None:
+        """(base scores, tuned scores), n each, or None without a reward."""
         if self.reward is None:
             return None
+        n = len(base)
         with self._lock:
-            s = self.reward(torch.stack([base, tuned]), [prompt, prompt]).float().cpu()
-        return float(s[0]), float(s[1])
+            s = self.reward(torch.cat([base, tuned]), [prompt] * (2 * n)).float().cpu()
+        return s[:n].tolist(), s[n:].tolist()
 
-    def compare(self, prompt: str, seed):
-        """(base image, fine-tuned image, text): PIL images, upscaled for display when small."""
-        from .report import to_pil
-
+    def compare(self, prompt: str, seed, num_seeds=DEFAULT_NUM_SEEDS):
+        """(base strip, fine-tuned strip, Markdown): PIL strips of the seeds left to right, each
+        image upscaled for display when small; the table gives each seed's rewards and their mean."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise ValueError("type a prompt")
         seed = _as_seed(seed)
-        base, tuned = self.images(prompt, seed)
-        text = f"prompt: {prompt!r}, seed {seed}"
-        scores = self.scores(prompt, base, tuned)
-        if scores:
-            b, t = scores
-            text += f"\n{self.reward_name}: base {b:.4f}, fine-tuned {t:.4f} (delta {t - b:+.4f})"
-        else:
-            text += "\n(no reward loaded)"
-        return _display(to_pil(base)), _display(to_pil(tuned)), text
+        n = _as_count(num_seeds)
+        seeds = list(range(seed, seed + n))
+        base, tuned = self.images(prompt, seeds)
+        text = reward_table(prompt, seeds, self.scores(prompt, base, tuned), self.reward_label)
+        return strip(base), strip(tuned), text
+
+
+def reward_table(prompt: str, seeds: list[int], scores, label: str | None) -> str:
+    """Markdown: the prompt, then one row per seed (base, fine-tuned, change) and the mean."""
+    head = (
+        f"prompt {prompt!r}, seeds {seeds[0]}-{seeds[-1]} (left to right)"
+        if len(seeds) > 1
+        else (f"prompt {prompt!r}, seed {seeds[0]}")
+    )
+    if scores is None:
+        return f"{head}\n\n(no reward loaded)"
+    base, tuned = scores
+    rows = [f"| {s} | {b:.4f} | {t:.4f} | {t - b:+.4f} |" for s, b, t in zip(seeds, base, tuned)]
+    mb, mt = sum(base) / len(base), sum(tuned) / len(tuned)
+    rows.append(f"| **mean** | **{mb:.4f}** | **{mt:.4f}** | **{mt - mb:+.4f}** |")
+    return "\n".join(
+        [f"{head}\n", f"**{label}**\n", "| seed | base | fine-tuned | change |", "|---|---|---|---|", *rows]
+    )
+
+
+def strip(images: torch.Tensor):
+    """(n, 3, H, W) in [0, 1] -> one PIL image: the n images left to right, upscaled (nearest) when
+    small, GAP white pixels apart."""
+    from PIL import Image
+
+    from .report import to_pil
+
+    tiles = [_display(to_pil(image)) for image in images]
+    w, h = tiles[0].size
+    out = Image.new("RGB", (len(tiles) * w + (len(tiles) - 1) * GAP, h), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        out.paste(tile, (i * (w + GAP), 0))
+    return out
+
+
+def _as_count(num_seeds) -> int:
+    try:
+        value = float(num_seeds)
+    except (TypeError, ValueError):
+        raise ValueError(f"the number of seeds must be a whole number, got {num_seeds!r}") from None
+    if not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_NUM_SEEDS:
+        raise ValueError(f"the number of seeds must be a whole number from 1 to {MAX_NUM_SEEDS}, got {num_seeds!r}")
+    return int(value)
 
 
 def _as_seed(seed) -> int:
@@ -203,6 +252,7 @@ def build_app(
     aesthetic_head: str | None = None,
     default_prompt: str | None = None,
     default_seed: int = 0,
+    num_seeds: int = DEFAULT_NUM_SEEDS,
 ):
     """The preview page as a ``gr.Blocks`` (not launched).
 
@@ -211,8 +261,9 @@ def build_app(
     ``reward``: a callable, a reward name, or None for the run's reward (a run reward that cannot be
     loaded is a warning: the images still show). ``settings``: ``SamplingSettings`` (default the run's).
 
-    API: ``/compare`` (prompt, seed) -> (base image, fine-tuned image, text); ``/history`` () ->
-    (gallery, reward curve). The page opens with the default prompt and seed already compared.
+    API: ``/compare`` (prompt, first seed, number of seeds) -> (base strip, fine-tuned strip,
+    Markdown of the rewards); ``/history`` () -> (gallery, reward curve). The page opens with the
+    default prompt and seeds already compared.
     """
     from .generation import Source, load_models, resolve_source, sampling_settings
 
@@ -230,14 +281,15 @@ def build_app(
     run_dir = source.run_dir or run_dir
     if settings is None:
         settings = sampling_settings(source.config)
-    reward, reward_name = _resolve_reward(reward, source.config, device, aesthetic_head)
-    comparer = Comparer(base_pipe, tuned_pipe, settings, reward, reward_name)
+    comparer = Comparer(
+        base_pipe, tuned_pipe, settings, _resolve_reward(reward, source.config, device, aesthetic_head)
+    )
     scratch = Path(tempfile.mkdtemp(prefix="rebel_preview_"))
     prompt0 = default_prompt or first_run_prompt(source.config) or DEFAULT_PROMPT
 
     # Startup renders a first comparison and the history into the page itself, so it shows images
     # as soon as it loads (and the first click does not pay for warm-up).
-    first = comparer.compare(prompt0, default_seed)
+    first = comparer.compare(prompt0, default_seed, num_seeds)
     grids0, curve0 = load_history(run_dir, scratch)
 
     title = f"rebel-diffusion preview: {run_dir.name if run_dir else source.model}"
@@ -245,12 +297,14 @@ def build_app(
         gr.Markdown(f"## {title}\n" + _summary(source, run_dir, comparer))
         with gr.Row():
             prompt = gr.Textbox(value=prompt0, label="prompt", scale=4)
-            seed = gr.Number(value=default_seed, precision=0, minimum=0, label="seed", scale=1)
+            seed = gr.Number(value=default_seed, precision=0, minimum=0, label="first seed", scale=1)
+            count = gr.Slider(1, MAX_NUM_SEEDS, value=num_seeds, step=1, label="seeds", scale=1)
             button = gr.Button("Compare", variant="primary", scale=1)
-        with gr.Row():
-            base_img = gr.Image(first[0], label="base", type="pil", format="png", interactive=False)
-            tuned_img = gr.Image(first[1], label="fine-tuned", type="pil", format="png", interactive=False)
-        info = gr.Textbox(first[2], label="rewards", lines=2, interactive=False)
+        # One row per model, seed for seed in the same column: the eye compares straight down.
+        options = dict(type="pil", format="png", interactive=False, show_label=True)
+        base_img = gr.Image(first[0], label="base model (seeds left to right)", **options)
+        tuned_img = gr.Image(first[1], label="fine-tuned (the same seeds)", **options)
+        info = gr.Markdown(first[2], label="rewards")
         gr.Markdown("### Training history")
         with gr.Row():
             gallery = gr.Gallery(
@@ -270,10 +324,9 @@ def build_app(
         def history():
             return load_history(run_dir, scratch)
 
-        button.click(comparer.compare, [prompt, seed], [base_img, tuned_img, info], api_name="compare")
-        prompt.submit(
-            comparer.compare, [prompt, seed], [base_img, tuned_img, info], **_event_options(prompt.submit, hidden=True)
-        )
+        inputs, outputs = [prompt, seed, count], [base_img, tuned_img, info]
+        button.click(comparer.compare, inputs, outputs, api_name="compare")
+        prompt.submit(comparer.compare, inputs, outputs, **_event_options(prompt.submit, hidden=True))
         refresh.click(history, None, [gallery, curve], api_name="history")
         # A page (re)load re-reads the history quietly: a live run's new epochs show up.
         app.load(history, None, [gallery, curve], show_progress="hidden", **_event_options(app.load, hidden=True))
@@ -300,23 +353,26 @@ def first_run_prompt(cfg: dict) -> str | None:
 
 
 def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
-    """(callable or None, its name) from a callable, a name, or the run's config."""
+    """A ``Reward`` (or None) from a Reward, a scoring function, a name, or the run's config."""
     from .evaluate import load_rewards
+    from .rewards import CallableReward, Reward
 
+    if isinstance(reward, Reward):
+        return reward
     if reward is not None and not isinstance(reward, str):
-        return reward, getattr(reward, "name", "reward")
+        return CallableReward(reward, "reward")
     name = reward or cfg.get("reward")
     if not name:
-        return None, None
+        return None
     try:
         return load_rewards(
             [name], device=device, dtype=torch.float32, aesthetic_head=aesthetic_head or cfg.get("aesthetic_head")
-        )[name], name
+        )[name]
     except (UsageError, RunError) as e:  # RunError: a reward server that is down
         if reward:  # asked for explicitly: the user must hear it
             raise
         warnings.warn(f"preview shows no rewards: the run's reward {name!r} cannot be loaded ({e})", stacklevel=2)
-        return None, None
+        return None
 
 
 def _summary(source, run_dir, comparer) -> str:
@@ -330,8 +386,9 @@ def _summary(source, run_dir, comparer) -> str:
         lines.append(f"- run: `{run_dir}`")
     lines.append(
         f"- sampling: {s.sampler}, {s.num_steps} steps, DDIM eta {s.ddim_eta}, guidance {s.guidance_scale}, "
-        f"{s.width}x{s.height}; reward: {comparer.reward_name or 'none'}"
+        f"{s.width}x{s.height}"
     )
+    lines.append(f"- reward: {comparer.reward_label or 'none'}")
     return "\n".join(lines)
 
 

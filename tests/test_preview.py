@@ -105,23 +105,56 @@ def rgb(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_compare_after_a_trained_lora_differs(tuned_server):
+def tiles(strip: np.ndarray, n: int) -> list[np.ndarray]:
+    """The n images of a strip (left to right, GAP white columns apart)."""
+    from rebel_diffusion.preview import GAP
+
+    width = (strip.shape[1] - (n - 1) * GAP) // n
+    assert strip.shape[1] == n * width + (n - 1) * GAP
+    return [strip[:, i * (width + GAP) : i * (width + GAP) + width] for i in range(n)]
+
+
+def test_compare_shows_several_seeds_before_and_after(tuned_server):
+    from rebel_diffusion.report import to_pil
+    from rebel_diffusion.rewards import load_reward
+
     app, url, client = tuned_server
     assert url.startswith("http://127.0.0.1:")
-    base, tuned, text = client.predict(PROMPT, SEED, api_name="/compare")
+    n = 3
+    base, tuned, text = client.predict(PROMPT, SEED, n, api_name="/compare")
     a, b = rgb(base), rgb(tuned)
-    assert a.shape == b.shape == (256, 256, 3)  # 32px samples shown upscaled x8
-    assert not np.array_equal(a, b)
-    assert "jpeg-compressibility: base" in text and "fine-tuned" in text
-    # The page's images are the model's: the same seed gives the same pair again.
-    again = client.predict(PROMPT, SEED, api_name="/compare")
+    assert a.shape == b.shape
+    base_tiles, tuned_tiles = tiles(a, n), tiles(b, n)
+    assert all(t.shape == (256, 256, 3) for t in base_tiles)  # 32px samples shown upscaled x8
+    assert not np.array_equal(base_tiles[0], base_tiles[1])  # different seeds indeed
+    assert not any(np.array_equal(x, y) for x, y in zip(base_tiles, tuned_tiles))  # the LoRA changes each
+    # The tiles are the sampler's images for seeds SEED, SEED+1, ..., upscaled with nearest.
+    raw_base, raw_tuned = app.comparer.images(PROMPT, list(range(SEED, SEED + n)))
+    for i in range(n):
+        assert np.array_equal(np.asarray(to_pil(raw_base[i])), base_tiles[i][::8, ::8])
+        assert np.array_equal(np.asarray(to_pil(raw_tuned[i])), tuned_tiles[i][::8, ::8])
+    # The same request gives the same pictures again.
+    again = client.predict(PROMPT, SEED, n, api_name="/compare")
     assert np.array_equal(rgb(again[0]), a) and np.array_equal(rgb(again[1]), b)
-    # ...and they are the sampler's images for that seed, upscaled with nearest.
-    raw_base, raw_tuned = app.comparer.images(PROMPT, SEED)
-    from rebel_diffusion.report import to_pil
+    # The rewards: the label says units and direction; one row per seed with the reward's own scores.
+    assert "**jpeg-compressibility (minus kB of JPEG at quality 95: smaller files; higher is better)**" in text
+    reward = load_reward("jpeg-compressibility")
+    want_base, want_tuned = reward(raw_base, [PROMPT] * n).tolist(), reward(raw_tuned, [PROMPT] * n).tolist()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == n
+    for seed, row, wb, wt in zip(range(SEED, SEED + n), rows, want_base, want_tuned):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(seed)
+        assert float(cells[1]) == pytest.approx(wb, abs=1e-4) and float(cells[2]) == pytest.approx(wt, abs=1e-4)
+    mean = next(line for line in text.splitlines() if line.startswith("| **mean**"))
+    assert f"{sum(want_tuned) / n - sum(want_base) / n:+.4f}" in mean
 
-    assert np.array_equal(np.asarray(to_pil(raw_base)), a[::8, ::8])
-    assert np.array_equal(np.asarray(to_pil(raw_tuned)), b[::8, ::8])
+
+def test_compare_refuses_bad_seed_counts(tuned_server):
+    app, _, _ = tuned_server
+    for bad in (0, 9, 2.5, "x"):
+        with pytest.raises(ValueError, match="number of seeds"):
+            app.comparer.compare(PROMPT, SEED, bad)
 
 
 def test_history_lists_epoch_grids(tuned_server):
@@ -149,14 +182,16 @@ def test_base_model_against_itself_is_identical():
     )
     try:
         _, client = serve(app)
-        base, tuned, text = client.predict("a koala", 7, api_name="/compare")
+        base, tuned, text = client.predict("a koala", 7, 2, api_name="/compare")
         assert np.array_equal(rgb(base), rgb(tuned))
-        assert "(delta +0.0000)" in text
+        assert text.count("+0.0000") == 3  # two seeds and the mean, unchanged
     finally:
         app.close()
 
 
 def test_headless_browser_shows_the_images(tuned_server, tmp_path_factory):
+    from rebel_diffusion.preview import DEFAULT_NUM_SEEDS
+
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
@@ -186,10 +221,10 @@ def test_headless_browser_shows_the_images(tuned_server, tmp_path_factory):
     print(f"screenshot: {shot}", file=sys.stderr)
     page = rgb(shot).reshape(-1, 3)
     assert page.std() > 20, "blank page"
-    # The page opens with the default prompt and seed compared: every colour of both sample images
+    # The page opens with the default prompt and seeds compared: every colour of both sample strips
     # (32x32 noise-like pictures from the tiny model) must be on screen.
     on_screen = {tuple(c) for c in np.unique(page, axis=0).tolist()}
-    for image in client.predict(PROMPT, SEED, api_name="/compare")[:2]:
+    for image in client.predict(PROMPT, SEED, DEFAULT_NUM_SEEDS, api_name="/compare")[:2]:
         colours = {tuple(c) for c in np.unique(rgb(image).reshape(-1, 3), axis=0).tolist()}
         shown = sum(c in on_screen for c in colours) / len(colours)
         assert shown > 0.9, f"only {shown:.0%} of an image's colours are on the page ({shot})"

@@ -525,3 +525,19 @@ def test_combined_reward_is_the_weighted_sum_of_its_components():
     assert torch.allclose(combined(images, prompts), 2 * small + 0.5 * (-small))  # incompressibility = -size
     with pytest.raises(UsageError, match="takes option 'clip_model'"):
         load_reward("jpeg-compressibility=1,jpeg-incompressibility=1", clip_model="ViT-B-32")
+
+
+def test_every_reward_says_its_units_and_direction():
+    for name, cls in REWARDS.items():
+        assert cls.units, f"{name} has no units"
+    jpeg = load_reward("jpeg-compressibility")
+    assert jpeg.label() == "jpeg-compressibility (minus kB of JPEG at quality 95: smaller files; higher is better)"
+    combined = load_reward("jpeg-compressibility=2,toy-alignment=1")
+    assert combined.units == (
+        "weighted sum of jpeg-compressibility (minus kB of JPEG at quality 95: smaller files), "
+        f"toy-alignment ({REWARDS['toy-alignment'].units})"
+    )
+    # A plug-in without units still states the direction.
+    assert CallableReward(lambda images, prompts: images.mean(dim=(1, 2, 3)), "brightness").label() == (
+        "brightness (higher is better)"
+    )

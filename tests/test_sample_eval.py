@@ -229,7 +229,9 @@ def test_eval_writes_json_markdown_and_grid(run_dir, two_prompts, tmp_path):
     div = result["diversity"]
     assert div["model"].startswith("tiny-random-clip") and 0 < div["base"] < 2
     md = (out / "eval.md").read_text()
-    assert "| metric | base | fine-tuned | delta |" in md
+    assert "| metric | base | fine-tuned | delta | units |" in md
+    assert comp["units"] == "minus kB of JPEG at quality 95: smaller files"  # each reward says its units
+    assert f"| {comp['units']} |" in md and f"| {incomp['units']} |" in md
     assert md.count("| jpeg-") == 2 and "| diversity |" in md and "tiny-random-clip" in md
     # eval_grid: a row per prompt, 2 base + 2 tuned tiles of 128 px.
     assert Image.open(out / "eval_grid.png").size[0] >= 4 * 128

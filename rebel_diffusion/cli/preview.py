@@ -7,7 +7,7 @@ import sys
 
 from ..errors import UsageError
 from ..generation import pick_device, pick_dtype, sampling_settings, set_num_threads
-from ..preview import DEFAULT_PROMPT, build_app, check_port, import_gradio, launch
+from ..preview import DEFAULT_NUM_SEEDS, DEFAULT_PROMPT, MAX_NUM_SEEDS, build_app, check_port, import_gradio, launch
 from .common import DeprecatedAlias, add_source_arguments
 
 HELP = "a Gradio page with before/after samples of a run (extra: preview)"
@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt", help=f"prompt compared on page load (default: one of the run's prompts, else {DEFAULT_PROMPT!r})"
     )
     g.add_argument("--seed", type=int, default=0, help="first seed compared on page load (default 0)")
+    g.add_argument(
+        "--num-seeds",
+        type=int,
+        default=DEFAULT_NUM_SEEDS,
+        help=f"seeds shown side by side, from --seed on (default {DEFAULT_NUM_SEEDS}, at most {MAX_NUM_SEEDS})",
+    )
     g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
     g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
     g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (default: the run's)")
@@ -41,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.run or args.model or args.finetune):
         raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
+    if not 1 <= args.num_seeds <= MAX_NUM_SEEDS:
+        raise UsageError(f"--num-seeds {args.num_seeds}: must be from 1 to {MAX_NUM_SEEDS}")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0")
     import_gradio()  # before loading models: a missing extra is a one-line error, at once
     port = check_port(args.host, args.port)
     set_num_threads(args.num_threads)
@@ -57,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         aesthetic_head=args.aesthetic_head,
         default_prompt=args.prompt,
         default_seed=args.seed,
+        num_seeds=args.num_seeds,
         settings=settings,
     )
     print(f"preview on http://{args.host}:{port} (Ctrl-C to stop)", file=sys.stderr)

@@ -111,6 +111,7 @@ class AestheticReward(Reward):
     """LAION aesthetic score of each image (prompts unused).  # (B, 3, H, W) -> (B,)"""
 
     name = "aesthetic"
+    units = "LAION aesthetic score, about 1-10"
 
     def __init__(
         self,

@@ -174,6 +174,9 @@ class Reward:
     """
 
     name: str = "reward"
+    # What one unit of the score is, for people reading it (the preview, eval); "" when unknown.
+    # Every reward is maximised: higher is better.
+    units: str = ""
 
     def __init__(
         self,
@@ -213,6 +216,10 @@ class Reward:
         with torch.no_grad():  # no_grad, not inference_mode: the scores may enter autograd later
             scores = self.score(images.to(self.device), prompts)
         return check_scores(scores, len(prompts), self.name, images.device)
+
+    def label(self) -> str:
+        """The name with units and direction, e.g. ``jpeg-compressibility (-kB of JPEG; higher is better)``."""
+        return f"{self.name} ({self.units + '; ' if self.units else ''}higher is better)"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device}, dtype={self.dtype})"

@@ -220,6 +220,7 @@ class ClipScoreReward(Reward):
     """Cosine similarity of the CLIP embeddings of each image and its prompt.  # -> (B,) in [-1, 1]"""
 
     name = "clip"
+    units = "CLIP cosine similarity of image and prompt, -1 to 1"
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class CombinedReward(Reward):
         super().__init__()
         self.rewards, self.weights = rewards, weights
         self.name = format_reward_weights(weights)
+        self.units = "weighted sum of " + ", ".join(f"{n} ({r.units or 'its units'})" for n, r in rewards.items())
 
     def load(self, device=None) -> Reward:
         for reward in self.rewards.values():

@@ -149,6 +149,7 @@ class HttpReward(Reward):
         super().__init__(device, dtype)
         self.url = check_url(url)
         self.name = url
+        self.units = "the reward server's scores"
         self.timeout = float(timeout) if timeout is not None else timeout_from_env()
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"reward server {url}: timeout must be > 0 seconds, got {timeout}")

@@ -37,6 +37,7 @@ class JpegIncompressibility(Reward):
     """JPEG size in kB (larger = more detail).  # (B, 3, H, W) -> (B,)"""
 
     name = "jpeg-incompressibility"
+    units = "kB of JPEG at quality 95: more detail"
     sign = 1.0
 
     def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
@@ -56,4 +57,5 @@ class JpegCompressibility(JpegIncompressibility):
     """Negative JPEG size in kB (larger = simpler image).  # (B, 3, H, W) -> (B,)"""
 
     name = "jpeg-compressibility"
+    units = "minus kB of JPEG at quality 95: smaller files"
     sign = -1.0

@@ -149,6 +149,7 @@ class ToyAlignmentReward(Reward):
     """
 
     name = "toy-alignment"
+    units = "probability that the prompt's colour and shape are shown, 0-1"
 
     def __init__(
         self,
