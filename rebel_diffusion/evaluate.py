@@ -387,9 +387,8 @@ def markdown_report(result: dict, header: dict) -> str:
         lines.append(f"| {name} | {_fmt(v['base'])} | {_fmt(v['tuned'])} | {_fmt_delta(v['delta'])} | {units} |")
     div = result.get("diversity")
     if div:
-        lines.append(
-            f"| diversity | {_fmt(div['base'])} | {_fmt(div['tuned'])} | {_fmt_delta(div['delta'])} | cosine distance |"
-        )
+        figures = f"{_fmt(div['base'])} | {_fmt(div['tuned'])} | {_fmt_delta(div['delta'])}"
+        lines.append(f"| diversity | {figures} | cosine distance |")
         lines += [
             "",
             f"Diversity: mean pairwise cosine distance among the images of each prompt, averaged over "
