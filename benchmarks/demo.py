@@ -12,6 +12,10 @@ Run from the repository root::
 
     python -m benchmarks.demo                                    # benchmarks/results/demo_cpu_DATE.json
     python -m benchmarks.demo --variant "--steps-per-pass 1"     # the CPU default vs one step per pass
+    python -m benchmarks.demo --variant "--num-threads 2" --busy 1  # threads, on a machine kept busy
+
+``--busy N`` keeps N CPU-bound processes spinning while the commands run (a shared or busy
+machine, as users' often are); their count is in the JSON.
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ def run_demo(extra: list[str]) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def busy_processes(n: int) -> list:
+    """n started processes that each keep one CPU busy until terminated."""
+    import multiprocessing
+
+    procs = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1, help="rounds; each runs every variant once")
@@ -85,13 +104,19 @@ def main(argv=None) -> dict:
         metavar='"ARGS"',
         help="extra arguments of a variant of the command (repeatable)",
     )
+    p.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running during the timings")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/demo_cpu_DATE.json)")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     variants = [[], *[shlex.split(v) for v in args.variant]]
     environment = env.record(device)  # before the runs: the load average they started under
     device_info = env.device_info(device)
-    runs = [run_demo(extra) for _ in range(args.repeats) for extra in variants]
+    spinners = busy_processes(args.busy)
+    try:
+        runs = [run_demo(extra) for _ in range(args.repeats) for extra in variants]
+    finally:
+        for proc in spinners:
+            proc.terminate()
     report = {
         "what": "wall time of the offline plumbing demo command (target: < 180 s on a 2-core CPU)",
         "date": dt.date.today().isoformat(),
@@ -99,6 +124,7 @@ def main(argv=None) -> dict:
         "versions": environment["versions"],
         "git": environment["git"],
         "env": environment,
+        "busy_processes": args.busy,
         "runs": runs,
     }
     out = Path(args.out) if args.out else env.RESULTS / f"demo_cpu_{report['date']}.json"

@@ -29,6 +29,11 @@ def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# DDPO's default clip range, in nats of per-step log-likelihood ratio: its published 1e-4 on per-dim
+# mean log-probs at SD 1.5, 512 px (D = 4 * 64 * 64 = 16,384) is 1.64 nats.
+CLIP_NATS = 1.6
+
+
 @dataclass
 class TrainConfig:
     # --- model and sampler -----------------------------------------------------------------------
@@ -87,8 +92,11 @@ class TrainConfig:
     tracker_min_count: int = _f(
         16, "per-prompt normalisation: rewards a prompt needs before its own statistics are used"
     )
-    clip_range: float = _f(
-        1e-4, "DDPO: PPO clip range of the per-step probability ratio (of per-dim mean log-probs, as DDPO)"
+    clip_range: float | None = _f(
+        None,
+        "DDPO: PPO clip range of the per-step probability ratio of per-dim mean log-probs (DDPO's "
+        f"convention); default {CLIP_NATS:g} / D for D = C*h*w latent dims: DDPO's 1e-4 at SD 1.5, "
+        "512 px, and the same trust region in nats per step at every resolution",
     )
     adv_clip_max: float = _f(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max] (REBEL and DDPO)")
     min_step_std: float = _f(
@@ -98,8 +106,9 @@ class TrainConfig:
     )
     kl_coef: float = _f(
         0.1,
-        "KL regularisation toward the base model: adds kl_coef x the per-image KL of the "
-        "trained steps to the loss (closed form, nats; LoRA's base: adapters disabled)",
+        "KL regularisation toward the base model: the price, in advantage units, of one nat of "
+        "per-image KL over the trained steps (closed form; LoRA's base: adapters disabled); "
+        "REBEL and DDPO weigh it alike",
     )
     timestep_fraction: float = _f(1.0, "fraction of the trained steps used per optimizer step (rescaled: unbiased)")
     # --- batches ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 
 from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
-from .config import TrainConfig
+from .config import CLIP_NATS, TrainConfig
 from .errors import RunError, UsageError
 from .generation import set_num_threads
 from .models import add_lora, load_pipeline, parse_lora_targets
@@ -339,7 +339,11 @@ def describe_plan(run: Run) -> str:
             f"(= {cfg.eta / dims:.3g} per latent dim, D = {dims})"
         )
     else:
-        step_size = f"PPO clip range {cfg.clip_range:g} (per-dim mean log-prob ratio, D = {dims})"
+        clip = ddpo_clip_range(cfg.clip_range, dims)
+        step_size = (
+            f"PPO clip range {clip:.3g} of the per-dim mean log-prob ratio "
+            f"(= {clip * dims:.3g} nats per step, D = {dims})"
+        )
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
     if cfg.ema_decay > 0:
         regulariser += f"; EMA of the weights (decay {cfg.ema_decay:g}) exported and evaluated"
@@ -818,18 +822,43 @@ def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: to
     cfg = run.cfg
     advantages = torch.where(finite, advantages, torch.zeros_like(advantages))  # no gradient from those
     reference = reference_mean(run, traj)
+    dims = latent_dim(traj)
 
     def accumulate(idx: torch.Tensor, steps: list[int], scale: float, first: bool) -> dict:
         # DDPO's loss is a mean over steps: a subsample needs no rescaling (scale is unused).
+        # Its KL term (nats, summed over dims and steps) is scaled as its per-dim mean policy term.
         stats = ddpo_accumulate(
-            run.unet, run.scheduler, traj, idx, advantages, clip_range=cfg.clip_range,
+            run.unet, run.scheduler, traj, idx, advantages, clip_range=ddpo_clip_range(cfg.clip_range, dims),
             adv_clip_max=cfg.adv_clip_max, train_batch_size=cfg.train_batch_size, steps=steps,
             steps_per_pass=run.steps_per_pass, backward=_backward(run), autocast=run.accelerator.autocast,
-            kl_coef=cfg.kl_coef, reference_mean=reference,
+            kl_coef=ddpo_kl_coef(cfg.kl_coef, dims, len(steps)), reference_mean=reference,
         )  # fmt: skip
         return {k: stats[k] for k in ("loss", "approx_kl", "clipfrac", *(("kl",) if cfg.kl_coef > 0 else ()))}
 
     return UpdatePlan(units=len(traj), salt=2, accumulate=accumulate)
+
+
+def ddpo_clip_range(clip_range: float | None, dims: int) -> float:
+    """DDPO's clip range on per-dim mean log-prob ratios: ``clip_range`` as given, else CLIP_NATS / D.
+
+    The per-dim mean of a log-ratio is its sum over the D = C*h*w latent dims divided by D, so a
+    fixed range on it is a trust region that widens with the resolution; CLIP_NATS / D keeps it at
+    the same nats per step (DDPO's 1e-4 at SD 1.5 512 px; 6.25e-3 on toy, where 1e-4 barely moved).
+    """
+    return clip_range if clip_range is not None else CLIP_NATS / dims
+
+
+def ddpo_kl_coef(kl_coef: float, dims: int, num_steps: int) -> float:
+    """The coefficient of DDPO's KL term (nats per image) in its loss: kl_coef / (D * m).
+
+    DDPO's PPO loss is a mean over m steps of per-dim mean log-probs: at ratio 1 its gradient is
+    A * grad ln pi(y) / (D * m), with ln pi(y) summed over dims and steps. Dividing the KL by the
+    same D * m makes the loss a multiple of the KL-regularised objective A * ln pi(y) - kl_coef * KL:
+    kl_coef is the price of one nat of KL in advantage units, as in REBEL's loss (whose on-policy
+    gradient per pair at eta = 2 is (A - A') * grad (ln pi(y) - ln pi(y'))). Without it the KL
+    outweighed DDPO's policy term D * m times (2,048 on toy) and DDPO did not move off the base.
+    """
+    return kl_coef / (dims * num_steps)
 
 
 def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:

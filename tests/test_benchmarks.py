@@ -15,7 +15,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from benchmarks import env, learning, speed, training_memory
+from benchmarks import demo, env, learning, speed, training_memory
 
 
 def test_training_worker_and_flops_json(tmp_path, monkeypatch):
@@ -162,3 +162,17 @@ def test_learning_config_uses_the_trainer_fields(tmp_path):
     cfg = learning.run_config("toy", "ddpo", 1, 3e-4, args, tmp_path / "run")
     assert (cfg.heldout_every, cfg.heldout_images, cfg.epochs, cfg.seed) == (2, 3, 4, 1)
     assert cfg.heldout_rewards == "jpeg-compressibility,toy-alignment" and cfg.learning_rate == 3e-4
+
+
+def test_busy_processes_spin_until_terminated():
+    import time
+
+    procs = demo.busy_processes(1)
+    try:
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in procs)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join(timeout=10)
+    assert not any(p.is_alive() for p in procs)

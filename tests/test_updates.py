@@ -345,3 +345,51 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
     assert expected_kl.item() > 1e-6  # off the base: the term is not zero
     assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
     assert stats["kl"] == pytest.approx(expected_kl.item(), rel=1e-9)
+
+
+def test_ddpo_kl_weighs_nats_against_advantages_as_rebel():
+    """With ``ddpo_kl_coef``, DDPO's gradient is 1/(D*m) times that of the KL-regularised objective
+    in nats: mean_i [-A_i sum_t r_it * D + kl_coef * KL_i], r the per-step probability ratio (no
+    clipping here), D = C*h*w. So --kl-coef prices a nat of KL the same for both algorithms."""
+    from rebel_diffusion.train import ddpo_kl_coef
+
+    pipe, traj, scheduler, lora = _lora_setup(torch.float64)
+    steps, coef = [0, 1, 2], 0.3
+    dims = traj.latents[0, 0].numel()
+    images = torch.arange(len(traj))
+    adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0], dtype=torch.float64)
+    pipe.unet.zero_grad()
+    ddpo_accumulate(
+        pipe.unet,
+        scheduler,
+        traj,
+        images,
+        adv,
+        clip_range=1e9,  # no clipping: the plain importance-weighted policy gradient
+        adv_clip_max=5.0,
+        train_batch_size=4,
+        steps=steps,
+        kl_coef=ddpo_kl_coef(coef, dims, len(steps)),
+        reference_mean=_reference_mean(pipe, scheduler, traj),
+    )
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)  # (B, m)
+    ratio = torch.exp(new - traj.log_probs[:, steps])  # per-dim mean log-probs, as DDPO
+    objective = -(adv[:, None] * ratio * dims).sum(dim=1) + coef * _naive_kl(pipe, scheduler, traj, steps, images)
+    (objective.mean() / (dims * len(steps))).backward()
+    naive = _grads(lora)
+    # ppo_clip_loss forms its ratios in float32 (as DDPO), this reference in float64.
+    assert ((ours - naive).norm() / naive.norm()).item() <= 1e-6
+    assert ddpo_kl_coef(0.1, 256, 8) == pytest.approx(0.1 / 2048)
+
+
+def test_ddpo_default_clip_range_is_the_same_nats_at_every_resolution():
+    from rebel_diffusion.config import CLIP_NATS
+    from rebel_diffusion.train import ddpo_clip_range
+
+    sd15_512 = 4 * 64 * 64
+    assert ddpo_clip_range(None, sd15_512) == pytest.approx(1e-4, rel=0.03)  # DDPO's published setting
+    for dims in (256, sd15_512, 4 * 96 * 96, 4 * 128 * 128):
+        assert ddpo_clip_range(None, dims) * dims == pytest.approx(CLIP_NATS)
+    assert ddpo_clip_range(2e-4, 256) == 2e-4  # a value given is used as it is
