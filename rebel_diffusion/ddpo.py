@@ -6,8 +6,10 @@ clipped to [-adv_clip_max, adv_clip_max]:
 
     L = mean_{b,t} max(-A * r, -A * clip(r, 1 - clip_range, 1 + clip_range))
 
-DDPO's defaults: clip_range 1e-4, adv_clip_max 5. Each step's term is independent, so each step is
-backpropagated on its own (peak memory flat in the step count), as with REBEL.
+DDPO's defaults: clip_range 1e-4 (on per-dim mean log-probs at SD 1.5, 512 px; the trainer's
+default is the same nats per step at any resolution, ``train.ddpo_clip_range``), adv_clip_max 5.
+Each step's term is independent, so each step is backpropagated on its own (peak memory flat in
+the step count), as with REBEL.
 """
 
 from __future__ import annotations
