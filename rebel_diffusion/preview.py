@@ -138,24 +138,24 @@ def strip(images: torch.Tensor):
     return out
 
 
-def _as_count(num_seeds) -> int:
+def _whole(value, what: str, lo: int, hi: float = math.inf) -> int:
+    """``value`` (a page field: number or text) as an int in [lo, hi], else a ValueError for the page."""
+    bounds = f">= {lo}" if hi == math.inf else f"from {lo} to {hi}"
     try:
-        value = float(num_seeds)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"the number of seeds must be a whole number, got {num_seeds!r}") from None
-    if not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_NUM_SEEDS:
-        raise ValueError(f"the number of seeds must be a whole number from 1 to {MAX_NUM_SEEDS}, got {num_seeds!r}")
-    return int(value)
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
+        raise ValueError(f"{what} must be a whole number {bounds}, got {value!r}")
+    return int(number)
 
 
 def _as_seed(seed) -> int:
-    try:
-        value = float(seed)
-    except (TypeError, ValueError):
-        raise ValueError(f"the seed must be a whole number, got {seed!r}") from None
-    if not math.isfinite(value) or value != int(value) or value < 0:
-        raise ValueError(f"the seed must be a whole number >= 0, got {seed!r}")
-    return int(value)
+    return _whole(seed, "the seed", 0)
+
+
+def _as_count(num_seeds) -> int:
+    return _whole(num_seeds, "the number of seeds", 1, MAX_NUM_SEEDS)
 
 
 def _display(image):

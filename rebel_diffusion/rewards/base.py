@@ -218,7 +218,7 @@ class Reward:
         return check_scores(scores, len(prompts), self.name, images.device)
 
     def label(self) -> str:
-        """The name with units and direction, e.g. ``jpeg-compressibility (-kB of JPEG; higher is better)``."""
+        """The name with its units and direction: ``name (units; higher is better)``."""
         return f"{self.name} ({self.units + '; ' if self.units else ''}higher is better)"
 
     def __repr__(self) -> str:
