@@ -57,8 +57,6 @@ def run_config(task: str, algorithm: str, seed: int, lr: float | None, args, out
     cfg.grid_num_images = 4  # the grid is not the measurement here
     cfg.checkpoints_keep = 1
     cfg.output_dir = str(out)
-    if algorithm == "ddpo":  # micro-batches of images, 16 per optimizer step (DDPO's own shape)
-        cfg.train_batch_size, cfg.gradient_accumulation_steps = 16, 1
     cfg.validate()
     return cfg
 
@@ -203,6 +201,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="DDPO learning rates tried on seed 0 per task (best final held-out reward wins)",
     )
     p.add_argument("--sweep-epochs", type=int, default=None, help="epochs of a sweep run (default: --epochs)")
+    p.add_argument(
+        "--algorithms", nargs="+", default=["rebel", "ddpo"], choices=["rebel", "ddpo"], help="algorithms to run"
+    )
+    p.add_argument(
+        "--ddpo-lr", type=float, default=None, help="DDPO's learning rate, as given: no sweep (e.g. a rate that "
+        "keeps prompt following where the sweep's winner, chosen on reward alone, does not)",
+    )  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="training processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learning_cpu_DATE.json)")
@@ -215,7 +220,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sweep, ddpo_lr = {}, {}
-    if args.sweep_ddpo_lr:
+    if args.ddpo_lr is not None:
+        ddpo_lr = dict.fromkeys(args.tasks, args.ddpo_lr)
+    elif args.sweep_ddpo_lr and "ddpo" in args.algorithms:
         sweep_args = argparse.Namespace(**{**vars(args), "epochs": args.sweep_epochs or args.epochs})
         jobs = [(task, "ddpo", args.seeds[0], lr, sweep_args) for task in args.tasks for lr in args.sweep_ddpo_lr]
         for r in run_jobs(jobs, args.jobs):
@@ -225,7 +232,7 @@ def main(argv=None) -> None:
             ddpo_lr[task] = float(best)
             print(f"ddpo sweep {task}: {sweep[task]} -> lr {best}", flush=True)
     jobs = [(task, algorithm, seed, ddpo_lr.get(task) if algorithm == "ddpo" else None, args)
-            for task in args.tasks for seed in args.seeds for algorithm in ("rebel", "ddpo")]  # fmt: skip
+            for task in args.tasks for seed in args.seeds for algorithm in args.algorithms]  # fmt: skip
 
     def write(runs: list[dict], complete: bool) -> None:
         result = report(args, t0, sweep, ddpo_lr, runs, complete)

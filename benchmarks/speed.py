@@ -366,7 +366,7 @@ def bench_epoch(args, device: torch.device) -> dict:
             images_per_prompt=2,
             prompts_per_batch=args.batch // 2,
             batches_per_epoch=args.epoch_images // args.batch,
-            train_batch_size=args.train_micro_batch,
+            train_batch_size=2 * args.train_micro_batch,  # images of the micro-batch's pairs (k = 2)
             gradient_accumulation_steps=args.train_pairs // args.train_micro_batch,
             lora_rank=args.lora_rank,
             lora_alpha=float(args.lora_rank),

@@ -222,7 +222,7 @@ class TrainBench:
                     pairs,
                     targets,
                     eta=1.0,
-                    train_batch_size=s["micro_batch"],
+                    train_batch_size=2 * s["micro_batch"],  # the images of micro_batch pairs
                     steps=steps,
                     on_policy=False,
                     steps_per_pass=mode_steps_per_pass(mode),
@@ -398,7 +398,7 @@ def gradient_check(args, device: torch.device) -> dict:
             pairs,
             targets,
             eta=1.0,
-            train_batch_size=1,
+            train_batch_size=2 if fn is rebel_accumulate else 1,  # one pair's images / one pair
             steps=steps,
             autocast=bench.autocast,
             **kwargs,

@@ -13,7 +13,11 @@ Modes, by where ``mean`` and ``std`` come from:
 
 ``floor = std_floor * batch std`` (plus 1e-6): a near-constant group (every image already right)
 gets small advantages instead of exploding ones; one failure among saturated images under
-``batch`` statistics would otherwise reach |A| ~ 8. The tracker's state is part of every
+``batch`` statistics would otherwise reach |A| ~ 8. The trainer's default floor is the batch std
+itself (``std_floor = 1``): per-group advantages are then centred on the group and scaled by the
+batch, so that k images of one prompt that differ by little (noise, on a reward that is nearly
+constant for that prompt) are not stretched to +-1 and chased; with k = 4 the group's own std is
+also a noisy estimate. The tracker's state is part of every
 checkpoint, so a resumed run normalises exactly as an uninterrupted one.
 """
 

@@ -84,9 +84,10 @@ class TrainConfig:
         ("per-group", "per-prompt", "batch", "none"),
     )
     adv_std_floor: float = _f(
-        0.1,
-        "the std that normalises rewards is at least this fraction of the batch's std "
-        "(near-constant groups get small advantages, not exploding ones)",
+        1.0,
+        "the std that normalises rewards is at least this fraction of the batch's std: at 1, "
+        "per-group advantages are centred on the group and scaled by the batch (a group whose "
+        "images differ by noise gets advantages that size, not +-1); 0: the group's own std",
     )
     tracker_buffer_size: int = _f(32, "per-prompt normalisation: rewards kept per prompt")
     tracker_min_count: int = _f(
@@ -116,8 +117,12 @@ class TrainConfig:
     images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
     prompts_per_batch: int = _f(8, "prompts per sampling batch, per process")
     batches_per_epoch: int = _f(4, "sampling batches per epoch, per process")
-    train_batch_size: int = _f(2, "micro-batch: pairs (REBEL) or images (DDPO) per forward/backward")
-    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
+    train_batch_size: int = _f(4, "micro-batch: images per forward/backward (REBEL and DDPO)")
+    gradient_accumulation_steps: int = _f(
+        4,
+        "micro-batches per optimizer step; REBEL's steps take whole prompts (all pairs of their k "
+        "images), so train-batch-size x this must be a multiple of --images-per-prompt",
+    )
     steps_per_pass: int | None = _f(
         None,
         "denoising steps of a micro-batch trained in one UNet forward/backward: "
@@ -216,10 +221,15 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         per_step = self.train_batch_size * self.gradient_accumulation_steps
-        if self.units_per_epoch() % per_step:
-            unit = "pairs" if self.algorithm == "rebel" else "images"
+        if self.algorithm == "rebel" and per_step % self.images_per_prompt:
             raise UsageError(
-                f"{self.units_per_epoch()} {unit} per process per epoch do not divide into optimizer steps of "
+                f"REBEL's optimizer steps take whole prompts: --train-batch-size {self.train_batch_size} x "
+                f"--gradient-accumulation-steps {self.gradient_accumulation_steps} = {per_step} images is not a "
+                f"multiple of --images-per-prompt {self.images_per_prompt}"
+            )
+        if self.images_per_epoch() % per_step:
+            raise UsageError(
+                f"{self.images_per_epoch()} images per process per epoch do not divide into optimizer steps of "
                 f"--train-batch-size {self.train_batch_size} x --gradient-accumulation-steps "
                 f"{self.gradient_accumulation_steps}"
             )
@@ -227,14 +237,14 @@ class TrainConfig:
     def images_per_epoch(self, num_processes: int = 1) -> int:
         return self.prompts_per_batch * self.batches_per_epoch * self.images_per_prompt * num_processes
 
-    def units_per_epoch(self) -> int:
-        """Training units per process per epoch: pairs for REBEL, images for DDPO."""
-        groups = self.prompts_per_batch * self.batches_per_epoch
+    def pairs_per_epoch(self) -> int:
+        """REBEL's pairs per process per epoch: k(k-1)/2 for each prompt's k images."""
         k = self.images_per_prompt
-        return groups * k * (k - 1) // 2 if self.algorithm == "rebel" else groups * k
+        return self.prompts_per_batch * self.batches_per_epoch * k * (k - 1) // 2
 
     def optimizer_steps_per_epoch(self) -> int:
-        return self.units_per_epoch() // (self.train_batch_size * self.gradient_accumulation_steps) * self.inner_epochs
+        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        return self.images_per_epoch() // per_step * self.inner_epochs
 
     def to_yaml(self) -> str:
         """The run's stored configuration: every field but the actions (--resume, --overwrite)."""
@@ -342,9 +352,10 @@ RANGES = {name: tests for name, (tests, _) in _RANGES.items()}
 RANGE_TEXT = {name: text for name, (_, text) in _RANGES.items()}
 
 
-# What the toy presets share: 10 DDIM steps, 4 images per prompt (6 pairs each), lr 1e-3, no gradient
-# clipping (Adam normalises the step; clipping at 1.0 clipped every step), and the defaults: eta 2,
-# KL 0.1, the two lowest-noise steps (std 0.04, 0.02) left out by --min-step-std 0.1.
+# What the toy presets share: 10 DDIM steps, 4 images per prompt (6 pairs each), optimizer steps of
+# 8 images (2 prompts), lr 1e-3, no gradient clipping (Adam normalises the step; clipping at 1.0
+# clipped every step), and the defaults: eta 2, KL 0.1, advantages centred per prompt and scaled by
+# the batch's std, the two lowest-noise steps (std 0.04, 0.02) left out by --min-step-std 0.1.
 _TOY = dict(
     model="toy",
     prompts="toy_shapes",
@@ -364,7 +375,7 @@ _TOY = dict(
 # Presets: named bundles of defaults (applied before --config and flags).
 PRESETS: dict[str, dict] = {
     # The REBEL paper's image setup (RLCM code): LCM Dreamshaper v7, 8 steps, guidance 8 as an embedding,
-    # 8 prompts x 2 images, 10 batches, micro-batch 2 pairs, lr 1e-4, rank 8 / alpha 8.
+    # 8 prompts x 2 images, 10 batches, micro-batch 2 pairs (4 images), lr 1e-4, rank 8 / alpha 8.
     "lcm": dict(
         model="SimianLuo/LCM_Dreamshaper_v7",
         sampler="lcm",
@@ -373,7 +384,7 @@ PRESETS: dict[str, dict] = {
         resolution=768,
         prompts_per_batch=8,
         batches_per_epoch=10,
-        train_batch_size=2,
+        train_batch_size=4,
         gradient_accumulation_steps=4,
         learning_rate=1e-4,
     ),
@@ -392,8 +403,10 @@ PRESETS: dict[str, dict] = {
     ),
     # The toy tasks (the built-in toy model on a CPU; prompts/toy_heldout.txt is never trained on).
     # toy: the offline quick start, toward JPEG compressibility, with a KL term that keeps the shapes
-    # on-prompt (without it shapes shrink and blur, toy-alignment falls ~0.25 in 8 epochs).
-    "toy": dict(**_TOY, reward="jpeg-compressibility", guidance_scale=3.0, epochs=10),
+    # on-prompt (without it shapes shrink and blur, toy-alignment falls ~0.25 in 8 epochs). eta 4 and
+    # KL 0.03 (the policy term weighs 1 / (eta x KL) against the KL term: 8.3, against 5 at the
+    # defaults): advantages scaled by the batch's spread are smaller than +-1 (README, Tuning).
+    "toy": dict(**{**_TOY, "eta": 4.0, "kl_coef": 0.03}, reward="jpeg-compressibility", guidance_scale=3.0, epochs=10),
     # RL in place of classifier-free guidance: toy-alignment at guidance 1, more prompts an epoch.
     # Far from the base on purpose, so no KL term; 16 prompts an epoch, a smaller step.
     "toy-alignment": dict(

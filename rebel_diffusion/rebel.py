@@ -16,8 +16,9 @@ Pairs: with k images per prompt, every pair of the group (k(k-1)/2 of them, equa
 
 Memory-lean exact gradient: with residual rho = (1/eta) * (D_theta(y) - D_theta(y')) - (A - A'),
 dL/dtheta = mean_pairs 2 * rho / eta * d/dtheta [ln pi_theta(y) - ln pi_theta(y')]. So rho is
-computed once without a graph, and then each timestep is backpropagated on its own through the
-surrogate ``rebel_surrogate`` (rho detached): peak memory does not grow with the step count.
+computed once without a graph, the pairs' weights are summed per image (``image_coefficients``),
+and then each image and timestep is backpropagated once through the surrogate ``rebel_surrogate``:
+peak memory does not grow with the step count, and the cost per image does not grow with k.
 """
 
 from __future__ import annotations
@@ -56,18 +57,30 @@ def rebel_loss(log_ratio_a: torch.Tensor, log_ratio_b: torch.Tensor, target: tor
     return rebel_residual(log_ratio_a, log_ratio_b, target, eta).pow(2).mean()
 
 
-def rebel_surrogate(
-    log_prob_a: torch.Tensor, log_prob_b: torch.Tensor, residual: torch.Tensor, eta: float, num_pairs: int
+def image_coefficients(
+    pairs: torch.Tensor, residual: torch.Tensor, eta: float, num_pairs: int, num_images: int
 ) -> torch.Tensor:
-    """A scalar whose gradient is the REBEL loss gradient through these log-probs.
+    """Each image's weight in the REBEL loss gradient. (P, 2), (P,) -> (num_images,).
 
-    log_prob_a/b: (p,) differentiable log-probs of one step (or a sum of steps) of p pairs;
-    residual: (p,) rho from ``rebel_residual`` (treated as a constant); num_pairs: the P the loss
-    averages over (all pairs of the optimizer step, so micro-batches and steps add up exactly).
-    d/dtheta = sum_p 2 * rho_p / (eta * P) * d/dtheta [log_prob_a - log_prob_b].
+    With w_p = 2 rho_p / (eta P) (rho from ``rebel_residual``, a constant; P = num_pairs, all pairs
+    the loss averages over), dL/dtheta = sum_p w_p d/dtheta [ln pi(y_a) - ln pi(y_b)]
+    = sum_i c_i d/dtheta ln pi(y_i), c_i = sum_{p: a_p = i} w_p - sum_{p: b_p = i} w_p. So each
+    image's log-prob is differentiated once, not once per pair it is in (k - 1 of them).
     """
-    weight = 2.0 * residual.detach() / (eta * num_pairs)
-    return (weight * (log_prob_a - log_prob_b)).sum()
+    weight = 2.0 * residual.detach() / (eta * num_pairs)  # (P,)
+    coef = torch.zeros(num_images, dtype=weight.dtype, device=weight.device)
+    coef.index_add_(0, pairs[:, 0].to(weight.device), weight)
+    coef.index_add_(0, pairs[:, 1].to(weight.device), -weight)
+    return coef
+
+
+def rebel_surrogate(log_prob: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient is the REBEL loss gradient through these log-probs: sum_i c_i ln pi(y_i).
+
+    log_prob: (n,) differentiable log-probs of one step (or a sum of steps) of n images;
+    coefficient: (n,) their ``image_coefficients`` (constants). Micro-batches and steps add up exactly.
+    """
+    return (coefficient.detach() * log_prob).sum()
 
 
 def pair_targets(

@@ -262,24 +262,27 @@ def heldout_keys(metrics: list[dict]) -> list[str]:
 def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     """Plot the training reward against the epoch and save a PNG atomically.
 
-    Top panel: ``reward_mean`` with a +-``reward_std`` band and ``grid_reward_mean``. One more panel
-    per ``reward/<name>`` key (a component of several rewards) and per ``heldout/<name>`` key
-    (held-out rewards and diversity live on different scales), so reward hacking (training reward
-    up, the others down) is visible at a glance.
+    Top panel: ``reward_mean`` with a +-``reward_std`` band (each epoch's own prompts, so it moves
+    with the prompt draw). Below it ``grid_reward_mean`` on its own scale: the same prompts and
+    seeds every epoch, so its change is the model's. One more panel per ``reward/<name>`` key (a
+    component of several rewards) and per ``heldout/<name>`` key (held-out rewards and diversity
+    live on different scales), so reward hacking (training reward up, the others down) is visible
+    at a glance.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    extra = component_keys(metrics) + heldout_keys(metrics)
+    grid = ["grid_reward_mean"] if _series(metrics, "grid_reward_mean")[0] else []
+    extra = grid + component_keys(metrics) + heldout_keys(metrics)
     fig = Figure(figsize=(6.4, 3.2 + 1.8 * len(extra)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1 + len(extra), 1, sharex=True, squeeze=False)[:, 0]
     _plot_training(axes[0], metrics)
     for ax, key in zip(axes[1:], extra):
         xs, ys = _series(metrics, key)
-        ax.plot(xs, ys, marker="o", ms=3, color="tab:green")
-        ax.set_ylabel(key, fontsize=8)
+        ax.plot(xs, ys, marker="o", ms=3, color="tab:orange" if key in grid else "tab:green")
+        ax.set_ylabel(key.replace("grid_reward_mean", "grid reward\n(fixed prompts, seeds)"), fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -308,10 +311,7 @@ def _plot_training(ax, metrics: list[dict]) -> None:
                 color="tab:blue",
                 label="+- reward_std",
             )
-    ex, ev = _series(metrics, "grid_reward_mean")
-    if ex:
-        ax.plot(ex, ev, marker="s", ms=3, label="grid_reward_mean", color="tab:orange")
-    if xs or ex:
+    if xs:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no reward logged yet", ha="center", va="center", transform=ax.transAxes)

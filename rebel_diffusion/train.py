@@ -326,7 +326,6 @@ def describe_plan(run: Run) -> str:
     """The startup lines: what is trained, toward what, with which step size, in what batches."""
     cfg, acc = run.cfg, run.accelerator
     n = acc.num_processes
-    unit = "pairs" if cfg.algorithm == "rebel" else "images"
     trainable = sum(p.numel() for p in run.params)
     dims = (
         run.pipe.unet.config.in_channels
@@ -355,9 +354,10 @@ def describe_plan(run: Run) -> str:
         f"{f', {torch.get_num_threads()} CPU thread(s)' if acc.device.type == 'cpu' else ''}\n"
         f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
         f"clip {cfg.adv_clip_max:g}); {regulariser}; steps trained: noise std >= {cfg.min_step_std:g}\n"
-        f"  per epoch: {cfg.images_per_epoch(n)} images, {cfg.units_per_epoch() * n} {unit}, "
+        f"  per epoch: {cfg.images_per_epoch(n)} images"
+        f"{f', {cfg.pairs_per_epoch() * n} pairs' if cfg.algorithm == 'rebel' else ''}, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
-        f"{cfg.train_batch_size} {unit}, up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
+        f"{cfg.train_batch_size} images, up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
         f"per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
         f"{trainable:,} trainable parameters ({cfg.finetune}"
@@ -760,11 +760,12 @@ class UpdatePlan:
     """What one algorithm trains on this epoch; ``update`` runs the loop both algorithms share.
 
     ``accumulate(units, steps, step_scale, first)`` adds the gradient of one optimizer step on the
-    units ``units`` (indices of pairs or images) and returns its statistics; a ``prediction`` and
-    ``target`` among them (REBEL) are kept from the last pass to measure the regression's fit.
+    units ``units`` (indices of prompt groups or images) and returns its statistics; a ``prediction``
+    and ``target`` among them (REBEL) are kept from the last pass to measure the regression's fit.
     """
 
-    units: int  # pairs (REBEL) or images (DDPO)
+    units: int  # prompt groups (REBEL: a step takes all pairs of whole groups) or images (DDPO)
+    units_per_step: int
     salt: int  # separates the algorithms' shuffling streams
     accumulate: Callable[[torch.Tensor, list[int], float, bool], dict]
     summary: dict = field(default_factory=dict)  # figures known before the loop (e.g. pairs)
@@ -796,7 +797,12 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     score_unet = run.accelerator.unwrap_model(run.unet)
     reference = reference_mean(run, traj)
 
-    def accumulate(idx: torch.Tensor, steps: list[int], scale: float, first: bool) -> dict:
+    groups = torch.unique(traj.group, sorted=True)  # (G,)
+    pair_group = traj.group[pairs[:, 0]]  # (P,)
+
+    def accumulate(units: torch.Tensor, steps: list[int], scale: float, first: bool) -> dict:
+        # Whole groups: each image's log-prob is differentiated once for all k - 1 of its pairs.
+        idx = torch.isin(pair_group, groups[units]).nonzero().flatten()
         stats = rebel_accumulate(
             run.unet, run.scheduler, traj, pairs[idx], targets[idx],
             eta=cfg.eta / dims,  # --eta is against summed log-likelihoods; the log-probs are means over D
@@ -814,7 +820,11 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     pairs_total = run.accelerator.reduce(
         torch.tensor([float(valid.sum())], device=run.accelerator.device), reduction="sum"
     )
-    return UpdatePlan(units=len(pairs), salt=1, accumulate=accumulate, summary={"pairs": int(pairs_total.item())})
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps // cfg.images_per_prompt
+    return UpdatePlan(
+        units=len(groups), units_per_step=per_step, salt=1, accumulate=accumulate,
+        summary={"pairs": int(pairs_total.item())},
+    )  # fmt: skip
 
 
 def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: torch.Tensor, epoch: int):
@@ -835,7 +845,8 @@ def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: to
         )  # fmt: skip
         return {k: stats[k] for k in ("loss", "approx_kl", "clipfrac", *(("kl",) if cfg.kl_coef > 0 else ()))}
 
-    return UpdatePlan(units=len(traj), salt=2, accumulate=accumulate)
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    return UpdatePlan(units=len(traj), units_per_step=per_step, salt=2, accumulate=accumulate)
 
 
 def ddpo_clip_range(clip_range: float | None, dims: int) -> float:
@@ -863,13 +874,13 @@ def ddpo_kl_coef(kl_coef: float, dims: int, num_steps: int) -> float:
 
 def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:
     """``inner_epochs`` shuffled passes over the plan's units, one optimizer step per
-    ``train_batch_size x gradient_accumulation_steps`` of them; statistics averaged over steps and
-    processes."""
+    ``units_per_step`` of them (``train_batch_size x gradient_accumulation_steps`` images); statistics
+    averaged over steps and processes."""
     from tqdm.auto import tqdm
 
     cfg, acc = run.cfg, run.accelerator
     trained = run_trained_steps(run, traj)
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    per_step = plan.units_per_step
     steps_per_pass_total = plan.units // per_step
     steps_total = cfg.inner_epochs * steps_per_pass_total
     stats: dict[str, list[float]] = {"grad_norm": []}

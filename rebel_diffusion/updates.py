@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from .ddpo import ppo_clip_loss
-from .rebel import rebel_residual, rebel_surrogate
+from .rebel import image_coefficients, rebel_residual, rebel_surrogate
 from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
 from .steps import gaussian_kl
 
@@ -66,10 +66,14 @@ def rebel_accumulate(
     """Accumulate the REBEL loss gradient of one optimizer step into ``unet``'s parameters.
 
     pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
-    steps: the stochastic steps trained (all of them, or a subsample whose sum is multiplied by
-    ``step_scale`` = T/m to stay unbiased); ``steps_per_pass`` of them share a UNet call.
+    train_batch_size: images per forward/backward. Each image of the pairs is differentiated once
+    (its pairs' weights summed, ``image_coefficients``): a step whose pairs are whole groups of k
+    images costs k image passes, not k(k-1). steps: the stochastic steps trained (all of them, or a
+    subsample whose sum is multiplied by ``step_scale`` = T/m to stay unbiased); ``steps_per_pass``
+    of them share a UNet call.
     on_policy: the weights are still those that sampled ``traj``, so every log-ratio is exactly 0
-    and the no-graph pass is skipped.
+    and the no-graph pass is skipped (it is also skipped when one micro-batch and one UNet call
+    hold the whole step and ``steps`` is ``ratio_steps``: that call gives the log-ratios).
     ``score_unet``: the module for the no-graph pass (default ``unet``; pass the unwrapped module
     under DDP). ``valid``: (P,) bool, pairs to learn from (pairs with a non-finite reward keep their
     place, so every process runs the same backward passes, but add no gradient). ``ratio_steps``:
@@ -84,20 +88,40 @@ def rebel_accumulate(
     reference policy's step means (no graph); ``kl`` in the result is that mean before the step.
 
     1. rho = (1/eta) (D(y) - D(y')) - target from whole-trajectory log-ratios D, without a graph;
-    2. for each micro-batch and group of steps, backpropagate
-       sum_p 2 rho_p / (eta P) sum_{t in group} [ln pi(y_t) - ln pi(y'_t)].
+    2. c_i = sum over image i's pairs of +-2 rho_p / (eta P) (+ as y, - as y');
+    3. for each micro-batch of images and group of steps, backpropagate
+       sum_i c_i sum_{t in group} ln pi(y_i,t) (+ the KL term).
     """
     backward = backward or (lambda loss, last: loss.backward())
     num_pairs = len(pairs)
     device = traj.latents.device
+    images = torch.unique(pairs.flatten())  # (n,) sorted: every image of the step's pairs, once
+    chunks = list(images.split(train_batch_size))
+    groups = step_groups(steps, steps_per_pass)
+    ratio_steps = traj.stochastic_steps() if ratio_steps is None else list(ratio_steps)
+
+    def forward(index: torch.Tensor, group: list[int]):
+        """(log-probs (n_c, m), step means or None, stds or None), differentiable."""
+        with autocast():
+            if kl_coef > 0:
+                return steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
+            return steps_log_prob(unet, scheduler, traj, group, index=index), None, None
+
+    # One micro-batch and one UNet call hold the whole step, over every step of D: the pass that
+    # backpropagates gives D as well, so the no-graph pass is skipped (same values, one call fewer).
+    whole_step = len(chunks) == 1 and len(groups) == 1 and list(steps) == ratio_steps and step_scale == 1.0
+    fused = whole_step and not on_policy
     # 1. Residuals of all pairs of the step, from whole trajectories.
     if on_policy:
         diff = torch.zeros(num_pairs, device=device)
     else:
-        images = torch.unique(pairs.flatten())
-        ratio_images = log_ratios(
-            score_unet or unet, scheduler, traj, images, autocast, steps_per_pass, ratio_steps
-        ).to(device)
+        if fused:
+            first = forward(images, groups[0])
+            old = traj.log_probs[images.to(traj.log_probs.device)][:, steps].to(first[0].device)
+            ratio_images = (first[0].detach() - old).sum(dim=1).to(device)  # (n,)
+        else:
+            score = score_unet or unet
+            ratio_images = log_ratios(score, scheduler, traj, images, autocast, steps_per_pass, ratio_steps).to(device)
         ratio = torch.zeros(len(traj), device=device, dtype=ratio_images.dtype)
         ratio[images.to(device)] = ratio_images
         diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
@@ -105,30 +129,27 @@ def rebel_accumulate(
     valid = torch.ones(num_pairs, dtype=torch.bool) if valid is None else valid.cpu()
     residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
     num_valid = max(int(valid.sum()), 1)
+    # 2. Per image: its weight in the regression gradient, and (KL) its share of the mean over the
+    # valid pairs' members (an image counts once per valid pair it is in).
+    coef = image_coefficients(pairs, residual, eta, num_valid, len(traj))  # (B,)
+    members = torch.bincount(pairs[valid].flatten().cpu(), minlength=len(traj)).double()  # (B,)
+    kl_weight = (members / (2 * num_valid)).to(device)  # (B,)
 
-    # 2. One backward per micro-batch and group of steps.
-    chunks = list(torch.arange(num_pairs).split(train_batch_size))
-    groups = step_groups(steps, steps_per_pass)
+    # 3. One backward per micro-batch of images and group of steps.
     kl_total = torch.zeros((), device=device, dtype=torch.float64)
-    for c, chunk in enumerate(chunks):
-        a, b = pairs[chunk, 0], pairs[chunk, 1]
-        index = torch.cat([a, b])
-        member = valid[chunk].repeat(2).to(device)  # (2p,) images of valid pairs carry the KL term
+    for c, index in enumerate(chunks):
+        index_d = index.to(device)
         for g, group in enumerate(groups):
-            with autocast():
-                if kl_coef > 0:
-                    logp, mean, std = steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
-                else:
-                    logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (2p, m)
-            la, lb = logp.sum(dim=1).split(len(chunk))  # float32 (float64 in exactness tests)
-            surrogate = rebel_surrogate(la * step_scale, lb * step_scale, residual[chunk], eta, num_valid)
+            logp, mean, std = first if fused else forward(index, group)  # logp (n_c, m)
+            # float32 (float64 in exactness tests)
+            surrogate = rebel_surrogate(logp.sum(dim=1) * step_scale, coef[index_d].to(logp.dtype))
             if kl_coef > 0:
                 with torch.no_grad(), autocast():
                     ref = reference_mean(group, index)
-                kl = gaussian_kl(mean, ref, std).view(len(index), len(group)).sum(dim=1) * step_scale  # (2p,)
-                kl = torch.where(member, kl, torch.zeros_like(kl))
-                surrogate = surrogate + kl_coef * kl.sum() / (2 * num_valid)
-                kl_total += kl.detach().sum() / (2 * num_valid)
+                kl = gaussian_kl(mean, ref, std).view(len(index), len(group)).sum(dim=1) * step_scale  # (n_c,)
+                weight = kl_weight[index_d].to(kl.dtype)
+                surrogate = surrogate + kl_coef * (weight * kl).sum()
+                kl_total += (weight * kl).detach().sum()
             backward(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
     return {
         "loss": float(residual.pow(2).sum() / num_valid),

@@ -162,6 +162,9 @@ def test_learning_config_uses_the_trainer_fields(tmp_path):
     cfg = learning.run_config("toy", "ddpo", 1, 3e-4, args, tmp_path / "run")
     assert (cfg.heldout_every, cfg.heldout_images, cfg.epochs, cfg.seed) == (2, 3, 4, 1)
     assert cfg.heldout_rewards == "jpeg-compressibility,toy-alignment" and cfg.learning_rate == 3e-4
+    args = learning.parse_args(["--algorithms", "ddpo", "--ddpo-lr", "3e-3"])
+    assert args.algorithms == ["ddpo"] and args.ddpo_lr == 3e-3
+    assert learning.parse_args([]).algorithms == ["rebel", "ddpo"]
 
 
 def test_busy_processes_spin_until_terminated():
@@ -176,3 +179,16 @@ def test_busy_processes_spin_until_terminated():
             p.terminate()
             p.join(timeout=10)
     assert not any(p.is_alive() for p in procs)
+
+
+def test_rebel_step_benchmark_same_gradient_with_k_times_fewer_image_passes(tmp_path):
+    from benchmarks import rebel_step
+
+    out = tmp_path / "step.json"
+    args = ["--model", "tiny", "--prompts", "2", "--images-per-prompt", "3", "--num-steps", "3", "--repeats", "1"]
+    r = rebel_step.main([*args, "--out", str(out)])
+    assert json.loads(out.read_text())["image_passes"] == r["image_passes"]
+    steps = r["settings"]["trained_steps"]
+    assert r["image_passes"] == {"per_image": 6 * steps, "per_pair": 2 * 6 * steps}  # each image in k - 1 = 2 pairs
+    assert r["gradient_relative_difference"] < 1e-5
+    assert len(r["seconds"]["per_image"]) == len(r["seconds"]["per_pair"]) == 1

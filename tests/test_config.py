@@ -61,7 +61,7 @@ def test_every_field_is_used_by_the_recipe():
     for node in ast.walk(config_tree):
         if isinstance(node, ast.FunctionDef) and node.name in (
             "images_per_epoch",
-            "units_per_epoch",
+            "pairs_per_epoch",
             "optimizer_steps_per_epoch",
         ):
             derived |= {
@@ -136,13 +136,14 @@ def test_derived_counts():
     cfg = TrainConfig(
         prompts_per_batch=8,
         batches_per_epoch=4,
-        images_per_prompt=3,
+        images_per_prompt=4,
         train_batch_size=2,
         gradient_accumulation_steps=4,
     )
-    assert cfg.images_per_epoch(2) == 8 * 4 * 3 * 2
-    assert cfg.units_per_epoch() == 32 * 3  # 3 pairs per prompt of 3 images
-    assert cfg.optimizer_steps_per_epoch() == 96 // 8
+    assert cfg.images_per_epoch(2) == 8 * 4 * 4 * 2
+    assert cfg.pairs_per_epoch() == 32 * 6  # 6 pairs per prompt of 4 images
+    assert cfg.optimizer_steps_per_epoch() == 128 // 8  # steps of 8 images (2 prompts), for both algorithms
+    cfg.validate()
 
 
 def test_lora_alpha_survives_save_and_reload(tmp_path):

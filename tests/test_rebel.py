@@ -9,6 +9,7 @@ import torch
 from rebel_diffusion.advantages import PerPromptStatTracker, normalize_rewards
 from rebel_diffusion.ddpo import ppo_clip_loss
 from rebel_diffusion.rebel import (
+    image_coefficients,
     pair_indices,
     pair_targets,
     rebel_loss,
@@ -42,17 +43,20 @@ def test_rebel_loss_closed_form():
 
 
 def test_surrogate_gradient_equals_loss_gradient():
-    la = torch.randn(5, requires_grad=True)
-    lb = torch.randn(5, requires_grad=True)
-    target = torch.randn(5)
+    """Pairs' weights summed per image give the loss gradient, with each image differentiated once."""
+    pairs = pair_indices(torch.tensor([0, 0, 0, 1, 1, 1, 1]))  # k = 3 and 4: 3 + 6 pairs
+    logp = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(len(pairs), dtype=torch.float64)
     eta = 0.7
-    rebel_loss(la, lb, target, eta).backward()
-    g_loss = (la.grad.clone(), lb.grad.clone())
-    la.grad, lb.grad = None, None
-    residual = rebel_residual(la.detach(), lb.detach(), target, eta)
-    rebel_surrogate(la, lb, residual, eta, num_pairs=5).backward()
-    torch.testing.assert_close(la.grad, g_loss[0])
-    torch.testing.assert_close(lb.grad, g_loss[1])
+    rebel_loss(logp[pairs[:, 0]], logp[pairs[:, 1]], target, eta).backward()
+    expected = logp.grad.clone()
+    logp.grad = None
+    residual = rebel_residual(logp[pairs[:, 0]].detach(), logp[pairs[:, 1]].detach(), target, eta)
+    coef = image_coefficients(pairs, residual, eta, num_pairs=len(pairs), num_images=7)  # (7,)
+    rebel_surrogate(logp, coef).backward()
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-12, atol=1e-12)
+    # by hand for image 0 (first of pairs (0, 1) and (0, 2)): 2 (rho_01 + rho_02) / (eta P)
+    assert coef[0].item() == pytest.approx(2 * (residual[0] + residual[1]).item() / (eta * len(pairs)))
 
 
 def test_pair_targets_reward_gap_and_preference():
@@ -124,6 +128,19 @@ def test_per_group_normalisation_uses_each_group_alone():
     # each pair of two is (-1, +1) whatever its scale; a constant group gives 0, not a blow-up
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     assert used == {"per-group": 6}
+
+
+def test_default_floor_centres_on_the_group_and_scales_by_the_batch():
+    """std_floor 1 (the trainer's default): A = (r - group mean) / max(group std, batch std)."""
+    from rebel_diffusion.config import TrainConfig
+
+    assert TrainConfig().adv_std_floor == 1.0
+    r = torch.tensor([1.0, 1.02, 0.0, 10.0, 4.0, 6.0], dtype=torch.float64)
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, _ = normalize_rewards(r, list("aabbcc"), "per-group", group=group, std_floor=1.0)
+    batch = float(r.std(unbiased=False))  # 3.35; the groups' own: 0.01, 5, 1
+    expected = [-0.01 / batch, 0.01 / batch, -1.0, 1.0, -1 / batch, 1 / batch]  # group 1's std 5 > batch
+    torch.testing.assert_close(adv.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 
 
 def test_std_floor_and_advantage_clip():

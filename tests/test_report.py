@@ -124,6 +124,10 @@ def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
         for e in range(4)
     ]
     plain = report.plot_reward_curve(metrics, tmp_path / "plain.png")
+    no_grid = report.plot_reward_curve(
+        [{k: v for k, v in r.items() if k != "grid_reward_mean"} for r in metrics], tmp_path / "no_grid.png"
+    )
+    assert Image.open(plain).size[1] > Image.open(no_grid).size[1]  # the grid reward has its own panel
     for r in metrics:
         r.update(
             {"heldout/aesthetic": 5.0 + r["epoch"], "heldout/diversity": float("nan") if r["epoch"] == 1 else 0.3}
@@ -133,7 +137,7 @@ def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
     h_plain, h_rich = Image.open(plain).size[1], Image.open(richer).size[1]
     assert h_rich > h_plain  # two more panels
     assert _pixels(Image.open(richer)).std() > 10  # something was drawn
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.png", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_grid.png", "plain.png", "sub"]
 
 
 def test_reward_curve_with_no_metrics_yet(tmp_path):

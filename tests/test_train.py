@@ -85,7 +85,7 @@ def test_update_changes_lora_and_not_base_weights(tmp_path):
     unet = run.accelerator.unwrap_model(run.unet)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     metrics = train_epoch(run, 1)
-    assert metrics["optimizer_steps"] == 1 and metrics["loss"] > 0
+    assert metrics["optimizer_steps"] == 2 and metrics["loss"] > 0  # 2 prompts, 1 a step
     lora_changed = base_changed = 0
     for n, p in unet.named_parameters():
         changed = not torch.equal(before[n], p.detach())
@@ -131,6 +131,7 @@ def test_overwrite_replaces_a_run(tmp_path):
         (["--epochs", "0"], "--epochs"),
         (["--images-per-prompt", "1"], "pairs"),
         (["--train-batch-size", "3"], "do not divide"),
+        (["--gradient-accumulation-steps", "1"], "whole prompts"),  # 1 image a step; k = 2
         (["--ddim-eta", "0"], "eta"),
         (["--timestep-fraction", "1.5"], "timestep-fraction"),
         (["--steps-per-pass", "0"], "--steps-per-pass"),

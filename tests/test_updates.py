@@ -109,8 +109,14 @@ def _grads(params):
     return torch.cat([p.grad.flatten() for p in params])
 
 
-@pytest.mark.parametrize(("dtype", "steps_per_pass"), EXACTNESS_CASES)  # 3 of 4 steps: groups [3, 1]
-def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_pass):
+@pytest.mark.parametrize(
+    ("dtype", "steps_per_pass", "micro_batch"),
+    [
+        *[pytest.param(*case.values, 2, id=case.id) for case in EXACTNESS_CASES],  # 3 of 4 steps: groups [3, 1]
+        pytest.param(torch.float64, 4, 6, id="fp64-whole-step-in-one-call"),  # the no-graph pass is skipped
+    ],
+)
+def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_pass, micro_batch):
     pipe, traj, scheduler, lora = lora_setups[dtype]
     pairs = pair_indices(traj.group)  # 3 + 3 pairs
     targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
@@ -127,7 +133,7 @@ def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per
         pairs,
         targets,
         eta=eta,
-        train_batch_size=2,
+        train_batch_size=micro_batch,
         steps=steps,
         steps_per_pass=steps_per_pass,
     )
@@ -144,6 +150,37 @@ def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per
     rel = ((ours - naive).norm() / naive.norm()).item()
     assert ours.dtype == dtype and rel <= GRAD_TOL[dtype], rel
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_rebel_differentiates_each_image_once_whatever_its_pairs(lora_setups):
+    """k = 3: every image is in 2 pairs, yet the backward passes see each image once per step."""
+    pipe, traj, scheduler, _ = lora_setups[torch.float32]
+    pairs = pair_indices(traj.group)  # 6 pairs of 6 images
+    rows = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    try:
+        rebel_accumulate(
+            pipe.unet, scheduler, traj, pairs, torch.ones(6), eta=1.0, train_batch_size=4, steps=[0, 1],
+            on_policy=True,  # no no-graph pass: only the passes that backpropagate
+        )  # fmt: skip
+    finally:
+        hook.remove()
+        pipe.unet.zero_grad()
+    cfg_copies = 2  # classifier-free guidance: conditional and unconditional rows
+    assert sum(rows) == cfg_copies * len(traj) * 2  # 6 images x 2 steps, not 12 pair members x 2
+    assert max(rows) == cfg_copies * 4  # micro-batches of train_batch_size images
+    # Off-policy, with the whole step in one call: that call also gives the log-ratios.
+    rows.clear()
+    hook = pipe.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    try:
+        rebel_accumulate(
+            pipe.unet, scheduler, traj, pairs, torch.ones(6), eta=1.0, train_batch_size=6, steps=[0, 1, 2, 3],
+            steps_per_pass=4,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+        pipe.unet.zero_grad()
+    assert rows == [cfg_copies * len(traj) * 4]
 
 
 def test_rebel_on_policy_gradient_matches_rescored():
@@ -286,13 +323,15 @@ def _naive_kl(pipe, scheduler, traj, steps, images):
     return torch.stack(out, dim=1).sum(dim=1)
 
 
-@pytest.mark.parametrize("algorithm", ["rebel", "ddpo"])
+@pytest.mark.parametrize("algorithm", ["rebel", "rebel-whole-step", "ddpo"])
 def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorithm):
     """The KL term toward the base (adapters disabled) adds exactly its gradient, step by step."""
     pipe, traj, scheduler, lora = lora_setups[torch.float64]
     steps, coef = [0, 1, 2], 0.3
     images = torch.arange(len(traj))
     pipe.unet.zero_grad()
+    whole_step = algorithm == "rebel-whole-step"  # one call holds the step: no no-graph pass
+    algorithm = algorithm.removesuffix("-whole-step")
     if algorithm == "rebel":
         pairs = pair_indices(traj.group)
         targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
@@ -303,9 +342,9 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
             pairs,
             targets,
             eta=0.5,
-            train_batch_size=2,
+            train_batch_size=6 if whole_step else 2,
             steps=steps,
-            steps_per_pass=2,
+            steps_per_pass=3 if whole_step else 2,
             ratio_steps=steps,
             kl_coef=coef,
             reference_mean=_reference_mean(pipe, scheduler, traj),
