@@ -327,6 +327,7 @@ def describe_plan(run: Run) -> str:
     cfg, acc = run.cfg, run.accelerator
     n = acc.num_processes
     trainable = sum(p.numel() for p in run.params)
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per optimizer step
     dims = (
         run.pipe.unet.config.in_channels
         * (run.settings.height // run.pipe.vae_scale_factor)
@@ -357,7 +358,9 @@ def describe_plan(run: Run) -> str:
         f"  per epoch: {cfg.images_per_epoch(n)} images"
         f"{f', {cfg.pairs_per_epoch() * n} pairs' if cfg.algorithm == 'rebel' else ''}, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
-        f"{cfg.train_batch_size} images, up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
+        f"{cfg.train_batch_size} images"
+        f"{f' ({per_step // cfg.images_per_prompt} prompts, all their pairs)' if cfg.algorithm == 'rebel' else ''}, "
+        f"up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
         f"per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
         f"{trainable:,} trainable parameters ({cfg.finetune}"

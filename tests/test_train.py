@@ -96,6 +96,21 @@ def test_update_changes_lora_and_not_base_weights(tmp_path):
     assert lora_changed > 0 and base_changed == 0
 
 
+@pytest.mark.parametrize("algorithm", ["rebel", "ddpo"])
+def test_startup_line_states_the_step_size_in_both_units_and_the_batches(tmp_path, algorithm):
+    from rebel_diffusion.train import describe_plan
+
+    run = setup(small_config(tmp_path / "run", algorithm=algorithm))  # tiny: D = 4 x 8 x 8 = 256
+    text = describe_plan(run)
+    if algorithm == "rebel":
+        assert "eta 2 nats of trajectory log-likelihood per unit advantage (= 0.00781 per latent dim, D = 256)" in text
+        assert "per epoch: 4 images, 2 pairs, 2 optimizer steps of 2 micro-batch(es) x 1 images (1 prompts" in text
+    else:
+        assert "PPO clip range 0.00625 of the per-dim mean log-prob ratio (= 1.6 nats per step, D = 256)" in text
+        assert "per epoch: 4 images, 2 optimizer steps of 2 micro-batch(es) x 1 images, " in text
+    assert "std floor 1 x batch std" in text and "KL to the base model x 0.1" in text
+
+
 def test_resume_repeats_an_uninterrupted_run(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(["train", *SMALL, "--epochs", "4", "--output-dir", str(full)]) == 0
