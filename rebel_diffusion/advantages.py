@@ -17,8 +17,8 @@ gets small advantages instead of exploding ones; one failure among saturated ima
 itself (``std_floor = 1``): per-group advantages are then centred on the group and scaled by the
 batch, so that k images of one prompt that differ by little (noise, on a reward that is nearly
 constant for that prompt) are not stretched to +-1 and chased; with k = 4 the group's own std is
-also a noisy estimate. The tracker's state is part of every
-checkpoint, so a resumed run normalises exactly as an uninterrupted one.
+also a noisy estimate. The tracker's state is part of every checkpoint, so a resumed run
+normalises exactly as an uninterrupted one.
 """
 
 from __future__ import annotations

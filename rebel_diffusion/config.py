@@ -220,7 +220,7 @@ class TrainConfig:
             raise UsageError("--preference needs --algorithm rebel (DDPO has no pairwise target)")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        per_step = self.images_per_step()
         if self.algorithm == "rebel" and per_step % self.images_per_prompt:
             raise UsageError(
                 f"REBEL's optimizer steps take whole prompts: --train-batch-size {self.train_batch_size} x "
@@ -237,14 +237,17 @@ class TrainConfig:
     def images_per_epoch(self, num_processes: int = 1) -> int:
         return self.prompts_per_batch * self.batches_per_epoch * self.images_per_prompt * num_processes
 
+    def images_per_step(self) -> int:
+        """Images per optimizer step, per process (REBEL: whole prompts, all their pairs)."""
+        return self.train_batch_size * self.gradient_accumulation_steps
+
     def pairs_per_epoch(self) -> int:
         """REBEL's pairs per process per epoch: k(k-1)/2 for each prompt's k images."""
         k = self.images_per_prompt
         return self.prompts_per_batch * self.batches_per_epoch * k * (k - 1) // 2
 
     def optimizer_steps_per_epoch(self) -> int:
-        per_step = self.train_batch_size * self.gradient_accumulation_steps
-        return self.images_per_epoch() // per_step * self.inner_epochs
+        return self.images_per_epoch() // self.images_per_step() * self.inner_epochs
 
     def to_yaml(self) -> str:
         """The run's stored configuration: every field but the actions (--resume, --overwrite)."""
@@ -406,7 +409,7 @@ PRESETS: dict[str, dict] = {
     # on-prompt (without it shapes shrink and blur, toy-alignment falls ~0.25 in 8 epochs). eta 4 and
     # KL 0.03 (the policy term weighs 1 / (eta x KL) against the KL term: 8.3, against 5 at the
     # defaults): advantages scaled by the batch's spread are smaller than +-1 (README, Tuning).
-    "toy": dict(**{**_TOY, "eta": 4.0, "kl_coef": 0.03}, reward="jpeg-compressibility", guidance_scale=3.0, epochs=10),
+    "toy": dict(**_TOY, eta=4.0, kl_coef=0.03, reward="jpeg-compressibility", guidance_scale=3.0, epochs=10),
     # RL in place of classifier-free guidance: toy-alignment at guidance 1, more prompts an epoch.
     # Far from the base on purpose, so no KL term; 16 prompts an epoch, a smaller step.
     "toy-alignment": dict(

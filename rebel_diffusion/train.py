@@ -327,7 +327,7 @@ def describe_plan(run: Run) -> str:
     cfg, acc = run.cfg, run.accelerator
     n = acc.num_processes
     trainable = sum(p.numel() for p in run.params)
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per optimizer step
+    prompts_per_step = cfg.images_per_step() // cfg.images_per_prompt
     dims = (
         run.pipe.unet.config.in_channels
         * (run.settings.height // run.pipe.vae_scale_factor)
@@ -359,7 +359,7 @@ def describe_plan(run: Run) -> str:
         f"{f', {cfg.pairs_per_epoch() * n} pairs' if cfg.algorithm == 'rebel' else ''}, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
         f"{cfg.train_batch_size} images"
-        f"{f' ({per_step // cfg.images_per_prompt} prompts, all their pairs)' if cfg.algorithm == 'rebel' else ''}, "
+        f"{f' ({prompts_per_step} prompts, all their pairs)' if cfg.algorithm == 'rebel' else ''}, "
         f"up to {min(run.steps_per_pass, run.settings.num_steps)} denoising step(s) "
         f"per UNet pass; {cfg.epochs} epochs "
         f"({'from epoch ' + str(run.epoch + 1) if run.epoch else 'from the start'}); "
@@ -823,7 +823,7 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     pairs_total = run.accelerator.reduce(
         torch.tensor([float(valid.sum())], device=run.accelerator.device), reduction="sum"
     )
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps // cfg.images_per_prompt
+    per_step = cfg.images_per_step() // cfg.images_per_prompt  # whole prompts
     return UpdatePlan(
         units=len(groups), units_per_step=per_step, salt=1, accumulate=accumulate,
         summary={"pairs": int(pairs_total.item())},
@@ -848,8 +848,7 @@ def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: to
         )  # fmt: skip
         return {k: stats[k] for k in ("loss", "approx_kl", "clipfrac", *(("kl",) if cfg.kl_coef > 0 else ()))}
 
-    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    return UpdatePlan(units=len(traj), units_per_step=per_step, salt=2, accumulate=accumulate)
+    return UpdatePlan(units=len(traj), units_per_step=cfg.images_per_step(), salt=2, accumulate=accumulate)
 
 
 def ddpo_clip_range(clip_range: float | None, dims: int) -> float:

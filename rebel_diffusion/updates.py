@@ -109,8 +109,7 @@ def rebel_accumulate(
 
     # One micro-batch and one UNet call hold the whole step, over every step of D: the pass that
     # backpropagates gives D as well, so the no-graph pass is skipped (same values, one call fewer).
-    whole_step = len(chunks) == 1 and len(groups) == 1 and list(steps) == ratio_steps and step_scale == 1.0
-    fused = whole_step and not on_policy
+    fused = not on_policy and len(chunks) == 1 and len(groups) == 1 and list(steps) == ratio_steps
     # 1. Residuals of all pairs of the step, from whole trajectories.
     if on_policy:
         diff = torch.zeros(num_pairs, device=device)

@@ -62,6 +62,7 @@ def test_every_field_is_used_by_the_recipe():
         if isinstance(node, ast.FunctionDef) and node.name in (
             "images_per_epoch",
             "pairs_per_epoch",
+            "images_per_step",
             "optimizer_steps_per_epoch",
         ):
             derived |= {
