@@ -192,3 +192,44 @@ def test_rebel_step_benchmark_same_gradient_with_k_times_fewer_image_passes(tmp_
     assert r["image_passes"] == {"per_image": 6 * steps, "per_pair": 2 * 6 * steps}  # each image in k - 1 = 2 pairs
     assert r["gradient_relative_difference"] < 1e-5
     assert len(r["seconds"]["per_image"]) == len(r["seconds"]["per_pair"]) == 1
+
+
+def test_toy_headroom_transforms_against_closed_forms():
+    from benchmarks.toy_headroom import binomial_blur, border_colour, flatten_background, shrink
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(2, 3, 1, 1, generator=g).expand(2, 3, 8, 8).contiguous()
+    assert torch.allclose(binomial_blur(flat), flat)  # a constant image is left as it is
+    delta = torch.zeros(1, 3, 8, 8)
+    delta[:, :, 4, 4] = 16.0
+    expected = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+    assert torch.allclose(binomial_blur(delta)[0, :, 3:6, 3:6], expected.expand(3, 3, 3))
+    assert torch.allclose(border_colour(flat), flat[:, :, 0, 0])
+
+    # Background within the threshold of the border colour becomes it exactly; the shape is kept.
+    image = flat.clone() + 0.03 * (torch.rand(2, 3, 8, 8, generator=g) - 0.5)
+    image[:, :, 3:5, 3:5] = 1.0 - flat[:, :, 3:5, 3:5]
+    out = flatten_background(image, 0.05)
+    background = torch.ones(8, 8, dtype=torch.bool)
+    background[3:5, 3:5] = False
+    assert torch.equal(out[:, :, background], border_colour(image)[:, :, None].expand(2, 3, 60))
+    assert torch.equal(out[:, :, 3:5, 3:5], image[:, :, 3:5, 3:5])
+
+    assert torch.allclose(shrink(image, 1.0), image, atol=1e-6)  # scale 1: the same image
+    small = shrink(image, 0.5)
+    assert torch.equal(small[:, :, :2], border_colour(image)[:, :, None, None].expand(2, 3, 2, 8))
+
+
+def test_toy_headroom_benchmark_json(tmp_path, monkeypatch):
+    from benchmarks import toy_headroom
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "headroom.json"
+    args = ["--train-seeds", "1", "--heldout-seeds", "1", "--max-train-prompts", "8", "--num-steps", "2"]
+    r = toy_headroom.main([*args, "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["base_alignment"] == r["base_alignment"]
+    assert set(r["base_alignment"]) == {f"{s}, guidance {g}" for s in ("train", "heldout") for g in (1, 3)}
+    assert r["base_alignment"]["train, guidance 1"]["n"] == 8 and r["base_alignment"]["heldout, guidance 3"]["n"] == 32
+    assert set(r["transforms"]) == set(toy_headroom.TRANSFORMS)
+    for v in r["transforms"].values():
+        assert v["jpeg_gain_kb"]["n"] == 32 and v["alignment_change"]["mean"] == v["alignment_change"]["mean"]
