@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     alignment, jpeg = load_reward("toy-alignment"), load_reward("jpeg-compressibility")
     captions = {"train": prompt_lines("train")[: args.max_train_prompts], "heldout": prompt_lines("heldout")}
     # Seeds far from the trainer's and the held-out evaluation's (which start at the run's seed).
-    seeds = {"train": list(range(1000, 1000 + args.train_seeds)), "heldout": list(range(1000, 1000 + args.heldout_seeds))}
+    counts = {"train": args.train_seeds, "heldout": args.heldout_seeds}
+    seeds = {split: list(range(1000, 1000 + n)) for split, n in counts.items()}
 
     def draw(split: str, guidance: float) -> tuple[torch.Tensor, list[str]]:
         settings = SamplingSettings(sampler="ddim", num_steps=args.num_steps, ddim_eta=1.0, guidance_scale=guidance)
@@ -132,7 +133,10 @@ def main(argv=None) -> dict:
         "settings": {**vars(args), "sampler": "ddim", "ddim_eta": 1.0, "model": "toy"},
         "seconds": time.perf_counter() - t0,
         "base_alignment": base_alignment,
-        "heldout_guidance3": {"jpeg_compressibility": mean_and_error(base_jpeg), "alignment": mean_and_error(base_align)},
+        "heldout_guidance3": {
+            "jpeg_compressibility": mean_and_error(base_jpeg),
+            "alignment": mean_and_error(base_align),
+        },
         "transforms": transforms,
     }
     out = args.out or env.default_out("toy_headroom", torch.device("cpu"))
