@@ -228,8 +228,10 @@ def test_toy_headroom_benchmark_json(tmp_path, monkeypatch):
     args = ["--train-seeds", "1", "--heldout-seeds", "1", "--max-train-prompts", "8", "--num-steps", "2"]
     r = toy_headroom.main([*args, "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text())["base_alignment"] == r["base_alignment"]
-    assert set(r["base_alignment"]) == {f"{s}, guidance {g}" for s in ("train", "heldout") for g in (1, 3)}
+    splits = ("train", "heldout", "colour and shape only")
+    assert set(r["base_alignment"]) == {f"{s}, guidance {g}" for s in splits for g in (1, 3)}
     assert r["base_alignment"]["train, guidance 1"]["n"] == 8 and r["base_alignment"]["heldout, guidance 3"]["n"] == 32
+    assert r["base_alignment"]["colour and shape only, guidance 1"]["n"] == 32  # 8 colours x 4 shapes
     assert set(r["transforms"]) == set(toy_headroom.TRANSFORMS)
     for v in r["transforms"].values():
         assert v["jpeg_gain_kb"]["n"] == 32 and v["alignment_change"]["mean"] == v["alignment_change"]["mean"]
