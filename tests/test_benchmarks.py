@@ -235,3 +235,9 @@ def test_toy_headroom_benchmark_json(tmp_path, monkeypatch):
     assert set(r["transforms"]) == set(toy_headroom.TRANSFORMS)
     for v in r["transforms"].values():
         assert v["jpeg_gain_kb"]["n"] == 32 and v["alignment_change"]["mean"] == v["alignment_change"]["mean"]
+    by_guidance = r["heldout_by_guidance"]
+    assert set(by_guidance) == {f"guidance {g:g}" for g in toy_headroom.GUIDANCE_SCALES}
+    # guidance 3 against itself: the same images, so no change at all
+    assert by_guidance["guidance 3"]["jpeg_gain_kb"]["mean"] == 0.0
+    assert by_guidance["guidance 3"]["alignment_change"]["mean"] == 0.0
+    assert by_guidance["guidance 1.5"]["jpeg_gain_kb"]["n"] == 32
