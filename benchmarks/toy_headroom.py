@@ -128,28 +128,24 @@ def main(argv=None) -> dict:
             base_alignment[f"{split}, guidance {guidance:g}"] = mean_and_error(alignment(images, prompts))
             if split == "heldout":
                 heldout[guidance] = images, prompts
-    heldout_g3 = heldout[3.0]
     # 2. jpeg-compressibility: fixed transforms of the held-out samples at the quick start's guidance 3.
-    images, prompts = heldout_g3
+    images, prompts = heldout[3.0]
     base_jpeg, base_align = jpeg(images, prompts), alignment(images, prompts)
-    transforms = {}
-    for name, fn in TRANSFORMS.items():
-        changed = fn(images).clamp(0, 1)
-        transforms[name] = {
-            "jpeg_gain_kb": mean_and_error(jpeg(changed, prompts) - base_jpeg),  # paired: same images
-            "alignment_change": mean_and_error(alignment(changed, prompts) - base_align),
+
+    def change(other: torch.Tensor) -> dict:
+        """JPEG gain and toy-alignment change of ``other`` against the guidance-3 samples, paired by image."""
+        return {
+            "jpeg_gain_kb": mean_and_error(jpeg(other, prompts) - base_jpeg),
+            "alignment_change": mean_and_error(alignment(other, prompts) - base_align),
         }
+
+    transforms = {name: change(fn(images).clamp(0, 1)) for name, fn in TRANSFORMS.items()}
     # 3. The quick start's guidance 3 against lower scales, on the same captions and seeds: a policy
     # that weakens the guidance saves kB too, and up to a point keeps (or improves) toy-alignment.
     by_guidance = {}
     for guidance in GUIDANCE_SCALES:
-        if guidance not in heldout:
-            heldout[guidance] = draw("heldout", guidance)
-        g_images, g_prompts = heldout[guidance]
-        by_guidance[f"guidance {guidance:g}"] = {
-            "jpeg_gain_kb": mean_and_error(jpeg(g_images, g_prompts) - base_jpeg),  # paired: same seeds
-            "alignment_change": mean_and_error(alignment(g_images, g_prompts) - base_align),
-        }
+        g_images = heldout[guidance][0] if guidance in heldout else draw("heldout", guidance)[0]
+        by_guidance[f"guidance {guidance:g}"] = change(g_images)  # the same captions and seeds
     result = {
         "benchmark": "toy_headroom",
         "command": "python -m benchmarks.toy_headroom " + " ".join(argv or []),
@@ -168,14 +164,9 @@ def main(argv=None) -> dict:
     env.write_json(out, result)
     for key, v in base_alignment.items():
         print(f"base toy-alignment, {key}: {v['mean']:.3f} +- {v['stderr']:.3f} (n={v['n']})")
-    for name, v in transforms.items():
+    for name, v in {**transforms, **{f"{k} (against 3)": v for k, v in by_guidance.items()}}.items():
         print(
             f"{name}: JPEG {v['jpeg_gain_kb']['mean']:+.4f} kB, "
-            f"toy-alignment {v['alignment_change']['mean']:+.4f} +- {v['alignment_change']['stderr']:.4f}"
-        )
-    for name, v in by_guidance.items():
-        print(
-            f"{name} (against 3): JPEG {v['jpeg_gain_kb']['mean']:+.4f} kB, "
             f"toy-alignment {v['alignment_change']['mean']:+.4f} +- {v['alignment_change']['stderr']:.4f}"
         )
     print(f"wrote {out}")
