@@ -1,6 +1,6 @@
 """REBEL vs DDPO at equal reward queries on the built-in ``toy`` model, on a CPU.
 
-Three tasks, each a preset: ``toy`` (JPEG compressibility at guidance 3), ``toy-alignment``
+Three tasks, each a preset: ``toy-jpeg`` (JPEG compressibility at guidance 3), ``toy-alignment``
 (toy-alignment at guidance 1: RL in place of classifier-free guidance) and
 ``toy-alignment-saturated`` (the same reward at guidance 3, where the base is already near the top:
 training must not lower it). Both algorithms sample and score the same images per epoch for the
@@ -15,7 +15,7 @@ intervals over seeds) and a PNG of held-out reward against reward queries, by de
 ``--jobs N`` runs N of them at once in spawned processes. Run from the repository root::
 
     python -m benchmarks.learning --jobs 2                            # 3 tasks x 2 algorithms x 3 seeds
-    python -m benchmarks.learning --tasks toy --seeds 0 --epochs 6    # a quick look
+    python -m benchmarks.learning --tasks toy-jpeg --seeds 0 --epochs 6    # a quick look
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.report import read_metrics
 from rebel_diffusion.train import train
 
-TASKS = ("toy", "toy-alignment", "toy-alignment-saturated")
+TASKS = ("toy-jpeg", "toy-alignment", "toy-alignment-saturated")
 ALIGNMENT = "toy-alignment"
 # Two-sided 95% Student-t quantiles by degrees of freedom (n - 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

@@ -19,6 +19,17 @@ dL/dtheta = mean_pairs 2 * rho / eta * d/dtheta [ln pi_theta(y) - ln pi_theta(y'
 computed once without a graph, the pairs' weights are summed per image (``image_coefficients``),
 and then each image and timestep is backpropagated once through the surrogate ``rebel_surrogate``:
 peak memory does not grow with the step count, and the cost per image does not grow with k.
+
+Anchor (``--anchor``). The paper regresses against pi_t, the policy that sampled: each epoch a
+fresh trust region, and nothing bounds the distance to the base over many epochs. ``--anchor
+base`` regresses against the frozen base pi_ref instead (the PRDP form, Deng et al. 2024):
+
+    D(y) = ln pi_theta(y|x) - ln pi_ref(y|x),   loss = max( rho^2, rho_clip^2 )
+
+with rho as above and rho_clip the same with each step's log-ratio to the SAMPLING policy,
+ln pi_theta/pi_t, clipped to [-epsilon, epsilon] (a proximal step, PPO-style). Its fixed point is
+pi* proportional to pi_ref exp(eta A): eta bounds the log-likelihood ratio to the base, whatever
+the number of epochs. ``proximal_coefficients`` gives its exact gradient per image and step.
 """
 
 from __future__ import annotations
@@ -81,6 +92,52 @@ def rebel_surrogate(log_prob: torch.Tensor, coefficient: torch.Tensor) -> torch.
     coefficient: (n,) their ``image_coefficients`` (constants). Micro-batches and steps add up exactly.
     """
     return (coefficient.detach() * log_prob).sum()
+
+
+def proximal_coefficients(
+    pairs: torch.Tensor,
+    step_ratio: torch.Tensor,
+    base_offset: torch.Tensor,
+    target: torch.Tensor,
+    eta: float,
+    epsilon: float,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base-anchored REBEL loss with proximal clipping: its per-image, per-step gradient weights.
+
+    pairs: (P, 2) image indices; step_ratio: (B, S) ln pi_theta - ln pi_t of each image's S steps
+    (constants; 0 on-policy); base_offset: (B,) sum over the same steps of ln pi_t - ln pi_ref;
+    target: (P,); valid: (P,) bool (default all), the pairs the loss averages over.
+    With D = step_ratio.sum + base_offset and D_clip = step_ratio.clamp(-epsilon, epsilon).sum +
+    base_offset, rho = (D(y) - D(y')) / eta - target and rho_clip likewise, the loss is
+    mean over valid pairs of max(rho^2, rho_clip^2). Its gradient is
+    sum_{i,t} c_{i,t} d/dtheta ln pi_theta(y_i, t): a pair whose unclipped term is the larger weighs
+    all steps of its images by +-2 rho / (eta P); one whose clipped term is the larger weighs only the
+    steps inside the clip, by +-2 rho_clip / (eta P). Returns (c (B, S), per-pair loss (P,)
+    (0 for invalid pairs), prediction (P,) = (D(y) - D(y')) / eta).
+    """
+    valid = torch.ones(len(pairs), dtype=torch.bool, device=step_ratio.device) if valid is None else valid
+    valid = valid.to(step_ratio.device)
+    a, b = pairs[:, 0].to(step_ratio.device), pairs[:, 1].to(step_ratio.device)
+    full = step_ratio.sum(dim=1) + base_offset  # (B,)
+    clipped = step_ratio.clamp(-epsilon, epsilon).sum(dim=1) + base_offset  # (B,)
+    prediction = (full[a] - full[b]) / eta  # (P,)
+    rho = prediction - target
+    rho_clip = (clipped[a] - clipped[b]) / eta - target
+    use_clip = rho_clip.abs() > rho.abs()  # (P,) the clipped term is the max
+    num = max(int(valid.sum()), 1)
+    zero = torch.zeros_like(rho)
+    w_full = torch.where(valid & ~use_clip, 2 * rho / (eta * num), zero)  # (P,)
+    w_clip = torch.where(valid & use_clip, 2 * rho_clip / (eta * num), zero)
+    per_image = torch.zeros(len(step_ratio), 2, dtype=rho.dtype, device=rho.device)  # (B, [full, clip])
+    weights = torch.stack([w_full, w_clip], dim=1)  # (P, 2)
+    per_image.index_add_(0, a, weights)
+    per_image.index_add_(0, b, -weights)
+    # torch.clamp passes the gradient at the bounds themselves: a step at exactly +-epsilon still moves.
+    inside = ((step_ratio >= -epsilon) & (step_ratio <= epsilon)).to(rho.dtype)  # (B, S)
+    coef = per_image[:, :1] + inside * per_image[:, 1:]  # (B, S)
+    loss = torch.where(valid, torch.maximum(rho.pow(2), rho_clip.pow(2)), zero)
+    return coef, loss, prediction
 
 
 def pair_targets(

@@ -46,6 +46,7 @@ from .sampling import (
     Trajectories,
     make_scheduler,
     rescore_drift,
+    rescore_log_probs,
     sample_trajectories,
     steps_log_prob,
 )
@@ -89,7 +90,7 @@ class Run:
     params: list[torch.nn.Parameter]
     mixed_precision: str
     lora_matches: dict[str, int]  # LoRA target -> modules it matched (empty for a full fine-tune)
-    ref_unet: torch.nn.Module | None = None  # frozen base UNet for the KL term (full fine-tune with --kl-coef)
+    ref_unet: torch.nn.Module | None = None  # frozen base UNet (full fine-tune with --kl-coef or --anchor base)
     steps_per_pass: int = 1  # denoising steps per training UNet call (resolved from the config)
     epoch: int = 0  # last completed epoch
     global_step: int = 0
@@ -238,12 +239,14 @@ def sampling_settings(cfg: TrainConfig, pipe) -> SamplingSettings:
 
 def make_trainable(cfg: TrainConfig, pipe) -> tuple[torch.nn.Module | None, dict[str, int]]:
     """Freeze the VAE and text encoder; add LoRA (or unfreeze the UNet). Returns (the frozen base
-    UNet the KL term needs for a full fine-tune, else None; LoRA target -> modules matched)."""
+    UNet the KL term or the base anchor needs for a full fine-tune, else None; LoRA target -> modules
+    matched). It is copied before any checkpoint is loaded: a resumed run's base is still the base."""
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     unet = pipe.unet
     ref_unet = None
-    if cfg.kl_coef > 0 and cfg.finetune == "full":  # LoRA's base is the same UNet with adapters disabled
+    needs_base = cfg.kl_coef > 0 or cfg.anchor == "base"
+    if needs_base and cfg.finetune == "full":  # LoRA's base is the same UNet with adapters disabled
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     lora_matches = {}
     if cfg.finetune == "lora":
@@ -345,6 +348,13 @@ def describe_plan(run: Run) -> str:
             f"(= {clip * dims:.3g} nats per step, D = {dims})"
         )
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
+    if cfg.algorithm == "rebel":
+        regulariser += (
+            f"; anchored to the base model (each step's ratio to the sampler clipped at "
+            f"{ddpo_clip_range(cfg.clip_range, dims) * dims:.3g} nats)"
+            if cfg.anchor == "base"
+            else "; anchored to the sampling policy"
+        )
     if cfg.ema_decay > 0:
         regulariser += f"; EMA of the weights (decay {cfg.ema_decay:g}) exported and evaluated"
     lora = ", ".join(f"{t} ({m} modules)" for t, m in run.lora_matches.items())
@@ -696,23 +706,39 @@ def run_trained_steps(run: Run, traj: Trajectories) -> list[int]:
         raise UsageError(str(e)) from e
 
 
-def reference_mean(run: Run, traj: Trajectories):
-    """(steps, index) -> (b*m, C, h, w): the base policy's step means at the recorded x_t, no graph.
-
-    The base is the same UNet with its LoRA adapters disabled (full fine-tune: a frozen copy).
-    """
+@contextmanager
+def base_unet(run: Run):
+    """The frozen base UNet inside the block: the trained UNet with its LoRA adapters disabled (full
+    fine-tune: the frozen copy made before any checkpoint was loaded)."""
+    if run.ref_unet is not None:
+        yield run.ref_unet
+        return
     unet = run.accelerator.unwrap_model(run.unet)
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def reference_mean(run: Run, traj: Trajectories):
+    """(steps, index) -> (b*m, C, h, w): the base policy's step means at the recorded x_t, no graph."""
 
     def mean(steps: list[int], index: torch.Tensor) -> torch.Tensor:
-        if run.ref_unet is not None:
-            return steps_log_prob(run.ref_unet, run.scheduler, traj, steps, index=index, with_mean=True)[1]
-        unet.disable_adapters()
-        try:
+        with base_unet(run) as unet:
             return steps_log_prob(unet, run.scheduler, traj, steps, index=index, with_mean=True)[1]
-        finally:
-            unet.enable_adapters()
 
     return mean
+
+
+def base_log_probs(run: Run, traj: Trajectories, steps: list[int]) -> torch.Tensor:
+    """(B, T) per-dim log-probs of the recorded trajectories under the frozen base, on ``steps``
+    (0 elsewhere), no graph: what ``--anchor base`` regresses against."""
+    out = torch.zeros_like(traj.log_probs)
+    with base_unet(run) as unet, run.accelerator.autocast():
+        scored = rescore_log_probs(unet, run.scheduler, traj, steps, steps_per_pass=run.steps_per_pass)  # (B, S)
+    out[:, steps] = scored.to(out.device, out.dtype)
+    return out
 
 
 def _optimizer_step(run: Run) -> float:
@@ -799,6 +825,13 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     dims = latent_dim(traj)
     score_unet = run.accelerator.unwrap_model(run.unet)
     reference = reference_mean(run, traj)
+    summary = {}
+    base_logp = None
+    if cfg.anchor == "base":
+        base_logp = base_log_probs(run, traj, trained)  # (B, T)
+        # ln pi_t(y) - ln pi_ref(y) over the trained steps, in nats: its mean estimates KL(pi_t || pi_ref).
+        to_base = (traj.log_probs[:, trained] - base_logp[:, trained]).sum(dim=1) * dims  # (B,)
+        summary["log_ratio_to_base"] = float(_mean_across(run, {"v": [float(to_base[finite].mean())]})["v"])
 
     groups = torch.unique(traj.group, sorted=True)  # (G,)
     pair_group = traj.group[pairs[:, 0]]  # (P,)
@@ -813,6 +846,7 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
             steps_per_pass=run.steps_per_pass, on_policy=first, backward=_backward(run),
             autocast=run.accelerator.autocast, score_unet=score_unet, valid=valid[idx], ratio_steps=trained,
             kl_coef=cfg.kl_coef, reference_mean=reference,
+            base_log_probs=base_logp, epsilon=ddpo_clip_range(cfg.clip_range, dims),
         )  # fmt: skip
         out = {k: stats[k] for k in ("loss", "prediction", "target")}
         out["log_ratio_diff_abs"] = stats["log_ratio_diff_abs"] * dims  # in nats, the units of --eta
@@ -826,7 +860,7 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     per_step = cfg.images_per_step() // cfg.images_per_prompt  # whole prompts
     return UpdatePlan(
         units=len(groups), units_per_step=per_step, salt=1, accumulate=accumulate,
-        summary={"pairs": int(pairs_total.item())},
+        summary={"pairs": int(pairs_total.item()), **summary},
     )  # fmt: skip
 
 

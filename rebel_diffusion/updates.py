@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from .ddpo import ppo_clip_loss
-from .rebel import image_coefficients, rebel_residual, rebel_surrogate
+from .rebel import image_coefficients, proximal_coefficients, rebel_residual, rebel_surrogate
 from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
 from .steps import gaussian_kl
 
@@ -29,17 +29,19 @@ def log_ratios(
     autocast=nullcontext,
     steps_per_pass: int = 1,
     steps: list[int] | None = None,
+    per_step: bool = False,
 ) -> torch.Tensor:
     """ln pi_theta(y) - ln pi_t(y) of whole trajectories, no graph: (n,) float32 for images ``index``.
 
-    Sums (re-scored - recorded) over ``steps`` (default: every stochastic step).
+    Sums (re-scored - recorded) over ``steps`` (default: every stochastic step); ``per_step``: the
+    (n, S) terms themselves.
     """
     if steps is None:
         steps = traj.stochastic_steps()
     with autocast():
         new = rescore_log_probs(unet, scheduler, traj, steps, index, steps_per_pass=steps_per_pass)  # (n, S)
     old = traj.log_probs[index.to(traj.log_probs.device)][:, steps].to(new.device)
-    return (new - old).sum(dim=1)
+    return new - old if per_step else (new - old).sum(dim=1)
 
 
 def rebel_accumulate(
@@ -62,6 +64,8 @@ def rebel_accumulate(
     ratio_steps: list[int] | None = None,
     kl_coef: float = 0.0,
     reference_mean=None,
+    base_log_probs: torch.Tensor | None = None,
+    epsilon: float | None = None,
 ) -> dict:
     """Accumulate the REBEL loss gradient of one optimizer step into ``unet``'s parameters.
 
@@ -87,6 +91,11 @@ def rebel_accumulate(
     recorded x_t (closed form, nats), with ``reference_mean(steps, index)`` -> (b*m, C, h, w) the
     reference policy's step means (no graph); ``kl`` in the result is that mean before the step.
 
+    base_log_probs: (B, T) per-dim log-probs of the recorded trajectories under the frozen base:
+    the regression is then anchored to the base (``rebel.proximal_coefficients``), D = ln pi_theta -
+    ln pi_ref over ``ratio_steps``, with each step's ratio to the sampling policy clipped to
+    +-``epsilon`` (the units of the log-probs given, as eta).
+
     1. rho = (1/eta) (D(y) - D(y')) - target from whole-trajectory log-ratios D, without a graph;
     2. c_i = sum over image i's pairs of +-2 rho_p / (eta P) (+ as y, - as y');
     3. for each micro-batch of images and group of steps, backpropagate
@@ -110,27 +119,43 @@ def rebel_accumulate(
     # One micro-batch and one UNet call hold the whole step, over every step of D: the pass that
     # backpropagates gives D as well, so the no-graph pass is skipped (same values, one call fewer).
     fused = not on_policy and len(chunks) == 1 and len(groups) == 1 and list(steps) == ratio_steps
-    # 1. Residuals of all pairs of the step, from whole trajectories.
+    # 1. Residuals of all pairs of the step, from whole trajectories: each image's per-step log-ratios
+    # to the sampling policy (n, S) over ratio_steps.
     if on_policy:
-        diff = torch.zeros(num_pairs, device=device)
+        step_images = torch.zeros(len(images), len(ratio_steps), device=device)
+    elif fused:
+        first = forward(images, groups[0])
+        old = traj.log_probs[images.to(traj.log_probs.device)][:, steps].to(first[0].device)
+        step_images = (first[0].detach() - old).to(device)  # (n, S)
     else:
-        if fused:
-            first = forward(images, groups[0])
-            old = traj.log_probs[images.to(traj.log_probs.device)][:, steps].to(first[0].device)
-            ratio_images = (first[0].detach() - old).sum(dim=1).to(device)  # (n,)
-        else:
-            score = score_unet or unet
-            ratio_images = log_ratios(score, scheduler, traj, images, autocast, steps_per_pass, ratio_steps).to(device)
-        ratio = torch.zeros(len(traj), device=device, dtype=ratio_images.dtype)
-        ratio[images.to(device)] = ratio_images
-        diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
-    residual = rebel_residual(diff, torch.zeros_like(diff), targets.to(device).float(), eta)  # (P,)
+        score = score_unet or unet
+        step_images = log_ratios(
+            score, scheduler, traj, images, autocast, steps_per_pass, ratio_steps, per_step=True
+        ).to(device)
+    step_ratio = torch.zeros(len(traj), len(ratio_steps), device=device, dtype=step_images.dtype)  # (B, S)
+    step_ratio[images.to(device)] = step_images
     valid = torch.ones(num_pairs, dtype=torch.bool) if valid is None else valid.cpu()
-    residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
     num_valid = max(int(valid.sum()), 1)
-    # 2. Per image: its weight in the regression gradient, and (KL) its share of the mean over the
-    # valid pairs' members (an image counts once per valid pair it is in).
-    coef = image_coefficients(pairs, residual, eta, num_valid, len(traj))  # (B,)
+    targets = targets.to(device).float()
+    if base_log_probs is None:
+        ratio = step_ratio.sum(dim=1)  # (B,)
+        diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
+        residual = rebel_residual(diff, torch.zeros_like(diff), targets, eta)  # (P,)
+        residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
+        pair_loss, prediction = residual.pow(2), diff / eta
+        # 2. Per image: its weight in the regression gradient.
+        coef = image_coefficients(pairs, residual, eta, num_valid, len(traj))  # (B,)
+    else:
+        cols = torch.tensor(ratio_steps)
+        recorded = traj.log_probs[:, cols].to(device)
+        base_offset = (recorded - base_log_probs[:, cols].to(device)).sum(dim=1)  # (B,) ln pi_t - ln pi_ref
+        # 2. Per image and step: its weight in the gradient of the clipped, base-anchored loss.
+        coef, pair_loss, prediction = proximal_coefficients(
+            pairs, step_ratio, base_offset, targets, eta, epsilon, valid.to(device)
+        )  # (B, S), (P,), (P,)
+        position = {j: i for i, j in enumerate(ratio_steps)}
+    diff = prediction * eta
+    # (KL) each image's share of the mean over the valid pairs' members (once per valid pair it is in).
     members = torch.bincount(pairs[valid].flatten().cpu(), minlength=len(traj)).double()  # (B,)
     kl_weight = (members / (2 * num_valid)).to(device)  # (B,)
 
@@ -141,7 +166,11 @@ def rebel_accumulate(
         for g, group in enumerate(groups):
             logp, mean, std = first if fused else forward(index, group)  # logp (n_c, m)
             # float32 (float64 in exactness tests)
-            surrogate = rebel_surrogate(logp.sum(dim=1) * step_scale, coef[index_d].to(logp.dtype))
+            if coef.dim() == 1:
+                surrogate = rebel_surrogate(logp.sum(dim=1) * step_scale, coef[index_d].to(logp.dtype))
+            else:  # per-step weights (anchored): the steps of this group
+                step_weight = coef[index_d][:, [position[j] for j in group]].to(logp.dtype)  # (n_c, m)
+                surrogate = rebel_surrogate(logp.flatten() * step_scale, step_weight.flatten())
             if kl_coef > 0:
                 with torch.no_grad(), autocast():
                     ref = reference_mean(group, index)
@@ -151,7 +180,7 @@ def rebel_accumulate(
                 kl_total += (weight * kl).detach().sum()
             backward(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
     return {
-        "loss": float(residual.pow(2).sum() / num_valid),
+        "loss": float(pair_loss.sum() / num_valid),
         "kl": float(kl_total),
         "log_ratio_diff_abs": float(diff.abs().mean()),
         "prediction": (diff / eta).detach().cpu()[valid],

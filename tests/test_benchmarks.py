@@ -159,7 +159,7 @@ def test_learning_benchmark_statistics():
 def test_learning_config_uses_the_trainer_fields(tmp_path):
     """The held-out evaluation every ``--eval-every`` epochs, on the trained reward and toy-alignment."""
     args = learning.parse_args(["--epochs", "4", "--eval-every", "2", "--heldout-images", "3"])
-    cfg = learning.run_config("toy", "ddpo", 1, 3e-4, args, tmp_path / "run")
+    cfg = learning.run_config("toy-jpeg", "ddpo", 1, 3e-4, args, tmp_path / "run")
     assert (cfg.heldout_every, cfg.heldout_images, cfg.epochs, cfg.seed) == (2, 3, 4, 1)
     assert cfg.heldout_rewards == "jpeg-compressibility,toy-alignment" and cfg.learning_rate == 3e-4
     args = learning.parse_args(["--algorithms", "ddpo", "--ddpo-lr", "3e-3"])
@@ -241,3 +241,59 @@ def test_toy_headroom_benchmark_json(tmp_path, monkeypatch):
     assert by_guidance["guidance 3"]["jpeg_gain_kb"]["mean"] == 0.0
     assert by_guidance["guidance 3"]["alignment_change"]["mean"] == 0.0
     assert by_guidance["guidance 1.5"]["jpeg_gain_kb"]["n"] == 32
+
+
+def test_sweep_variants_are_train_flags_and_the_summary_spans_seeds(tmp_path):
+    from benchmarks import sweep
+
+    assert sweep.parse_variant("kl 0.1=--kl-coef 0.1 --eta 4") == ("kl 0.1", ["--kl-coef", "0.1", "--eta", "4"])
+    assert sweep.parse_variant("preset=") == ("preset", [])
+    with pytest.raises(Exception, match="NAME=FLAGS"):
+        sweep.parse_variant("--kl-coef 0.1")
+    cfg = sweep.run_config(["--preset", "toy-jpeg"], ["--kl-coef", "0.1", "--epochs", "4"], 2, tmp_path / "r")
+    assert (cfg.kl_coef, cfg.seed, cfg.heldout_every, cfg.model) == (0.1, 2, 4, "toy")  # held out before and after
+    assert cfg.output_dir == str(tmp_path / "r")
+
+    base = (
+        "--model tiny --reward jpeg-compressibility --num-steps 3 --min-step-std 0 --epochs 1 --prompts-per-batch 2 "
+    )
+    base += "--batches-per-epoch 1 --images-per-prompt 2 --train-batch-size 4 --gradient-accumulation-steps 1 "
+    base += "--grid-num-images 2 "
+    base += "--heldout-prompts toy_novel --heldout-images 1 --heldout-diversity none"
+    out = tmp_path / "sweep.json"
+    sweep.main(["--name", "t", "--base", base, "--variant", "a=", "--variant", "b=--kl-coef 0", "--seeds", "0", "1",
+                "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["complete"] and [r["variant"] for r in result["runs"]] == ["a", "a", "b", "b"]
+    assert result["settings"]["variants"] == {"a": [], "b": ["--kl-coef", "0"]}
+    row = result["summary"]["b"]
+    change = row["heldout/jpeg-compressibility/change"]
+    runs = [r for r in result["runs"] if r["variant"] == "b"]
+    expected = [r["heldout"][-1]["heldout/jpeg-compressibility"] - r["heldout"][0]["heldout/jpeg-compressibility"]
+                for r in runs]  # fmt: skip
+    assert row["seeds"] == 2 and change["values"] == pytest.approx(expected)
+    assert "kl" in result["runs"][0]["curves"] and "kl" not in runs[0]["curves"]  # the flag took effect
+
+
+def test_frontier_picks_the_best_gain_within_each_budget():
+    from benchmarks import frontier
+
+    def run(variant, seed, gain, loss, curve=None):
+        curve = curve or [0.0, gain / 2, gain]
+        return {"variant": variant, "seed": seed, "train_seconds": 1.0, "images_per_epoch": 64,
+                "heldout": [{"epoch": e, frontier.REWARD: c, frontier.ALIGNMENT: 0.9 - loss * e / 4}
+                            for e, c in zip((0, 2, 4), curve)]}  # fmt: skip
+
+    runs = [run("r-safe", s, 0.03, 0.01) for s in (0, 1)] + [run("r-far", s, 0.06, 0.07) for s in (0, 1)]
+    runs += [run("d-safe", s, 0.01, 0.015) for s in (0, 1)] + [run("d-far", s, 0.09, 0.3) for s in (0, 1)]
+    algorithms = {"r-safe": "rebel", "r-far": "rebel", "d-safe": "ddpo", "d-far": "ddpo"}
+    result = frontier.analyse(runs, algorithms)
+    assert result["points"]["r-far"]["alignment_loss"]["mean"] == pytest.approx(0.07)
+    assert result["points"]["d-far"]["jpeg_gain_kb"]["mean"] == pytest.approx(0.09)
+    f = result["frontier"]
+    assert f["0.02"]["rebel"]["variant"] == "r-safe" and f["0.02"]["ddpo"]["variant"] == "d-safe"
+    assert f["0.02"]["more_gain"] == "rebel"
+    assert f["0.1"]["rebel"]["variant"] == "r-far" and f["0.1"]["ddpo"]["variant"] == "d-safe"  # d-far is outside
+    q = result["queries"]
+    assert q["ddpo_variant"] == "d-safe" and q["ddpo_queries"] == 256
+    assert q["rebel_queries_to_reach"] == {"r-safe": 128, "r-far": 128} and q["rebel_fewer_queries"]

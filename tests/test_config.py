@@ -212,3 +212,11 @@ def test_several_rewards_as_a_yaml_mapping(tmp_path):
     path.write_text(yaml.safe_dump({"model": "tiny", "reward": {"jpeg-compressibility": 1, "toy-alignment": 0.5}}))
     cfg = parse(["--config", str(path)])
     assert cfg.reward == "jpeg-compressibility=1,toy-alignment=0.5" and cfg.reward_combine == "sum"
+
+
+def test_the_base_anchor_is_rebels():
+    assert parse(["--anchor", "base"]).anchor == "base"
+    with pytest.raises(UsageError, match="--anchor base is REBEL's"):
+        parse(["--anchor", "base", "--algorithm", "ddpo"])
+    with pytest.raises(UsageError, match="--anchor must be one of policy, base"):
+        TrainConfig(anchor="pretrained").validate()

@@ -1,11 +1,17 @@
-"""Learning on the toy testbed, measured as a user would: on held-out captions
-(``prompts/toy_heldout.txt``, never trained on) and seeds no training batch uses, with prompt
-following (toy-alignment) checked beside the trained reward, so that plain drift cannot pass.
+"""Learning on the toy testbed, measured as a user would: on held-out captions (never trained on)
+and seeds no training batch uses, with prompt following checked beside the trained reward, so that
+plain drift cannot pass.
+
+- ``--preset toy`` (the quick start): prompt following at guidance 1 on the 16 combinations the toy
+  model never saw (``prompts/toy_novel.txt``) rises from about 0.8 to at least 0.90 (shape, colour
+  and background all right, read from fresh seeds' pixels by the toy classifier and by a reader
+  without learned weights, ``benchmarks.toy_following``), while the 16 other never-seen
+  combinations (``toy_novel_heldout``) and the 192 known captions stay within 0.03 of the base.
 
 Noise of a held-out figure (std of the mean over disjoint seed sets, 32 captions x 2 seeds, 64
 images): JPEG size 0.0088 kB; toy-alignment 0.013 at guidance 3.
 
-- ``--preset toy`` (the quick start): JPEG size falls by at least 0.04 kB (4.5 noise deviations)
+- ``--preset toy-jpeg``: JPEG size falls by at least 0.04 kB (4.5 noise deviations)
   while toy-alignment stays within 0.05 of the base. Measured (seeds 0, 1, 2): +0.021 / -0.015,
   +0.035 / -0.040, +0.038 / -0.063 kB / alignment, so the target is not yet met. Without the KL
   term the same task buys its gain by shrinking and blurring the shapes (toy-alignment -0.25).
@@ -15,6 +21,7 @@ images): JPEG size 0.0088 kB; toy-alignment 0.013 at guidance 3.
 
 import pytest
 
+from benchmarks import toy_following
 from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.report import read_metrics
 from rebel_diffusion.train import train
@@ -40,12 +47,27 @@ def run_preset(name: str, out) -> tuple[dict, dict]:
     return evaluated[0], evaluated[-1]
 
 
-# Not yet met: the gain and the loss of prompt following move together on toy (README, Tuning); the
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_quick_start_teaches_the_novel_combinations_and_forgets_nothing(tmp_path, seed):
+    cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=str(tmp_path / "run"))
+    train(cfg)
+    # Seeds 20,000 and up: neither training nor the grid nor the held-out evaluation uses them.
+    result = toy_following.measure(tmp_path / "run", seeds=8, first_seed=20_000)
+    novel, twin, known = result["novel"], result["novel_heldout"], result["known"]
+    for reader in ("classifier", "pixels"):
+        assert novel["tuned"][reader] >= 0.90, (reader, novel)
+        assert novel["change"][reader] >= 0.05, (reader, novel)  # taught, not already there
+        assert twin["change"][reader] >= -0.03, (reader, twin)
+        assert known["change"][reader] >= -0.03, (reader, known)
+
+
+# Not yet met: the gain and the loss of prompt following move together on toy (docs/tuning.md); the
 # target stands, and the test reports whether it is met.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the quick start's target is not yet met across seeds and CPUs")
-def test_quick_start_lowers_heldout_jpeg_size_and_keeps_the_prompts(tmp_path):
-    base, final = run_preset("toy", tmp_path / "run")
+@pytest.mark.xfail(strict=False, reason="the JPEG preset's target is not yet met across seeds and CPUs")
+def test_the_jpeg_preset_lowers_heldout_jpeg_size_and_keeps_the_prompts(tmp_path):
+    base, final = run_preset("toy-jpeg", tmp_path / "run")
     gain = final["heldout/jpeg-compressibility"] - base["heldout/jpeg-compressibility"]  # kB smaller
     alignment = final["heldout/toy-alignment"] - base["heldout/toy-alignment"]
     assert gain >= 0.04, (gain, gain / JPEG_NOISE_KB)

@@ -191,3 +191,47 @@ def test_ppo_clip_loss_closed_form():
     # hand values: max(-1.5, -1.0001) = -1.0001; max(-1.0, -1.9998) = -1.0; max(5.00025, 5.00025) = 5.00025
     assert loss.item() == pytest.approx(-1.0001 - 1.0 + 5.00025, rel=1e-5)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+
+
+def test_proximal_coefficients_match_autograd_of_the_clipped_loss():
+    """c_{i,t} is the gradient of mean max(rho^2, rho_clip^2) with respect to each step's log-prob."""
+    from rebel_diffusion.rebel import proximal_coefficients
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = pair_indices(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]))
+    step_ratio = 0.3 * torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    offset = torch.randn(9, generator=gen, dtype=torch.float64)
+    target = torch.randn(len(pairs), generator=gen, dtype=torch.float64)
+    valid = torch.ones(len(pairs), dtype=torch.bool)
+    valid[2] = False
+    eta, eps = 0.7, 0.25
+    coef, loss, prediction = proximal_coefficients(pairs, step_ratio, offset, target, eta, eps, valid)
+
+    x = step_ratio.clone().requires_grad_(True)
+    full = x.sum(1) + offset
+    clipped = x.clamp(-eps, eps).sum(1) + offset
+    rho = (full[pairs[:, 0]] - full[pairs[:, 1]]) / eta - target
+    rho_c = (clipped[pairs[:, 0]] - clipped[pairs[:, 1]]) / eta - target
+    reference = torch.maximum(rho.pow(2), rho_c.pow(2))[valid].mean()
+    reference.backward()
+    torch.testing.assert_close(coef, x.grad, rtol=1e-12, atol=1e-12)
+    assert loss.sum() / valid.sum() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(prediction, rho.detach() + target)
+    assert 0 < int((step_ratio.abs() > eps).sum()) < step_ratio.numel()  # both branches exercised
+    assert bool(((rho_c.abs() > rho.abs()) & valid).any()) and bool(((rho_c.abs() <= rho.abs()) & valid).any())
+
+
+def test_proximal_coefficients_without_clipping_are_the_plain_image_coefficients():
+    """No step clipped and no offset: every step of an image carries REBEL's own image coefficient."""
+    from rebel_diffusion.rebel import proximal_coefficients
+
+    gen = torch.Generator().manual_seed(1)
+    pairs = pair_indices(torch.tensor([0, 0, 1, 1, 1]))
+    step_ratio = 0.1 * torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(len(pairs), generator=gen, dtype=torch.float64)
+    coef, _, prediction = proximal_coefficients(
+        pairs, step_ratio, torch.zeros(5, dtype=torch.float64), target, 2.0, 1e9
+    )
+    residual = prediction - target
+    plain = image_coefficients(pairs, residual, 2.0, num_pairs=len(pairs), num_images=5)
+    torch.testing.assert_close(coef, plain[:, None].expand(5, 3))

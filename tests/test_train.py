@@ -401,3 +401,32 @@ def test_several_rewards_are_logged_and_combined(tmp_path, combine):
     assert abs(a + b) < 1e-5  # the two are each other's negatives
     assert record["reward_mean"] == pytest.approx(a + 0.25 * b, abs=1e-5)
     assert yaml.safe_load((out / "config.yaml").read_text())["reward"] == reward
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_the_base_anchor_stays_the_base_after_a_resume(tmp_path, finetune):
+    """--anchor base: the log-probs it regresses against are the untrained model's, resumed or not; and
+    a resumed run repeats an uninterrupted one."""
+    from rebel_diffusion.models import load_pipeline
+    from rebel_diffusion.sampling import rescore_log_probs
+    from rebel_diffusion.train import base_log_probs, base_unet, run_trained_steps, sample_epoch
+
+    extra = ["--anchor", "base", "--kl-coef", "0", "--finetune", finetune]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", *SMALL, *extra, "--epochs", "3", "--output-dir", str(full)]) == 0
+    assert main(["train", *SMALL, *extra, "--epochs", "2", "--output-dir", str(split)]) == 0
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(split)]) == 0
+    a, b = without_time(read_metrics(full)), without_time(read_metrics(split))
+    assert a == b and all(r["log_ratio_to_base"] == r["log_ratio_to_base"] for r in a[1:])
+
+    cfg = small_config(split, anchor="base", kl_coef=0.0, finetune=finetune, resume=True, epochs=4)
+    run = setup(cfg)  # the trained weights of epoch 3 are loaded
+    traj = sample_epoch(run, 4)
+    steps = run_trained_steps(run, traj)
+    pristine = load_pipeline("tiny").unet
+    expected = rescore_log_probs(pristine, run.scheduler, traj, steps)
+    torch.testing.assert_close(base_log_probs(run, traj, steps)[:, steps], expected, rtol=0, atol=1e-5)
+    trained = rescore_log_probs(run.accelerator.unwrap_model(run.unet), run.scheduler, traj, steps)
+    assert (trained - expected).abs().max() > 1e-4  # the policy itself has moved
+    with base_unet(run) as unet:  # full fine-tune: a frozen copy; LoRA: the trained UNet, adapters off
+        assert (unet is run.ref_unet) == (finetune == "full")

@@ -432,3 +432,64 @@ def test_ddpo_default_clip_range_is_the_same_nats_at_every_resolution():
     for dims in (256, sd15_512, 4 * 96 * 96, 4 * 128 * 128):
         assert ddpo_clip_range(None, dims) * dims == pytest.approx(CLIP_NATS)
     assert ddpo_clip_range(2e-4, 256) == 2e-4  # a value given is used as it is
+
+
+# ------------------------------------------------------------------------------------------------
+# the base anchor (--anchor base): regression against the frozen base, clipped around the sampler
+
+
+def _anchored_loss(new, recorded, base, pairs, targets, eta, epsilon):
+    """The anchored loss written out with autograd: mean over pairs of max(rho^2, rho_clip^2)."""
+    step = new - recorded  # (B, S) ln pi_theta - ln pi_t
+    offset = (recorded - base).sum(dim=1)  # (B,) ln pi_t - ln pi_ref
+    full = step.sum(dim=1) + offset
+    clipped = step.clamp(-epsilon, epsilon).sum(dim=1) + offset
+    rho = (full[pairs[:, 0]] - full[pairs[:, 1]]) / eta - targets
+    rho_clip = (clipped[pairs[:, 0]] - clipped[pairs[:, 1]]) / eta - targets
+    return torch.maximum(rho.pow(2), rho_clip.pow(2)).mean()
+
+
+@pytest.mark.parametrize("epsilon", [1e9, 2e-3, 1e-6], ids=["no-clip", "some-clipped", "all-clipped"])
+@pytest.mark.parametrize("steps_per_pass", [1, 4])
+def test_anchored_rebel_gradient_equals_full_graph_autograd(lora_setups, epsilon, steps_per_pass):
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    pairs = pair_indices(traj.group)
+    targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+    steps = traj.stochastic_steps()
+    gen = torch.Generator().manual_seed(1)
+    base = traj.log_probs - 1e-2 * torch.rand(traj.log_probs.shape, generator=gen, dtype=torch.float64)
+    pipe.unet.zero_grad()
+    stats = rebel_accumulate(
+        pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
+        steps_per_pass=steps_per_pass, base_log_probs=base, epsilon=epsilon,
+    )  # fmt: skip
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    images = torch.arange(len(traj))
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    ratio = (new - traj.log_probs[:, steps]).detach()
+    clipped = int((ratio.abs() > epsilon).sum())
+    assert clipped == {1e9: 0, 2e-3: clipped, 1e-6: ratio.numel()}[epsilon]
+    if epsilon == 2e-3:  # the case must clip some steps and leave others
+        assert 0 < clipped < ratio.numel()
+    loss = _anchored_loss(new, traj.log_probs[:, steps], base[:, steps], pairs, targets, 0.5, epsilon)
+    loss.backward()
+    naive = _grads(lora)
+    assert ((ours - naive).norm() / naive.norm()).item() <= 1e-12
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-9)
+
+
+def test_anchored_rebel_on_policy_regresses_the_log_ratio_to_the_base(lora_setups):
+    """On-policy the ratio to the sampler is 0, so the prediction is the recorded log-ratio to the base."""
+    pipe, traj, scheduler, _ = lora_setups[torch.float32]
+    pairs = pair_indices(traj.group)
+    targets = torch.zeros(len(pairs))
+    steps = traj.stochastic_steps()
+    base = traj.log_probs.clone()
+    base[:, steps] -= torch.arange(len(traj), dtype=torch.float32)[:, None] * 1e-3  # image i: 4i e-3 above base
+    stats = rebel_accumulate(
+        pipe.unet, scheduler, traj, pairs, targets, eta=2.0, train_batch_size=6, steps=steps,
+        on_policy=True, base_log_probs=base, epsilon=1.0, backward=lambda loss, last: None,
+    )  # fmt: skip
+    expected = (pairs[:, 0] - pairs[:, 1]).float() * 4e-3 / 2.0
+    torch.testing.assert_close(stats["prediction"], expected, rtol=1e-4, atol=1e-7)

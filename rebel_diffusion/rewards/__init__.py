@@ -10,7 +10,8 @@ rather than on the first call).
 - a built-in (``REWARDS``): ``aesthetic`` (LAION aesthetic predictor v2 on OpenAI CLIP ViT-L/14,
   ``aesthetic``), ``clip`` (prompt-image cosine similarity of open_clip embeddings, ``clip_score``),
   ``jpeg-incompressibility`` / ``jpeg-compressibility`` (JPEG size in kB, +/-, ``jpeg``),
-  ``toy-alignment`` (the toy model's attribute classifier, ``toy_alignment``);
+  ``toy-alignment`` (the toy model's attribute classifier, ``toy_alignment``: the prompt's colour and
+  shape), ``toy-alignment-full`` (the same, and the background colour too);
 - an ``http://`` or ``https://`` URL: a reward server (``HttpReward``; the protocol is in
   ``http_reward``);
 - a plug-in, ``module.path:attribute`` (dotted attributes allowed).
@@ -102,6 +103,7 @@ REWARDS: dict[str, type[Reward]] = {
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
     "toy-alignment": ToyAlignmentReward,
+    "toy-alignment-full": ToyAlignmentReward,
 }
 
 PREFERENCES: dict[str, type[Preference]] = {
@@ -177,6 +179,10 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[RewardContext], Reward]]] 
     "jpeg-compressibility": ((), lambda c: JpegCompressibility(c.device, c.dtype)),
     "jpeg-incompressibility": ((), lambda c: JpegIncompressibility(c.device, c.dtype)),
     "toy-alignment": (("classifier_path", "include_background"), _toy_alignment),
+    "toy-alignment-full": (
+        ("classifier_path",),
+        lambda c: ToyAlignmentReward(c.device, c.dtype, classifier_path=c.classifier_path, include_background=True),
+    ),
 }
 _URL_OPTIONS = ("http_timeout", "http_retries")
 

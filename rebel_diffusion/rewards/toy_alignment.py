@@ -161,6 +161,9 @@ class ToyAlignmentReward(Reward):
         super().__init__(device, dtype)
         self.classifier_path = classifier_path
         self.include_background = bool(include_background)
+        if self.include_background:  # the built-in ``toy-alignment-full``
+            self.name = "toy-alignment-full"
+            self.units = "probability that the prompt's shape, its colour and the background are shown, 0-1"
         self.model: ToyClassifier | None = None
 
     def _load(self) -> None:
