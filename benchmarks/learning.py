@@ -169,17 +169,19 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_jobs(jobs: list[tuple], workers: int, on_result=None) -> list[dict]:
-    """Run the jobs, ``workers`` at a time; ``on_result(results so far)`` after each one."""
+def run_jobs(jobs: list[tuple], workers: int, on_result=None, worker=None) -> list[dict]:
+    """Run ``worker(job)`` (default ``run_one``; a module-level function) for each job, ``workers`` at a
+    time in spawned processes; ``on_result(results so far)`` after each one."""
+    worker = worker or run_one
     results = []
     if workers == 1:
         for j in jobs:
-            results.append(run_one(j))
+            results.append(worker(j))
             if on_result:
                 on_result(results)
         return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_one, j) for j in jobs]):
+        for future in as_completed([pool.submit(worker, j) for j in jobs]):
             results.append(future.result())
             if on_result:
                 on_result(results)

@@ -8,10 +8,12 @@ time. ``--following`` also measures prompt following of the toy model on fresh s
 (``benchmarks.toy_following``: the novel combinations, their held-out twin and the known captions).
 The summary gives, per variant, each figure's mean and 95% interval over the seeds.
 
-    python -m benchmarks.sweep --name quickstart --base "--preset toy" --seeds 0 1 2 --following \\
+    python -m benchmarks.sweep --name quickstart --base "--preset toy" --seeds 0 1 2 --following 8 \\
         --variant "preset=" --variant "policy anchor=--anchor policy"
     python -m benchmarks.sweep --name jpeg --base "--preset toy-jpeg --heldout-rewards \\
         jpeg-compressibility,toy-alignment" --variant "kl 0.1=--kl-coef 0.1" --jobs 2
+
+    python -m benchmarks.sweep --show benchmarks/results/sweep_quickstart_cpu_2026-12-06.json   # a table
 
 Results go to ``benchmarks/results/sweep_<name>_cpu_<date>.json``, never over an earlier file (``--out``
 to choose).
@@ -25,14 +27,12 @@ import shlex
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 from benchmarks import env
-from benchmarks.learning import interval
+from benchmarks.learning import interval, run_jobs
 from rebel_diffusion.config import TrainConfig
 
 # Per-epoch metrics kept in the JSON (when the run logs them).
@@ -127,20 +127,16 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def run_jobs(jobs: list[tuple], workers: int, on_result=None) -> list[dict]:
-    results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(run_one(job))
-            if on_result:
-                on_result(results)
-        return results
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
-            results.append(future.result())
-            if on_result:
-                on_result(results)
-    return results
+def show(result: dict, figures: list[str] | None = None) -> str:
+    """A markdown table of a sweep JSON's summary: one row per variant, mean +- 95% interval of each figure."""
+    summary = result["summary"]
+    first = next(iter(summary.values()))
+    figures = figures or [k for k in first if k != "seeds"]
+    lines = ["| variant | seeds | " + " | ".join(figures) + " |", "| --- | --- |" + " --- |" * len(figures)]
+    for name, row in summary.items():
+        cells = [f"{row[k]['mean']:+.3f} ± {row[k]['ci95']:.3f}" if k in row else "–" for k in figures]
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,13 +153,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--show"]:  # python -m benchmarks.sweep --show FILE.json [FIGURE ...]
+        print(show(json.loads(Path(argv[1]).read_text()), argv[2:] or None))
+        return
     args = parse_args(argv)
     base = shlex.split(args.base)
     for _, flags in args.variant:  # every variant must be a valid run before anything trains
         resolve([*base, *flags, "--output-dir", tempfile.gettempdir() + "/rebel-sweep-check"])
     out = Path(args.out) if args.out else env.default_out(f"sweep_{env.slug(args.name)}", torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv[1:] if argv is None else argv
     jobs = [
         (name, base, flags, seed, args.following, args.threads) for name, flags in args.variant for seed in args.seeds
     ]
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
         }
         out.write_text(json.dumps(result, indent=1) + "\n")
 
-    runs = run_jobs(jobs, args.jobs, on_result=lambda done: write(done, complete=False))
+    runs = run_jobs(jobs, args.jobs, on_result=lambda done: write(done, complete=False), worker=run_one)
     write(runs, complete=True)
     print(f"wrote {out} in {time.time() - t0:.0f} s")
 

@@ -273,6 +273,8 @@ def test_sweep_variants_are_train_flags_and_the_summary_spans_seeds(tmp_path):
                 for r in runs]  # fmt: skip
     assert row["seeds"] == 2 and change["values"] == pytest.approx(expected)
     assert "kl" in result["runs"][0]["curves"] and "kl" not in runs[0]["curves"]  # the flag took effect
+    table = sweep.show(result, ["heldout/jpeg-compressibility/change"]).splitlines()
+    assert len(table) == 4 and table[3].startswith(f"| b | 2 | {change['mean']:+.3f} ± {change['ci95']:.3f} |")
 
 
 def test_frontier_picks_the_best_gain_within_each_budget():
