@@ -431,6 +431,7 @@ PRESETS: dict[str, dict] = {
         "grid_num_images": 32,
         "heldout_prompts": "toy_novel_heldout",
         "heldout_every": 5,
+        "heldout_rewards": "toy-alignment-full",
         "heldout_images": 4,
         "heldout_diversity": "pixels",
         "reward": "toy-alignment-full",

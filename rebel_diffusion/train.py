@@ -887,6 +887,7 @@ def ddpo_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: to
 
 def ddpo_clip_range(clip_range: float | None, dims: int) -> float:
     """DDPO's clip range on per-dim mean log-prob ratios: ``clip_range`` as given, else CLIP_NATS / D.
+    REBEL's ``--anchor base`` clips each step's log-ratio to the sampling policy at the same bound.
 
     The per-dim mean of a log-ratio is its sum over the D = C*h*w latent dims divided by D, so a
     fixed range on it is a trust region that widens with the resolution; CLIP_NATS / D keeps it at
