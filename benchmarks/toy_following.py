@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--first-seed", type=int, default=FIRST_SEED)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = measure(args.run, args.seeds, args.first_seed)
     for name, row in result.items():
         cells = ", ".join(

@@ -154,7 +154,6 @@ def rebel_accumulate(
             pairs, step_ratio, base_offset, targets, eta, epsilon, valid.to(device)
         )  # (B, S), (P,), (P,)
         position = {j: i for i, j in enumerate(ratio_steps)}
-    diff = prediction * eta
     # (KL) each image's share of the mean over the valid pairs' members (once per valid pair it is in).
     members = torch.bincount(pairs[valid].flatten().cpu(), minlength=len(traj)).double()  # (B,)
     kl_weight = (members / (2 * num_valid)).to(device)  # (B,)
@@ -182,8 +181,8 @@ def rebel_accumulate(
     return {
         "loss": float(pair_loss.sum() / num_valid),
         "kl": float(kl_total),
-        "log_ratio_diff_abs": float(diff.abs().mean()),
-        "prediction": (diff / eta).detach().cpu()[valid],
+        "log_ratio_diff_abs": float(prediction.abs().mean()) * eta,
+        "prediction": prediction.detach().cpu()[valid],
         "target": targets.detach().float().cpu()[valid],
     }
 
