@@ -28,15 +28,23 @@ def _flop_context(device: torch.device):
 
 
 def unet_inputs(unet, batch: int, h: int, w: int, device, dtype):
-    """Seeded random (latents, timesteps, text embeddings) for one UNet call."""
-    from rebel_diffusion.components import unwrap
+    """Seeded random (latents, timesteps, conditioning kwargs) for one UNet call: the text
+    embeddings, and for SDXL the pooled text and the six size numbers of an (8h x 8w) image."""
+    from rebel_diffusion.components import is_sdxl, sdxl_time_ids, unwrap
 
     cfg = unwrap(unet).config
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, h, w, generator=g).to(device, dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     ctx = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
-    return x, t, ctx
+    kwargs = {"encoder_hidden_states": ctx}
+    if is_sdxl(unet):
+        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled_dim, generator=g).to(device, dtype),
+            "time_ids": sdxl_time_ids(8 * h, 8 * w).expand(batch, 6).to(device, dtype),
+        }
+    return x, t, kwargs
 
 
 def count_flops(fn, device: torch.device) -> int:
@@ -59,9 +67,9 @@ def bench_flops(args, device: torch.device, pipe, settings_hw: tuple[int, int]) 
     unet = unwrap(pipe.unet)
     wdtype = DTYPES[args.dtype]
     sample_batch = cfg_mult * args.batch
-    x, t, ctx = unet_inputs(unet, sample_batch, lh, lw, device, wdtype)
+    x, t, cond = unet_inputs(unet, sample_batch, lh, lw, device, wdtype)
     with torch.no_grad():
-        sample_call = count_flops(lambda: unet(x, t, encoder_hidden_states=ctx, return_dict=False), device)
+        sample_call = count_flops(lambda: unet(x, t, **cond, return_dict=False), device)
     lat = torch.randn(1, unet.config.in_channels, lh, lw, device=device, dtype=pipe.vae.dtype)
     with torch.no_grad():
         vae_decode = count_flops(lambda: pipe.vae.decode(lat, return_dict=False), device)
@@ -71,16 +79,16 @@ def bench_flops(args, device: torch.device, pipe, settings_hw: tuple[int, int]) 
     add_lora(lora_unet, rank=args.lora_rank, alpha=float(args.lora_rank))
     lora_unet.train()
     train_batch = cfg_mult * 2 * args.train_micro_batch
-    x, t, ctx = unet_inputs(lora_unet, train_batch, lh, lw, device, wdtype)
+    x, t, cond = unet_inputs(lora_unet, train_batch, lh, lw, device, wdtype)
     autocast = autocast_for(device, args.dtype)
 
     def fwd():
         with torch.no_grad(), autocast():
-            lora_unet(x, t, encoder_hidden_states=ctx, return_dict=False)
+            lora_unet(x, t, **cond, return_dict=False)
 
     def fwd_bwd():
         with autocast():
-            out = lora_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+            out = lora_unet(x, t, **cond, return_dict=False)[0]
         out.float().pow(2).mean().backward()
 
     train_fwd = count_flops(fwd, device)

@@ -4,7 +4,7 @@ Measures on the device it runs on, for one model, and writes ONE JSON (device, v
 average, every setting and figure; each section records the switches it ran with), by default
 ``benchmarks/results/bench_<device>_<date>.json``:
 
-  sampling  images/s of plain diffusers ``StableDiffusionPipeline.__call__`` (one generator, and
+  sampling  images/s of the plain diffusers pipeline's ``__call__`` (SD or SDXL; one generator, and
             per-image generators) vs our ``sample_trajectories(record=True)`` with log-probs: same
             steps, batch, eta and guidance; one warm-up call each, then interleaved rounds (the
             order rotates). Overhead = median time of ours / diffusers - 1.
@@ -295,8 +295,8 @@ def bench_sampling(args, device: torch.device, pipe) -> dict:
                 "ours": (
                     "sample_trajectories(record=True): latents and log-probs of every step, per-image generators"
                 ),
-                "diffusers": "StableDiffusionPipeline.__call__, one torch.Generator, output_type='pt'",
-                "diffusers_per_image": ("StableDiffusionPipeline.__call__ with per-image generators (ours' noise)"),
+                "diffusers": f"{type(pipe).__name__}.__call__, one torch.Generator, output_type='pt'",
+                "diffusers_per_image": f"{type(pipe).__name__}.__call__ with per-image generators (ours' noise)",
             },
         },
         "attention_processors": attention_processors(pipe.unet),

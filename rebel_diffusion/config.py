@@ -39,7 +39,13 @@ class TrainConfig:
     # --- model and sampler -----------------------------------------------------------------------
     model: str = _f(
         DEFAULT_MODEL,
-        "hub id, local diffusers folder, .safetensors file, or built-in: tiny, tiny-lcm, tiny-v, toy, sd15-random",
+        "hub id, local diffusers folder or .safetensors file (SD 1.x/2.x, LCM or SDXL base), or built-in: "
+        "tiny, tiny-lcm, tiny-v, toy, sd15-random, tiny-sdxl, sdxl-random",
+    )
+    vae: str | None = _f(
+        None,
+        "a VAE in place of the model's: hub id, diffusers folder or .safetensors file "
+        "(SDXL in fp16: madebyollin/sdxl-vae-fp16-fix; without it SDXL's VAE decodes in fp32)",
     )
     sampler: str = _f("auto", "denoising sampler; auto = LCM for LCM models, else DDIM", ("auto", "ddim", "lcm"))
     num_steps: int = _f(50, "denoising steps per image (the trajectory length T)")
@@ -78,12 +84,14 @@ class TrainConfig:
         "advantage gap, at any resolution",
     )
     anchor: str = _f(
-        "policy",
+        "auto",
         "what REBEL's log-ratios are taken against: policy = the policy that sampled the epoch (the "
         "paper; each epoch a fresh trust region, nothing bounds the drift over many epochs); base = the "
         "frozen base model (PRDP's form: the fixed point is pi_base exp(eta A), so eta bounds the "
-        "log-likelihood ratio to the base), each step's ratio to the sampling policy clipped at --clip-range",
-        ("policy", "base"),
+        "log-likelihood ratio to the base), each step's ratio to the sampling policy clipped at --clip-range; "
+        "auto = base for REBEL (over 60 epochs it keeps prompt following within 0.05 where the policy "
+        "anchor with a KL term does not: docs/tuning.md), policy for DDPO (PPO's own ratio)",
+        ("auto", "policy", "base"),
     )
     normalization: str = _f(
         "per-group",
@@ -225,6 +233,8 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {value!r}")
         if self.algorithm == "rebel" and self.images_per_prompt < 2:
             raise UsageError("REBEL regresses on pairs: --images-per-prompt must be >= 2")
+        if self.anchor == "auto":  # resolved once: config.yaml stores what ran
+            self.anchor = "base" if self.algorithm == "rebel" else "policy"
         if self.anchor != "policy" and self.algorithm != "rebel":
             raise UsageError(
                 f"--anchor {self.anchor} is REBEL's (DDPO's PPO loss has no anchor); drop it or use --algorithm rebel"
@@ -374,6 +384,7 @@ RANGE_TEXT = {name: text for name, (_, text) in _RANGES.items()}
 # the batch's std, the two lowest-noise steps (std 0.04, 0.02) left out by --min-step-std 0.1.
 _TOY = dict(
     model="toy",
+    anchor="policy",  # the toy presets' figures (docs/tuning.md) were measured against the sampling policy
     prompts="toy_shapes",
     num_steps=10,
     images_per_prompt=4,
@@ -394,6 +405,7 @@ PRESETS: dict[str, dict] = {
     # 8 prompts x 2 images, 10 batches, micro-batch 2 pairs (4 images), lr 1e-4, rank 8 / alpha 8.
     "lcm": dict(
         model="SimianLuo/LCM_Dreamshaper_v7",
+        anchor="policy",  # the paper's regression
         sampler="lcm",
         num_steps=8,
         guidance_scale=8.0,
@@ -416,6 +428,29 @@ PRESETS: dict[str, dict] = {
         batches_per_epoch=4,
         train_batch_size=4,
         gradient_accumulation_steps=4,
+    ),
+    # SDXL base 1.0 from the SDXL RL/DPO recipes (SPO, Diffusion-DPO, LPO): 1024 px (size conditioning
+    # of the size sampled), DDIM from its own scheduler config with ddim_eta 1, 30 steps, guidance 5,
+    # LoRA rank 32 / alpha 32 on attention, lr 3e-5, gradient checkpointing, 2 images a micro-batch
+    # (8 an optimizer step); its VAE decodes in fp32 under fp16 (force_upcast) unless --vae swaps it.
+    "sdxl": dict(
+        model="stabilityai/stable-diffusion-xl-base-1.0",
+        sampler="ddim",
+        num_steps=30,
+        ddim_eta=1.0,
+        guidance_scale=5.0,
+        resolution=1024,
+        images_per_prompt=2,
+        prompts_per_batch=8,
+        batches_per_epoch=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=4,
+        steps_per_pass=1,
+        lora_rank=32,
+        lora_alpha=32.0,
+        learning_rate=3e-5,
+        gradient_checkpointing=True,
+        grid_num_images=8,
     ),
     # The toy tasks (the built-in toy model on a CPU).
     # toy: the offline quick start. Prompt following at guidance 1 on the 16 combinations the toy model
@@ -557,6 +592,7 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
             raise UsageError(f"--resume: {out} has no {run_folder.CONFIG} (no run to resume there)")
         # Format-1 runs stored the actions (as false), and runs before the rename the old field names.
         stored = {k: v for k, v in read_yaml(saved, "--resume").items() if k not in ACTIONS}
+        stored.setdefault("anchor", "policy")  # runs from before --anchor regressed against the policy
         cfg = saved_cfg = _apply(cfg, _renamed(stored, str(saved), warn=False), str(saved))
     if preset:
         if preset not in PRESETS:

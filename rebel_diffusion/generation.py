@@ -35,13 +35,18 @@ class Source:
     finetune: Path | None = None
     run_dir: Path | None = None
     config: dict = field(default_factory=dict)
+    vae: str | None = None
 
 
 def resolve_source(
-    run: str | Path | None = None, model: str | None = None, finetune: str | Path | None = None
+    run: str | Path | None = None,
+    model: str | None = None,
+    finetune: str | Path | None = None,
+    vae: str | None = None,
 ) -> Source:
-    """The model, fine-tune and run config named by ``run``/``model``/``finetune`` (the latter two win
-    over the run's). The fine-tune is the run's lora/, unet/ or newest complete checkpoint."""
+    """The model, VAE, fine-tune and run config named by ``run``/``model``/``vae``/``finetune`` (the
+    latter three win over the run's). The fine-tune is the run's lora/, unet/ or newest complete
+    checkpoint; the VAE the run's ``--vae`` unless another is given (a new --model drops the run's)."""
     from .models import DEFAULT_MODEL
 
     run_dir, cfg = run_folder.read_config(run) if run else (None, {})
@@ -53,7 +58,14 @@ def resolve_source(
         weights = run_folder.find_weights(p)
     elif run:
         weights = run_folder.find_weights(run)
-    return Source(model=str(model or cfg.get("model") or DEFAULT_MODEL), finetune=weights, run_dir=run_dir, config=cfg)
+    run_vae = None if model else cfg.get("vae")
+    return Source(
+        model=str(model or cfg.get("model") or DEFAULT_MODEL),
+        finetune=weights,
+        run_dir=run_dir,
+        config=cfg,
+        vae=vae or run_vae,
+    )
 
 
 def sampling_settings(cfg: dict | None = None, **overrides):
@@ -134,8 +146,8 @@ def load_models(source: Source, *, device, dtype, with_base: bool):
     """
     from .models import check_sd_components, load_pipeline
 
-    pipe = load_pipeline(source.model, dtype=dtype, device=device)
-    check_sd_components(pipe)
+    pipe = load_pipeline(source.model, dtype=dtype, device=device, vae=source.vae)
+    check_sd_components(pipe, source.model)
     if source.finetune is None:
         return (pipe if with_base else None), pipe
     tuned = fork_pipeline(pipe) if with_base else pipe

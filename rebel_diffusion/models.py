@@ -9,6 +9,10 @@ Built-in names (no download, no internet):
   shipped with the package; learning is visible on it on a CPU.
 - ``sd15-random``: the Stable Diffusion 1.5 architecture at 512x512 with seeded random weights
   (``build_sd15_random_pipeline``): full-size timing and memory without a download; its images are noise.
+- ``tiny-sdxl``: an SDXL-shaped pipeline (two text encoders, pooled text and size conditioning)
+  with seeded random weights, 32x32 images, sizes as diffusers' SDXL tests: for plumbing and math.
+- ``sdxl-random``: the SDXL base 1.0 architecture at 1024x1024 with seeded random weights
+  (``build_sdxl_random_pipeline``), for GPU benchmarks.
 
 All of them use the real CLIP tokenizer, rebuilt offline from open_clip's bundled BPE vocabulary.
 """
@@ -28,7 +32,7 @@ import torch
 from .errors import UsageError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy", "sd15-random")
+BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy", "sd15-random", "tiny-sdxl", "sdxl-random")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 
 # Stable Diffusion 1.x's noise schedule (its scheduler_config.json), shared by the built-ins.
@@ -49,11 +53,12 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, found by pipe
 # Tokenizer
 
 
-def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
+def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str | None = None):
     """The CLIP ViT-L/14 tokenizer of Stable Diffusion 1.x, built from open_clip's bundled BPE file.
 
     open_clip's ``SimpleTokenizer`` holds the same vocabulary and merges as the hub tokenizer; only
-    the names of the start/end tokens differ. Gives the same ids as the SD tokenizer.
+    the names of the start/end tokens differ. Gives the same ids as the SD tokenizer. SDXL's second
+    tokenizer is the same with ``pad_token='!'`` (it pads with id 0, not the end token).
     """
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
@@ -72,7 +77,8 @@ def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
         merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
         _atomic_write(vocab_file, json.dumps(encoder))
         _atomic_write(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, **extra)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -158,6 +164,45 @@ def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_ty
     return pipe
 
 
+def sd_vae(**config):
+    """Stable Diffusion's published 4-block VAE (SD 1.x, 2.x and SDXL share the layout), seeded by
+    the caller; ``config``: its sample size, scaling factor, ``force_upcast``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=32,
+        **config,
+    )
+
+
+def clip_l_text_config(**overrides):
+    """The CLIP ViT-L/14 text tower of SD 1.x and of SDXL's first encoder; ``overrides`` change it
+    (SDXL's second encoder is OpenCLIP's bigG: wider, deeper, gelu)."""
+    from transformers import CLIPTextConfig
+
+    config = dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    return CLIPTextConfig(**{**config, **overrides})
+
+
 def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
     """The Stable Diffusion 1.5 architecture with seeded random weights, for benchmarks (no download).
 
@@ -165,8 +210,8 @@ def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str |
     parameters); the tokenizer is the real one; the scheduler is SD's DDIM. Weights are created on
     ``device`` (fast on a GPU) and cast to ``dtype``. Its images are noise: for timing and memory only.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     device = torch.device(device)
     rng_devices = [device] if device.type == "cuda" else []
@@ -190,34 +235,8 @@ def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str |
             flip_sin_to_cos=True,
             freq_shift=0,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            act_fn="silu",
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        vae = sd_vae(sample_size=512, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(clip_l_text_config(pad_token_id=49407))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -235,16 +254,164 @@ def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str |
 
 
 # ----------------------------------------------------------------------------------------------
+# Built-in SDXL pipelines
+
+# SDXL base 1.0's VAE scale (its vae/config.json); it overflows in fp16 (force_upcast).
+SDXL_VAE_SCALING = 0.13025
+
+
+def _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    # SDXL base's scheduler_config.json: Euler with SD's schedule, "leading" spacing, and the DDIM
+    # keys it also carries (a DDIM made from it keeps set_alpha_to_one=False: every step stochastic).
+    euler = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    scheduler = EulerDiscreteScheduler(**euler, timestep_spacing="leading")
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """A small SDXL-shaped ``StableDiffusionXLPipeline`` with seeded random weights (32x32 images).
+
+    Sizes as diffusers' own SDXL tests: two CLIP text encoders of hidden size 32 (the second with a
+    projection, whose pooled output is ``text_embeds``), cross-attention 64 = 32 + 32, the six size
+    numbers embedded in 8 dims each (6 x 8 + 32 = 80), linear projections in the transformers; VAE
+    scale factor 4 (latents 4x8x8) with SDXL's scaling factor and ``force_upcast``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=SDXL_VAE_SCALING,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    return _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2)
+
+
+def build_sdxl_random_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The SDXL base 1.0 architecture with seeded random weights, for benchmarks (no download).
+
+    UNet (2.6 B parameters), VAE and the two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG, with
+    projection) from SDXL base 1.0's published configs, at 1024x1024. Weights are created on
+    ``device`` and cast to ``dtype``. Its images are noise: for timing and memory only.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    device = torch.device(device)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            norm_num_groups=32,
+            act_fn="silu",
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+        vae = sd_vae(sample_size=1024, scaling_factor=SDXL_VAE_SCALING, force_upcast=True)
+        text_encoder = CLIPTextModel(clip_l_text_config(pad_token_id=1))
+        # OpenCLIP ViT-bigG/14's text tower, with its projection (the pooled text_embeds)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            clip_l_text_config(
+                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                hidden_act="gelu", projection_dim=1280, pad_token_id=1,
+            )
+        )  # fmt: skip
+    pipe = _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a Stable Diffusion pipeline from a built-in name, a local folder, a file or a hub id.
+def load_pipeline(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", vae: str | None = None
+):
+    """Load a Stable Diffusion (1.x, 2.x, LCM or SDXL) pipeline from a built-in name, a folder, a file or a hub id.
 
-    - ``tiny``, ``tiny-lcm``, ``tiny-v``, ``toy``, ``sd15-random``: built-ins (module docstring);
-    - an existing folder: a diffusers pipeline folder (``model_index.json``);
-    - an existing ``.safetensors``/``.ckpt`` file: a single-file SD checkpoint;
-    - otherwise a model-hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+    - ``tiny``, ``tiny-lcm``, ``tiny-v``, ``toy``, ``sd15-random``, ``tiny-sdxl``, ``sdxl-random``:
+      built-ins (module docstring);
+    - an existing folder: a diffusers pipeline folder (``model_index.json``), SD or SDXL;
+    - an existing ``.safetensors``/``.ckpt`` file: a single-file SD or SDXL checkpoint (SDXL is
+      recognised by its second text encoder's keys);
+    - otherwise a model-hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
+      ``stabilityai/stable-diffusion-xl-base-1.0``.
+
+    ``vae``: a hub id or folder of an ``AutoencoderKL`` that replaces the pipeline's (for SDXL in
+    fp16: ``madebyollin/sdxl-vae-fp16-fix``).
 
     Raises ``UsageError`` with one line that says what to pass instead when it cannot be loaded.
     The safety checker is not loaded: rewards see the raw images.
@@ -257,8 +424,14 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
         pipe = _load_toy(dtype)
     elif model == "sd15-random":
         pipe = build_sd15_random_pipeline(dtype, device)  # weights created on the device: fast on a GPU
+    elif model == "tiny-sdxl":
+        pipe = build_tiny_sdxl_pipeline()
+    elif model == "sdxl-random":
+        pipe = build_sdxl_random_pipeline(dtype, device)
     else:
         pipe = _load_external(model, dtype)
+    if vae is not None:
+        pipe.vae = load_vae(vae, dtype)
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
@@ -298,14 +471,82 @@ def _load_toy(dtype):
 
 @contextlib.contextmanager
 def _quiet_dtype_deprecation():
-    """diffusers >= 0.36 renames ``torch_dtype`` to ``dtype`` with a warning; the old name works in all we support."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
+    """diffusers >= 0.36 renames ``torch_dtype`` to ``dtype`` with a warning; the old name works in all we
+    support. SDXL pipelines have no safety checker to switch off: their notice about it is dropped too."""
+    import logging
+
+    def keep(record):
+        return "'safety_checker'" not in record.getMessage()
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def single_file_family(path: str | os.PathLike) -> str:
+    """'sdxl', 'sdxl-refiner' or 'sd' for a single-file checkpoint, from its keys (SGM's names).
+
+    SDXL base has two text encoders (``conditioner.embedders.0`` and ``.1``), the refiner only the
+    second (as ``embedders.0``, an OpenCLIP model). A ``.ckpt`` is read as SD 1.x/2.x: SDXL is
+    distributed as ``.safetensors``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return "sd"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.transformer.") for k in keys):
+        return "sdxl-refiner"
+    return "sd"
+
+
+def _load_single_file(path: Path, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = single_file_family(path)
+    if family == "sdxl-refiner":
+        raise UsageError(REFINER_REFUSAL.format(model=path))
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {"add_watermarker": False} if family == "sdxl" else {"safety_checker": None}
+    return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+
+
+REFINER_REFUSAL = (
+    "--model {model}: an SDXL refiner (image-to-image, one text encoder) cannot be trained here; "
+    "pass an SDXL base model such as stabilityai/stable-diffusion-xl-base-1.0"
+)
+
+
+def load_vae(vae: str, dtype):
+    """An ``AutoencoderKL`` from a hub id or a local folder (``--vae``); one line when it cannot load."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        with _quiet_dtype_deprecation():
+            if path.is_file():
+                return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
+            return AutoencoderKL.from_pretrained(str(path) if path.exists() else vae, torch_dtype=dtype)
+    except Exception as e:
+        where = "the local path" if path.exists() else "the model hub"
+        raise UsageError(
+            f"--vae {vae}: could not load a VAE from {where} ({type(e).__name__}: {_first_line(e)}); "
+            "pass a diffusers AutoencoderKL folder (with config.json), a .safetensors VAE, or a hub id "
+            "downloaded first with `hf download`"
+        ) from e
 
 
 def _load_external(model: str, dtype):
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()
     looks_like_path = path.suffix in (".safetensors", ".ckpt") or model.startswith((".", "/", "~"))
@@ -314,7 +555,7 @@ def _load_external(model: str, dtype):
             if path.is_file():
                 if path.suffix not in (".safetensors", ".ckpt"):
                     raise UsageError(f"--model {model}: a single-file checkpoint must end in .safetensors or .ckpt")
-                return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None)
+                return _load_single_file(path, dtype)
             if path.is_dir():
                 if not (path / "model_index.json").exists():
                     raise UsageError(
@@ -355,13 +596,29 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def check_sd_components(pipe) -> None:
-    """Raise ``UsageError`` unless ``pipe`` has the parts this toolkit drives."""
-    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+def check_sd_components(pipe, model: str = "") -> None:
+    """Raise ``UsageError`` unless ``pipe`` is a text-to-image pipeline this toolkit drives.
+
+    SD 1.x/2.x and LCM (UNet, VAE, one CLIP text encoder) or SDXL base (two text encoders, pooled
+    text and size conditioning). An SDXL refiner, an inpainting UNet or another conditioning is refused.
+    """
+    what = "rebel-diffusion trains Stable Diffusion 1.x/2.x, LCM and SDXL (base) UNet pipelines"
+    if getattr(pipe.config, "requires_aesthetics_score", False) or (
+        getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "text_encoder", None) is None
+    ):
+        raise UsageError(REFINER_REFUSAL.format(model=model or type(pipe).__name__))
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    unet = getattr(pipe, "unet", None)
+    embed = getattr(getattr(unet, "config", None), "addition_embed_type", None)
+    if embed == "text_time":
+        names += ["text_encoder_2", "tokenizer_2"]
+    missing = [n for n in names if getattr(pipe, n, None) is None]
     if missing:
+        raise UsageError(f"the model is a {type(pipe).__name__} without {', '.join(missing)}: {what}")
+    if embed not in (None, "text_time") or unet.config.in_channels != 4:
         raise UsageError(
-            f"the model is a {type(pipe).__name__} without {', '.join(missing)}: "
-            "rebel-diffusion trains Stable Diffusion 1.x/2.x and LCM UNet pipelines"
+            f"the model is a {type(pipe).__name__} whose UNet takes {unet.config.in_channels} input channels "
+            f"and addition_embed_type {embed!r}: {what}"
         )
 
 

@@ -412,9 +412,10 @@ MODEL_CARD = "README.md"  # inside lora/ (or unet/): the Hugging Face model card
 CARD_GRID = "grid.png"
 
 
-def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
-    """``lora/README.md`` (or ``unet/``): a Hugging Face model card with the base model, reward,
-    algorithm, the key figures of epoch 0 and the last epoch, and the last grid (copied beside it)."""
+def write_model_card(out: Path, config: dict, metrics: list[dict], sdxl: bool = False) -> Path:
+    """``lora/README.md`` (or ``unet/``): a Hugging Face model card with the base model and its
+    architecture (``sdxl``: SDXL, else Stable Diffusion), reward, algorithm, the key figures of
+    epoch 0 and the last epoch, and the last grid (copied beside it)."""
     import yaml
 
     out = Path(out)
@@ -430,7 +431,7 @@ def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
         "base_model": config.get("model"),
         "library_name": "diffusers",
         "tags": [
-            "stable-diffusion",
+            *(["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else ["stable-diffusion"]),
             "text-to-image",
             "diffusers",
             "lora" if folder.name == LORA_DIR else "unet",
@@ -448,7 +449,8 @@ def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
     text = (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# {out.name}\n\n"
-        f"A {'LoRA' if folder.name == LORA_DIR else 'fine-tuned UNet'} of `{config.get('model')}` trained with "
+        f"A {'LoRA' if folder.name == LORA_DIR else 'fine-tuned UNet'} of the "
+        f"{'SDXL' if sdxl else 'Stable Diffusion'} model `{config.get('model')}` trained with "
         f"rebel-diffusion ({str(config.get('algorithm', 'rebel')).upper()}) toward the reward "
         f"`{config.get('reward')}`: {last.get('epoch', 0)} epochs of {config.get('num_steps')} "
         f"{config.get('sampler')} steps at guidance {config.get('guidance_scale')}.\n\n"
@@ -456,12 +458,22 @@ def write_model_card(out: Path, config: dict, metrics: list[dict]) -> Path:
         + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n"
         + "\n".join(rows)
         + "\n\n"
-        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n"
-        "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}")\n{use}\n```\n'
+        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n" + _use_section(config, use)
     )
     atomic_write_text(folder / MODEL_CARD, text)
     return folder / MODEL_CARD
+
+
+def _use_section(config: dict, use: str) -> str:
+    vae = config.get("vae")
+    lines = ["from diffusers import DiffusionPipeline"]
+    if vae:
+        lines += ["from diffusers import AutoencoderKL", ""]
+        lines += [f'vae = AutoencoderKL.from_pretrained("{vae}")']
+        lines += [f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}", vae=vae)']
+    else:
+        lines += ["", f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}")']
+    return "## Use\n\n```python\n" + "\n".join([*lines, use]) + "\n```\n"
 
 
 def _fmt(value) -> str:

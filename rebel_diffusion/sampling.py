@@ -14,7 +14,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .components import decode_latents, encode_prompts, guided_model_output, is_lcm_model, uses_cfg
+from .components import (
+    TextCache,
+    decode_latents,
+    encode_prompts,
+    encode_prompts_sdxl,
+    guided_model_output,
+    is_lcm_model,
+    is_sdxl,
+    sdxl_time_ids,
+    uses_cfg,
+)
 from .errors import UsageError
 from .steps import ddim_step_with_logprob, lcm_step_with_logprob
 
@@ -113,6 +123,8 @@ class Trajectories:
         0 where ``stochastic`` is False.  stochastic: (T,) bool, steps that carry a log-prob.
     images: (B, 3, H, W) float32 in [0, 1].  settings: the resolved ``SamplingSettings``.
     step_std: (T,) float32, the noise std of each step's Gaussian (0 where deterministic).
+    SDXL only (None otherwise): added: {'text_embeds': (B, P) pooled text, 'time_ids': (B, 6)},
+    the UNet's ``added_cond_kwargs``; negative_added: the same for the unconditional pass.
     """
 
     prompts: list[str]
@@ -127,6 +139,8 @@ class Trajectories:
     images: torch.Tensor
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     step_std: torch.Tensor | None = None
+    added: dict[str, torch.Tensor] | None = None
+    negative_added: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -141,6 +155,8 @@ class Trajectories:
         idx = index.tolist()
 
         def sel(t):
+            if isinstance(t, dict):
+                return {k: sel(v) for k, v in t.items()}
             return None if t is None else t[index.to(t.device)]
 
         return replace(
@@ -153,6 +169,8 @@ class Trajectories:
             latents=sel(self.latents),
             log_probs=sel(self.log_probs),
             images=sel(self.images),
+            added=sel(self.added),
+            negative_added=sel(self.negative_added),
         )
 
     @staticmethod
@@ -162,6 +180,8 @@ class Trajectories:
 
         def cat(name):
             values = [getattr(p, name) for p in parts]
+            if isinstance(values[0], dict):
+                return {k: torch.cat([v[k] for v in values]) for k in values[0]}
             return None if values[0] is None else torch.cat(values)
 
         return replace(
@@ -169,9 +189,49 @@ class Trajectories:
             prompts=[p for part in parts for p in part.prompts],
             **{
                 n: cat(n)
-                for n in ("group", "seeds", "prompt_embeds", "negative_embeds", "latents", "log_probs", "images")
+                for n in (
+                    "group",
+                    "seeds",
+                    "prompt_embeds",
+                    "negative_embeds",
+                    "latents",
+                    "log_probs",
+                    "images",
+                    "added",
+                    "negative_added",
+                )  # fmt: skip
             },
         )
+
+
+def _rows(t, index):
+    """Rows ``index`` of a tensor, of each tensor of a dict, or None."""
+    if isinstance(t, dict):
+        return {k: v[index] for k, v in t.items()}
+    return None if t is None else t[index]
+
+
+def sdxl_conditioning(pipe, prompts: list[str], settings: SamplingSettings, cfg: bool, text_cache=None):
+    """What SDXL's UNet sees for B images, as ``StableDiffusionXLPipeline`` builds it.
+
+    Returns (embeds (B, 77, D1 + D2), added, negative (B, 77, D1 + D2) or None, negative_added or
+    None), ``added`` = {'text_embeds': (B, P), 'time_ids': (B, 6)}. The size conditioning is the
+    size actually sampled; the unconditional branch is zeros when there is no negative prompt and
+    the model says ``force_zeros_for_empty_prompt`` (SDXL base does), else the negative prompt's
+    encoding ('' encoded as a prompt). ``text_cache``: a ``TextCache`` to take encodings from.
+    """
+    encode = encode_prompts_sdxl if text_cache is None else text_cache.encode
+    embeds, pooled = encode(pipe, prompts)
+    time_ids = sdxl_time_ids(settings.height, settings.width).to(embeds.device).expand(len(prompts), 6)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    if not cfg:
+        return embeds, added, None, None
+    if not settings.negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = encode(pipe, [settings.negative_prompt])
+        negative, negative_pooled = negative.expand_as(embeds), negative_pooled.expand_as(pooled)
+    return embeds, added, negative, {"text_embeds": negative_pooled, "time_ids": time_ids}
 
 
 def image_seeds(seed: int, count: int, offset: int = 0) -> list[int]:
@@ -192,6 +252,7 @@ def sample_trajectories(
     record: bool = True,
     progress: bool = False,
     group_offset: int = 0,
+    text_cache: TextCache | None = None,
 ) -> Trajectories:
     """Sample ``images_per_prompt`` images for each prompt, recording trajectories and log-probs.
 
@@ -199,7 +260,8 @@ def sample_trajectories(
     (default ``seed + b``). Each image has its own torch.Generator, so image b is the same
     whatever else is in the batch or how it is chunked. ``unet`` overrides ``pipe.unet`` (a wrapped
     or compiled one). ``record=False`` keeps only the images (cheaper, for eval and ``sample``).
-    ``batch_size`` bounds the images denoised together (default: all).
+    ``batch_size`` bounds the images denoised together (default: all). ``text_cache``: reuse each
+    prompt's text conditioning across calls (training: the same prompts every epoch).
     """
     from tqdm.auto import tqdm
 
@@ -220,8 +282,15 @@ def sample_trajectories(
 
     # 1. Text embeddings, each distinct prompt once.
     cfg = uses_cfg(unet, settings.guidance_scale)
-    embeds = encode_prompts(pipe, image_prompts)  # (B, L, D)
-    negative = encode_prompts(pipe, [settings.negative_prompt]).expand_as(embeds) if cfg else None
+    added = negative_added = None
+    if is_sdxl(pipe):
+        embeds, added, negative, negative_added = sdxl_conditioning(pipe, image_prompts, settings, cfg, text_cache)
+    elif text_cache is not None:
+        embeds = text_cache.encode(pipe, image_prompts)[0]  # (B, L, D)
+        negative = text_cache.encode(pipe, [settings.negative_prompt])[0].expand_as(embeds) if cfg else None
+    else:
+        embeds = encode_prompts(pipe, image_prompts)  # (B, L, D)
+        negative = encode_prompts(pipe, [settings.negative_prompt]).expand_as(embeds) if cfg else None
 
     scheduler = make_scheduler(pipe, settings)  # timesteps stay host ints: no device syncs
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]
@@ -242,8 +311,9 @@ def sample_trajectories(
             for t in timesteps:
                 model_in = scheduler.scale_model_input(x, t)
                 out = guided_model_output(
-                    unet, model_in, t, embeds[sl], None if negative is None else negative[sl], settings.guidance_scale
-                )
+                    unet, model_in, t, embeds[sl], _rows(negative, sl), settings.guidance_scale,
+                    _rows(added, sl), _rows(negative_added, sl),
+                )  # fmt: skip
                 x, logp, _, std = scheduler_step(scheduler, settings, out, t, x, generator=generators, with_mean=True)
                 stochastic.append(logp is not None)
                 stds.append(float(std) if logp is not None else 0.0)  # one timestep: a python float
@@ -252,14 +322,16 @@ def sample_trajectories(
                     traj.append(x)
                 bar.update(1)
         # 4. Decode x_0.
-        images = decode_latents(pipe.vae, x)
+        images = decode_latents(pipe.vae, x, upcast=is_sdxl(pipe))
         parts.append(
             Trajectories(
                 prompts=image_prompts[sl],
                 group=group[sl],
                 seeds=torch.tensor(seeds[sl], dtype=torch.long),
                 prompt_embeds=embeds[sl],
-                negative_embeds=None if negative is None else negative[sl],
+                negative_embeds=_rows(negative, sl),
+                added=_rows(added, sl),
+                negative_added=_rows(negative_added, sl),
                 latents=torch.stack(traj, dim=1) if record else x[:, None],
                 timesteps=torch.tensor(timesteps, dtype=torch.long),
                 log_probs=torch.stack(logps, dim=1),
@@ -298,14 +370,23 @@ def steps_log_prob(unet, scheduler, traj: Trajectories, steps: list[int], index=
     rows, cols = rows.to(device)[:, None], torch.tensor(steps, device=device)[None, :]
     x_t = traj.latents[rows, cols].flatten(0, 1)  # (b*m, C, h, w), image-major
     x_prev = traj.latents[rows, cols + 1].flatten(0, 1)  # (b*m, C, h, w)
-    embeds = traj.prompt_embeds[rows[:, 0]].repeat_interleave(m, dim=0)  # (b*m, L, D)
-    negative = None if traj.negative_embeds is None else traj.negative_embeds[rows[:, 0]].repeat_interleave(m, dim=0)
+
+    def per_step(t):  # (B, ...) -> (b*m, ...) image-major, for a tensor, a dict of them, or None
+        if isinstance(t, dict):
+            return {k: per_step(v) for k, v in t.items()}
+        return None if t is None else t[rows[:, 0].to(t.device)].repeat_interleave(m, dim=0)
+
+    embeds = per_step(traj.prompt_embeds)  # (b*m, L, D)
+    negative = per_step(traj.negative_embeds)
     if m == 1:
         t = int(traj.timesteps[steps[0]])  # a host int: no host-to-device copy
     else:
         t = traj.timesteps.cpu()[steps].repeat(b)  # (b*m,) host tensor
     model_in = scheduler.scale_model_input(x_t, t)
-    out = guided_model_output(unet, model_in, t, embeds, negative, traj.settings.guidance_scale)
+    out = guided_model_output(
+        unet, model_in, t, embeds, negative, traj.settings.guidance_scale,
+        per_step(traj.added), per_step(traj.negative_added),
+    )  # fmt: skip
     if with_mean:
         _, logp, mean, std = scheduler_step(scheduler, traj.settings, out, t, x_t, prev_sample=x_prev, with_mean=True)
         return logp.view(b, m), mean, std

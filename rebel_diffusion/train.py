@@ -34,10 +34,11 @@ import torch
 
 from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
+from .components import TextCache, is_sdxl
 from .config import CLIP_NATS, TrainConfig
 from .errors import RunError, UsageError
-from .generation import set_num_threads
-from .models import add_lora, load_pipeline, parse_lora_targets
+from .generation import grid_tiles, set_num_threads
+from .models import add_lora, check_sd_components, load_pipeline, parse_lora_targets
 from .prompts_io import load_prompts
 from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
 from .rewards import CombinedReward, Reward, load_preference, load_reward
@@ -101,6 +102,7 @@ class Run:
     last_epoch_seconds: float | None = None
     checkpointed_epoch: int | None = 0  # the last epoch on disk (0: the start needs no checkpoint)
     ema: dict[str, torch.Tensor] | None = None  # EMA of the trainable weights (fp32, their device)
+    text_cache: TextCache = field(default_factory=TextCache)  # each training prompt encoded once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +131,8 @@ def setup(cfg: TrainConfig) -> Run:
     heldout = load_heldout(cfg, accelerator, weight_dtype) if cfg.heldout_every else None
     # 4. Model: frozen parts in the mixed-precision dtype; trainable weights in fp32.
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process
-    pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device)
+    pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device, vae=cfg.vae)
+    check_sd_components(pipe, cfg.model)
     settings = sampling_settings(cfg, pipe)
     ref_unet, lora_matches = make_trainable(cfg, pipe)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
@@ -649,6 +652,7 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
                     settings=run.settings,
                     unet=unet,
                     group_offset=b * cfg.prompts_per_batch,
+                    text_cache=run.text_cache,
                 )
             )
         stop_point(run)
@@ -1001,7 +1005,8 @@ def report_epoch(run: Run, epoch: int, metrics: dict) -> None:
         metrics["grid_reward_mean"] = float(finite.mean()) if len(finite) else float("nan")
         metrics["grid_reward_std"] = float(finite.std(unbiased=False)) if len(finite) else float("nan")
         metrics.update(heldout)
-        grid = report.make_grid(images, [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards.tolist())])
+        captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, rewards.tolist())]
+        grid = report.make_grid(grid_tiles(images), captions)  # SDXL's 1024 px tiles at 256: a readable file
         report.save_png(grid, run.out / run_folder.GRIDS / f"epoch_{epoch:04d}.png")
         metrics_file = run.out / run_folder.METRICS
         if epoch == 0:
@@ -1100,7 +1105,10 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
             with _ema_weights(run):  # the exported LoRA holds the EMA, when there is one
                 run_folder.export_weights(run.out, acc.unwrap_model(run.unet), run.cfg.finetune)
             run_folder.write_model_card(
-                run.out, dataclasses.asdict(run.cfg), report.read_metrics(run.out / run_folder.METRICS)
+                run.out,
+                dataclasses.asdict(run.cfg),
+                report.read_metrics(run.out / run_folder.METRICS),
+                sdxl=is_sdxl(run.unet),
             )
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         run_folder.abort_checkpoint(run.out, epoch)

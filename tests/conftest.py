@@ -43,3 +43,9 @@ def tiny_v_pipe():
 def pytest_collection_modifyitems(config, items):
     """Fast tests first, then the ones marked slow (end-to-end runs), so a failure shows early."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe():
+    """``tiny-sdxl``: SDXL-shaped (two text encoders, pooled text and size conditioning), 32x32, fp32 CPU."""
+    return load_pipeline("tiny-sdxl")

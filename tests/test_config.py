@@ -214,9 +214,26 @@ def test_several_rewards_as_a_yaml_mapping(tmp_path):
     assert cfg.reward == "jpeg-compressibility=1,toy-alignment=0.5" and cfg.reward_combine == "sum"
 
 
-def test_the_base_anchor_is_rebels():
+def test_the_base_anchor_is_rebels_and_its_default():
     assert parse(["--anchor", "base"]).anchor == "base"
     with pytest.raises(UsageError, match="--anchor base is REBEL's"):
         parse(["--anchor", "base", "--algorithm", "ddpo"])
-    with pytest.raises(UsageError, match="--anchor must be one of policy, base"):
+    with pytest.raises(UsageError, match="--anchor must be one of auto, policy, base"):
         TrainConfig(anchor="pretrained").validate()
+    # auto: REBEL regresses against the base, DDPO keeps PPO's ratio to the sampler; resolved once
+    assert parse([]).anchor == "base" and parse(["--algorithm", "ddpo"]).anchor == "policy"
+    assert parse(["--anchor", "policy"]).anchor == "policy"
+    # the toy presets and the paper's LCM setup keep the anchor their figures were measured with
+    assert parse(["--preset", "toy-jpeg"]).anchor == "policy" and parse(["--preset", "lcm"]).anchor == "policy"
+    assert parse(["--preset", "toy"]).anchor == "base" and parse(["--preset", "sdxl"]).anchor == "base"
+
+
+def test_a_run_from_before_the_anchor_resumes_against_the_policy(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = dataclasses.asdict(TrainConfig(model="tiny", output_dir=str(out)))
+    for name in ("anchor", "resume", "overwrite", "vae"):  # fields a run of that release did not write
+        saved.pop(name)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = parse(["--resume", "--output-dir", str(out)])
+    assert cfg.resume and cfg.anchor == "policy" and cfg.vae is None

@@ -195,7 +195,8 @@ def test_preprocessing_matches_open_clip_pil_transform():
     from open_clip import OPENAI_DATASET_STD as STD
     from open_clip.transform import image_transform
 
-    for h, w, size in [(96, 96, 64), (32, 32, 64), (48, 80, 64)]:  # down, up, non-square
+    # down, up, non-square, and SDXL's 1024 px to CLIP's 224
+    for h, w, size in [(96, 96, 64), (32, 32, 64), (48, 80, 64), (1024, 1024, 224)]:
         x = (smooth_images(b=2, h=h, w=w) * 255).round() / 255  # exactly representable in uint8
         ours = clip_preprocess(x, size, MEAN, STD)
         pil = image_transform(size, is_train=False, mean=MEAN, std=STD)

@@ -26,7 +26,7 @@ class DeprecatedAlias(argparse.Action):
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """--run, --model, --finetune, --device, --dtype."""
+    """--run, --model, --vae, --finetune, --device, --dtype."""
     g = parser.add_argument_group("model")
     g.add_argument(
         "--run",
@@ -36,8 +36,14 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--model",
-        help="base model: a built-in (tiny, tiny-lcm, tiny-v, toy, sd15-random), a diffusers "
-        "folder, a .safetensors file or a hub id (default: the run's model, else Stable Diffusion 1.5)",
+        help="base model: a built-in (tiny, tiny-lcm, tiny-v, toy, sd15-random, tiny-sdxl, sdxl-random), "
+        "a diffusers folder, a .safetensors file or a hub id, SD 1.x/2.x, LCM or SDXL "
+        "(default: the run's model, else Stable Diffusion 1.5)",
+    )
+    g.add_argument(
+        "--vae",
+        help="a VAE in place of the model's: hub id, diffusers folder or .safetensors "
+        "(default: the run's; SDXL in fp16: madebyollin/sdxl-vae-fp16-fix)",
     )
     g.add_argument(
         "--finetune",
@@ -71,7 +77,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool 
 def source_from_args(args: argparse.Namespace) -> Source:
     """The run/model/fine-tune named by the flags; sets the CPU thread count first (--num-threads)."""
     set_num_threads(getattr(args, "num_threads", None))
-    return resolve_source(run=args.run, model=args.model, finetune=args.finetune)
+    return resolve_source(run=args.run, model=args.model, finetune=args.finetune, vae=args.vae)
 
 
 def settings_from_args(args: argparse.Namespace, cfg: dict | None = None):
