@@ -680,7 +680,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet, folder: str | os.PathLike) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``."""
+    """Write ``folder/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``,
+    with the same LoRA in PEFT's format and in kohya's single file (``KOHYA_FILE``) beside it."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
@@ -699,8 +700,35 @@ def save_lora(unet, folder: str | os.PathLike) -> Path:
         weight_name=LORA_FILE,
     )
     _save_peft_adapter(unet, tmp)
+    _save_kohya(unet, tmp)
     replace_dir(tmp, folder)
     return folder / LORA_FILE
+
+
+# kohya's single-file format, which ComfyUI and AUTOMATIC1111/Forge read: not named like diffusers'
+# file, so ``load_lora_weights(folder)`` keeps picking that one.
+KOHYA_FILE = "lora_kohya.safetensors"
+
+
+def _save_kohya(unet, folder: Path) -> None:
+    """The LoRA in kohya's format (``lora_unet_<module>.lora_down/lora_up.weight`` and ``.alpha``),
+    converted by diffusers' ``convert_state_dict_to_kohya``. That converter writes alpha = rank; the
+    run's own alpha replaces it, since the scale the tools apply is alpha / rank."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = unet.peft_config["default"]
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    alpha = torch.tensor(float(config.lora_alpha))
+    kohya = {k: (alpha.clone() if k.endswith(".alpha") else v.detach().contiguous()) for k, v in sorted(kohya.items())}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(alpha.item()),
+    }
+    save_file(kohya, str(folder / KOHYA_FILE), metadata=metadata)
 
 
 PEFT_CONFIG = "adapter_config.json"  # PEFT's names: PeftModel.from_pretrained(unet, folder) reads these

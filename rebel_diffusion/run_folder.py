@@ -100,9 +100,14 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"--output-dir {out} is a file, not a folder: choose another --output-dir")
     if resume:
         if not latest_checkpoint(out):
+            if is_run_folder(out):
+                raise UsageError(
+                    f"--resume: {out} has no checkpoint (the run stopped before its first one): nothing to "
+                    "resume; run the same command without --resume to start it again"
+                )
             raise UsageError(f"--resume: {out} has no checkpoint to resume from ({CHECKPOINTS}/epoch_NNNN)")
     elif out.exists() and any(out.iterdir()):
-        if not overwrite:
+        if not overwrite and not is_restartable(out):
             raise UsageError(
                 f"{out} already exists: pass --resume to continue that run, --overwrite to replace it, "
                 "or another --output-dir"
@@ -132,10 +137,27 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"--output-dir {out}: cannot write in {target} ({e.strerror}); choose another folder") from e
 
 
-def start(out: Path, config_yaml: str, *, num_processes: int, overwrite: bool) -> None:
-    """Lay out a new run folder (replacing an old run when ``overwrite``): the first write of a run."""
+def is_restartable(out: Path) -> bool:
+    """A run that stopped before its first checkpoint: nothing to resume, so the same command
+    starts it again (replacing what it wrote) without --overwrite."""
     out = Path(out)
-    if overwrite and out.exists() and is_run_folder(out) and not _protected(out):
+    return is_run_folder(out) and latest_checkpoint(out) is None and not _protected(out)
+
+
+def next_step(out: Path) -> str:
+    """What continues a run that stopped: --resume from its newest checkpoint, or, before the first
+    checkpoint, the same command again (``is_restartable``)."""
+    last = latest_checkpoint(out)
+    if last is not None:
+        return f"continue with --resume (from {last.name}, which is intact)"
+    return "no checkpoint was written yet: run the same command again to start over"
+
+
+def start(out: Path, config_yaml: str, *, num_processes: int, overwrite: bool) -> None:
+    """Lay out a new run folder (replacing an old run when ``overwrite``, or one that stopped before
+    its first checkpoint): the first write of a run, made only once every check has passed."""
+    out = Path(out)
+    if out.exists() and is_run_folder(out) and not _protected(out) and (overwrite or is_restartable(out)):
         shutil.rmtree(out)
     (out / GRIDS).mkdir(parents=True, exist_ok=True)
     (out / CHECKPOINTS).mkdir(exist_ok=True)
@@ -458,10 +480,24 @@ def write_model_card(out: Path, config: dict, metrics: list[dict], sdxl: bool = 
         + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n"
         + "\n".join(rows)
         + "\n\n"
-        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n" + _use_section(config, use)
+        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n"
+        + _files_section(folder.name == LORA_DIR)
+        + _use_section(config, use)
     )
     atomic_write_text(folder / MODEL_CARD, text)
     return folder / MODEL_CARD
+
+
+def _files_section(lora: bool) -> str:
+    if not lora:
+        return "## Files\n\n`config.json` and the weights: a diffusers `UNet2DConditionModel` folder.\n\n"
+    return (
+        "## Files\n\n"
+        "| file | for |\n|---|---|\n"
+        "| `pytorch_lora_weights.safetensors` | diffusers: `pipe.load_lora_weights(folder)` |\n"
+        "| `adapter_model.safetensors`, `adapter_config.json` | PEFT: `PeftModel.from_pretrained(unet, folder)` |\n"
+        "| `lora_kohya.safetensors` | ComfyUI and AUTOMATIC1111 / Forge (kohya's format): their LoRA folder |\n\n"
+    )
 
 
 def _use_section(config: dict, use: str) -> str:

@@ -234,6 +234,19 @@ def sdxl_conditioning(pipe, prompts: list[str], settings: SamplingSettings, cfg:
     return embeds, added, negative, {"text_embeds": negative_pooled, "time_ids": time_ids}
 
 
+def planned_step_std(scheduler, settings: SamplingSettings) -> list[float]:
+    """Each step's noise std (0 where deterministic), from the scheduler alone: the ``step_std`` the
+    sampler will record, known before any image is drawn. Steps ``scheduler`` (pass a fresh one:
+    LCM's scheduler counts its steps)."""
+    x = torch.zeros(1, 1, 1, 1)
+    stds = []
+    for t in scheduler.timesteps.tolist():
+        generator = [torch.Generator().manual_seed(0)]
+        _, logp, _, std = scheduler_step(scheduler, settings, x, int(t), x, generator=generator, with_mean=True)
+        stds.append(float(std) if logp is not None else 0.0)
+    return torch.tensor(stds, dtype=torch.float32).tolist()  # rounded as the sampler stores them
+
+
 def image_seeds(seed: int, count: int, offset: int = 0) -> list[int]:
     """Per-image seeds seed + offset + i: image i is the same whatever else is sampled with it."""
     return [seed + offset + i for i in range(count)]

@@ -46,6 +46,7 @@ from .sampling import (
     SamplingSettings,
     Trajectories,
     make_scheduler,
+    planned_step_std,
     rescore_drift,
     rescore_log_probs,
     sample_trajectories,
@@ -165,12 +166,34 @@ def setup(cfg: TrainConfig) -> Run:
         run.ema = {n: p.detach().float().clone() for n, p in _trainable_named(run).items()}
     if cfg.resume:
         load_checkpoint(run, run_folder.latest_checkpoint(out))
-    # 6. Every check has passed: now the run folder changes (config.yaml only as a run starts).
+    # 6. The checks that need the model and the reward: steps left to train, the reward's first answer.
+    check_trained_steps(run)
+    probe_reward(run)
+    # 7. Every check has passed: now the run folder changes (config.yaml only as a run starts; an
+    #    --overwrite'n run is deleted only now).
     write_run_folder(run)
     if cfg.log_with != "none":
         accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
     accelerator.print(describe_plan(run))
     return run
+
+
+def check_trained_steps(run: Run) -> None:
+    """--min-step-std must leave a step to train: known from the scheduler alone, before any write."""
+    stds = planned_step_std(make_scheduler(run.pipe, run.settings), run.settings)  # a fresh scheduler: LCM's steps
+    try:
+        trained_steps(stds, run.cfg.min_step_std)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def probe_reward(run: Run) -> None:
+    """The reward's first answer before anything is written: one grey image of the sampled size. A
+    reward server that fails, or a plug-in that cannot score, stops the run here, not after the
+    run folder (or an --overwrite'n run) has changed."""
+    s = run.settings
+    image = torch.full((1, 3, s.height, s.width), 0.5, device=run.accelerator.device)
+    run.reward(image, run.prompts[:1])
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -404,6 +427,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     from is the checkpoint. Every process decides the same way, at the same point.
     """
     run = setup(cfg)
+    try:
+        return _train_loop(run)
+    except RunError as e:  # a stop after the run folder was written: say what continues it
+        if "--resume" in str(e) or "same command" in str(e):
+            raise
+        raise RunError(f"{e}; {run_folder.next_step(run.out)}") from e
+
+
+def _train_loop(run: Run) -> TrainResult:
+    """The epochs of a set-up run, with stop signals turned into checkpoints (``train``)."""
+    cfg = run.cfg
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in STOP_SIGNALS:
         signal.signal(s, lambda signum, _frame: _request_stop(run, signum))
@@ -432,13 +466,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if start_state is not None:
                     restore_state(run, start_state)
                     save_checkpoint(run, epoch - 1, start_state)
-                last = run_folder.latest_checkpoint(run.out)
-                run.accelerator.print(
-                    f"{signal.Signals(run.stop_signal).name}: epoch {epoch} cut short; "
-                    + (f"checkpoint {last} holds epoch {epoch - 1}; continue with --resume" if last
-                       else "it was the first epoch: nothing to resume, start again"),
-                    file=sys.stderr,
-                )  # fmt: skip
+                name = signal.Signals(run.stop_signal).name
+                next_step = run_folder.next_step(run.out)
+                run.accelerator.print(f"{name}: epoch {epoch} cut short; {next_step}", file=sys.stderr)
                 break
             report_epoch(run, epoch, metrics)
             history.append(metrics)
@@ -557,7 +587,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     if not bool(finite_all.any()):
         raise RunError(
             f"epoch {epoch}: no image had a finite reward ({cfg.reward} returned NaN or inf for all "
-            f"{len(all_rewards)}); nothing was trained, the last checkpoint is intact"
+            f"{len(all_rewards)}); nothing was trained this epoch"
         )
     if not bool(finite_all.all()) and acc.is_main_process:
         print(f"warning: {int((~finite_all).sum())} non-finite reward(s) dropped from their pairs", file=sys.stderr)
@@ -811,8 +841,7 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     valid = finite[pairs[:, 0]] & finite[pairs[:, 1]]  # (P,)
     if _all_processes_zero(run, int(valid.sum())):
         raise RunError(
-            f"epoch {epoch}: no pair of images had two finite rewards ({cfg.reward}); nothing was trained, "
-            "the last checkpoint is intact"
+            f"epoch {epoch}: no pair of images had two finite rewards ({cfg.reward}); nothing was trained this epoch"
         )
     if run.preference is not None:
         with torch.no_grad():
@@ -1112,10 +1141,9 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
             )
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         run_folder.abort_checkpoint(run.out, epoch)
-        last = run_folder.latest_checkpoint(run.out)
         raise RunError(
             f"cannot write checkpoint epoch_{epoch:04d} ({_first_line(e)}); free disk space or fix the folder's "
-            f"permissions, then --resume (from {last.name if last else 'the start'}: it is intact)"
+            f"permissions, then {run_folder.next_step(run.out)}"
         ) from e
     acc.wait_for_everyone()
     run.checkpointed_epoch = epoch

@@ -84,6 +84,47 @@ def test_overwrite_deletes_nothing_when_a_later_check_fails(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize("flags", [["--num-steps", "1"], ["--min-step-std", "10"]], ids=["one-step", "min-std"])
+def test_overwrite_keeps_the_old_run_when_no_step_is_left_to_train(run_copy, tmp_path, capsys, flags):
+    """Known from the scheduler before anything is written: the old run stays, a new folder is not made."""
+    before = snapshot(run_copy)
+    assert train(run_copy, "--epochs", "1", "--overwrite", *flags) == 2
+    assert "no step left to train" in one_line_error(capsys)
+    assert snapshot(run_copy) == before
+    assert train(tmp_path / "new", "--epochs", "1", *flags) == 2
+    one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_keeps_the_old_run_when_the_reward_server_fails(run_copy, capsys):
+    """The reward's first answer comes before any write: a server answering 500 deletes nothing."""
+    from test_reward_server import scripted_server
+
+    before = snapshot(run_copy)
+    with scripted_server(500, b'{"error": "the judge model crashed"}') as (server, url):
+        code = main(["train", *SMALL, "--reward", url, "--epochs", "1", "--overwrite", "--output-dir", str(run_copy)])
+    assert code == 1 and "HTTP 500" in one_line_error(capsys)
+    assert snapshot(run_copy) == before
+
+
+def test_a_stop_before_the_first_checkpoint_is_no_dead_end(tmp_path, capsys):
+    """A run that stopped before its first checkpoint says so, --resume points to the command that
+    works, and that command (no --overwrite needed) starts the run again."""
+    out = tmp_path / "run"
+    assert train(out, "--reward", "plugin_reward:nan_reward", "--epochs", "1") == 1
+    err = one_line_error(capsys)
+    assert "no checkpoint was written yet: run the same command again" in err and "intact" not in err
+    assert run_folder.is_run_folder(out) and run_folder.latest_checkpoint(out) is None
+    assert main(["train", "--resume", "--output-dir", str(out)]) == 2
+    assert "run the same command without --resume" in one_line_error(capsys)
+    assert train(out, "--epochs", "1") == 0  # started again in the same folder, no --overwrite
+    assert run_folder.latest_checkpoint(out) is not None
+    assert yaml.safe_load((out / "config.yaml").read_text())["reward"] == "jpeg-compressibility"
+    # with a checkpoint the folder is a run again: the same command is refused, --resume continues it
+    assert train(out, "--epochs", "1") == 2
+    assert "already exists" in one_line_error(capsys)
+
+
 def test_a_failed_start_leaves_nothing_behind(tmp_path, capsys):
     out = tmp_path / "new"
     assert train(out, "--epochs", "1", "--resolution", "33") == 2
@@ -184,7 +225,8 @@ def test_a_reward_that_is_nan_everywhere_stops_the_run(run_copy, capsys):
     out = run_copy.parent / "nan"
     assert main(["train", *SMALL, "--reward", "plugin_reward:nan_reward", "--epochs", "2", "--output-dir",
                  str(out)]) == 1  # fmt: skip
-    assert "no image had a finite reward" in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert "no image had a finite reward" in err and "run the same command again" in err
     assert run_folder.latest_checkpoint(out) is None  # nothing trained, nothing claimed
     assert snapshot(run_copy / "checkpoints") == before and config["epochs"] == 1
 

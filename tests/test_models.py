@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import (
+    KOHYA_FILE,
     LORA_FILE,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -283,5 +284,5 @@ def test_save_lora_replaces_existing_folder(lora_unet, tmp_path):
     folder.mkdir()
     (folder / "stale.txt").write_text("old")
     save_lora(lora_unet, folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([LORA_FILE, PEFT_CONFIG, PEFT_WEIGHTS])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LORA_FILE, PEFT_CONFIG, PEFT_WEIGHTS, KOHYA_FILE])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]

@@ -143,6 +143,26 @@ def test_export_weights_lora_matches_the_unet(tmp_path, lora_unet, unet_inputs):
     assert_close(unet_out(plain.unet, unet_inputs), unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
 
 
+def test_exported_kohya_lora_loads_back_through_diffusers(tmp_path, lora_unet, unet_inputs):
+    """lora_kohya.safetensors (ComfyUI, A1111/Forge): kohya's key names, the run's own alpha (2 at
+    rank 4, so a wrong alpha would double the LoRA's effect), and diffusers' kohya loader reproduces
+    the trained UNet's outputs from it."""
+    from rebel_diffusion.models import KOHYA_FILE
+
+    run_folder.export_weights(tmp_path, lora_unet, "lora")
+    kohya = load_file(str(tmp_path / "lora" / KOHYA_FILE))
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    assert {k.rsplit(".", 1)[-1] for k in kohya} == {"weight", "alpha"}
+    alphas = [v for k, v in kohya.items() if k.endswith(".alpha")]
+    assert alphas and all(float(a) == 2.0 for a in alphas)
+    plain = build_tiny_pipeline()
+    base = unet_out(plain.unet, unet_inputs)
+    plain.load_lora_weights(str(tmp_path / "lora"), weight_name=KOHYA_FILE)
+    with_lora = unet_out(plain.unet, unet_inputs)
+    assert (with_lora - base).abs().max() > 1e-4
+    assert_close(with_lora, unet_out(lora_unet, unet_inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_exported_lora_loads_with_peft_itself(tmp_path, tiny_pipe, lora_unet, unet_inputs):
     """adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained on a plain UNet
     gives the trained outputs; the base UNet's own weights are left as they were."""
@@ -182,6 +202,10 @@ def test_model_card(tmp_path, lora_unet):
     assert front["base_model"] == "toy" and front["library_name"] == "diffusers" and "lora" in front["tags"]
     assert "| heldout/toy-alignment | 0.8 | 0.85 |" in card and "jpeg-compressibility" in card
     assert "![the last epoch's grid](grid.png)" in card and (tmp_path / "lora" / "grid.png").is_file()
+    # which file is for which tool
+    for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora_kohya.safetensors"):
+        assert f"| `{name}`" in card and (tmp_path / "lora" / name).is_file()
+    assert "ComfyUI" in card
 
 
 def test_export_weights_full_unet(tmp_path, tiny_pipe, unet_inputs):

@@ -410,3 +410,13 @@ def test_recorded_step_std_is_ddims_closed_form(tiny_pipe):
         a_prev = acp[t - step] if t - step >= 0 else torch.tensor(float(scheduler.final_alpha_cumprod)).double()
         expected.append(0.7 * float(((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()))
     torch.testing.assert_close(traj.step_std.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_planned_step_std_equals_what_the_sampler_records(name, request):
+    """The steps' noise std is known from the scheduler alone (the trainer checks --min-step-std
+    before anything is written) and equals the sampler's record, step for step."""
+    pipe, traj, _ = case(request, name)
+    planned = sampling.planned_step_std(make_scheduler(pipe, traj.settings), traj.settings)
+    assert planned == traj.step_std.tolist()
+    assert [s > 0 for s in planned] == traj.stochastic.tolist()

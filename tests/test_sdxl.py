@@ -375,6 +375,9 @@ def test_sdxl_lora_loads_into_plain_diffusers_and_peft(sdxl_run):
     plain = build_tiny_sdxl_pipeline()
     plain.load_lora_weights(str(sdxl_run / "lora"))  # StableDiffusionXLPipeline's own loader
     assert_close(sdxl_unet_out(plain.unet), expected, rtol=1e-5, atol=1e-5)
+    kohya = build_tiny_sdxl_pipeline()
+    kohya.load_lora_weights(str(sdxl_run / "lora"), weight_name=models.KOHYA_FILE)  # ComfyUI's file, back
+    assert_close(sdxl_unet_out(kohya.unet), expected, rtol=1e-5, atol=1e-5)
     peft_unet = PeftModel.from_pretrained(build_tiny_sdxl_pipeline().unet, str(sdxl_run / "lora"))
     assert_close(sdxl_unet_out(peft_unet), expected, rtol=1e-5, atol=1e-5)
     records = [json.loads(line) for line in (sdxl_run / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ from .common import DeprecatedAlias
 HELP = "fine-tune a model toward a reward with REBEL (or DDPO)"
 OOM_HINT = (
     "lower --train-batch-size (raising --gradient-accumulation-steps keeps the optimizer step), "
-    "--steps-per-pass or --grid-num-images, or add --gradient-checkpointing, then --resume"
+    "--steps-per-pass or --grid-num-images, or add --gradient-checkpointing"
 )
 
 
@@ -63,10 +63,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except KeyboardInterrupt:
-        last = run_folder.latest_checkpoint(cfg.output_dir)
-        raise RunError(f"stopped at once (second Ctrl-C); {last or 'no checkpoint'} is intact: --resume") from None
+        raise RunError(f"stopped at once (second Ctrl-C); {run_folder.next_step(cfg.output_dir)}") from None
     except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
-        message = fault_message(e)
+        message = fault_message(e, cfg.output_dir)
         if message is None:
             raise
         raise RunError(message) from e
@@ -75,22 +74,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fault_message(e: BaseException) -> str | None:
-    """One line for a fault of memory or the OS, saying what to do; None for anything else (a bug)."""
+def fault_message(e: BaseException, out=None) -> str | None:
+    """One line for a fault of memory or the OS, saying what to do (with ``out``, the run folder:
+    what continues it); None for anything else (a bug)."""
     text = _first_line(e)
+    then = run_folder.next_step(out) if out is not None else "continue with --resume"
     if (
         isinstance(e, torch.OutOfMemoryError | MemoryError)
         or "can't allocate memory" in text
         or ("not enough memory" in text)
     ):
-        return f"out of memory ({text[:120]}); {OOM_HINT}"
+        return f"out of memory ({text[:120]}); {OOM_HINT}, then {then}"
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         if e.errno == errno.ENOSPC:
-            return f"{where}no space left on the device; free space, then --resume (the last checkpoint is intact)"
+            return f"{where}no space left on the device; free space, then {then}"
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then --resume"
-        return f"{where}{e.strerror or text}; fix that, then --resume (the last checkpoint is intact)"
+            return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then {then}"
+        return f"{where}{e.strerror or text}; fix that, then {then}"
     return None
 
 
