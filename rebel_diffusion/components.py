@@ -58,6 +58,14 @@ def encode_prompts_sdxl(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return embeds[index], pooled[index.to(pooled.device)]
 
 
+def too_long(pipe, prompts: list[str]) -> list[str]:
+    """The prompts that CLIP's tokenizer cuts (over ``model_max_length`` tokens, start and end included)."""
+    tok = pipe.tokenizer
+    unique = list(dict.fromkeys(prompts))
+    lengths = [len(ids) for ids in tok(unique, truncation=False).input_ids] if unique else []
+    return [p for p, n in zip(unique, lengths) if n > tok.model_max_length]
+
+
 class TextCache:
     """Each distinct prompt's text conditioning, computed once and reused: the text encoders are frozen.
 

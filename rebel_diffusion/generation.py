@@ -22,6 +22,7 @@ import torch
 from . import run_folder
 from .errors import UsageError
 
+SAMPLES_MANIFEST = "samples.json"  # what ``write_samples`` wrote, and where (it marks a used folder)
 GRID_TILE_MAX = 256  # grid tiles larger than this are downscaled: a 512px grid of 100 images is huge
 # SamplingSettings fields from a run's config.yaml (both name DDIM's noise scale ``ddim_eta``).
 SETTINGS_FROM_CONFIG = ("sampler", "num_steps", "ddim_eta", "guidance_scale", "negative_prompt")
@@ -277,4 +278,4 @@ def write_samples(
         "settings": asdict(settings),
         "images": entries,
     }
-    (out / "samples.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (out / SAMPLES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

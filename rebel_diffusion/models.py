@@ -489,7 +489,7 @@ def _quiet_dtype_deprecation():
 
 
 def single_file_family(path: str | os.PathLike) -> str:
-    """'sdxl', 'sdxl-refiner' or 'sd' for a single-file checkpoint, from its keys (SGM's names).
+    """'sdxl', 'sdxl-refiner', 'sd' or 'lora' for a single-file checkpoint, from its keys (SGM's names).
 
     SDXL base has two text encoders (``conditioner.embedders.0`` and ``.1``), the refiner only the
     second (as ``embedders.0``, an OpenCLIP model). A ``.ckpt`` is read as SD 1.x/2.x: SDXL is
@@ -502,6 +502,8 @@ def single_file_family(path: str | os.PathLike) -> str:
 
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
+    if keys and all("lora" in k or k.endswith(".alpha") for k in keys):
+        return "lora"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.transformer.") for k in keys):
@@ -515,6 +517,11 @@ def _load_single_file(path: Path, dtype):
     family = single_file_family(path)
     if family == "sdxl-refiner":
         raise UsageError(REFINER_REFUSAL.format(model=path))
+    if family == "lora":
+        raise UsageError(
+            f"--model {path}: this file is a LoRA, not a base model; pass the base model with --model and "
+            "the LoRA with --finetune (sample, eval, preview)"
+        )
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {"add_watermarker": False} if family == "sdxl" else {"safety_checker": None}
     return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
@@ -695,7 +702,7 @@ def save_lora(unet, folder: str | os.PathLike) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(tmp),
         unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        unet_lora_adapter_metadata=_sorted_targets(unet.peft_config["default"].to_dict()),
         safe_serialization=True,
         weight_name=LORA_FILE,
     )
@@ -747,6 +754,18 @@ def _save_peft_adapter(unet, folder: Path) -> None:
     }
     save_file(weights, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
+    path = (
+        folder / PEFT_CONFIG
+    )  # PEFT writes its target set in hash order: sorted, identical runs give identical files
+    path.write_text(json.dumps(_sorted_targets(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
+
+
+def _sorted_targets(config: dict) -> dict:
+    """An adapter config with ``target_modules`` as a sorted list (a set's order changes run to run)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, (set, list, tuple)):
+        config = {**config, "target_modules": sorted(targets)}
+    return config
 
 
 def replace_dir(src: Path, dst: Path) -> None:

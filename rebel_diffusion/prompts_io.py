@@ -35,7 +35,7 @@ def load_prompts(name_or_path: str | os.PathLike) -> list[str]:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"prompt file {path}: cannot be read as UTF-8 text ({e})") from e
         where = str(path)

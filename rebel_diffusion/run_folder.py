@@ -434,10 +434,13 @@ MODEL_CARD = "README.md"  # inside lora/ (or unet/): the Hugging Face model card
 CARD_GRID = "grid.png"
 
 
-def write_model_card(out: Path, config: dict, metrics: list[dict], sdxl: bool = False) -> Path:
+def write_model_card(
+    out: Path, config: dict, metrics: list[dict], sdxl: bool = False, sampler: str | None = None
+) -> Path:
     """``lora/README.md`` (or ``unet/``): a Hugging Face model card with the base model and its
-    architecture (``sdxl``: SDXL, else Stable Diffusion), reward, algorithm, the key figures of
-    epoch 0 and the last epoch, and the last grid (copied beside it)."""
+    architecture (``sdxl``: SDXL, else Stable Diffusion), reward, algorithm, the sampler that ran
+    (``sampler``, resolved; default the config's), whether the weights are an EMA, the key figures
+    of epoch 0 and the last epoch, the last grid (copied beside it), and code that loads it."""
     import yaml
 
     out = Path(out)
@@ -463,11 +466,8 @@ def write_model_card(out: Path, config: dict, metrics: list[dict], sdxl: bool = 
         ],
         "pipeline_tag": "text-to-image",
     }
-    use = (
-        f'pipe.load_lora_weights("{folder.name}")'
-        if folder.name == LORA_DIR
-        else f'pipe.unet = UNet2DConditionModel.from_pretrained("{folder.name}")'
-    )
+    heldout = any(k.startswith("heldout/") for k in keys if k in last)
+    ema = float(config.get("ema_decay") or 0.0)
     text = (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# {out.name}\n\n"
@@ -475,14 +475,16 @@ def write_model_card(out: Path, config: dict, metrics: list[dict], sdxl: bool = 
         f"{'SDXL' if sdxl else 'Stable Diffusion'} model `{config.get('model')}` trained with "
         f"rebel-diffusion ({str(config.get('algorithm', 'rebel')).upper()}) toward the reward "
         f"`{config.get('reward')}`: {last.get('epoch', 0)} epochs of {config.get('num_steps')} "
-        f"{config.get('sampler')} steps at guidance {config.get('guidance_scale')}.\n\n"
+        f"{sampler or config.get('sampler')} steps at guidance {config.get('guidance_scale')}."
+        + (f" The weights are an exponential moving average (decay {ema:g}) of the trained ones." if ema else "")
+        + "\n\n"
         + (f"![the last epoch's grid]({CARD_GRID})\n\n" if grids else "")
         + "| metric | base (epoch 0) | last epoch |\n|---|---:|---:|\n"
         + "\n".join(rows)
         + "\n\n"
-        "Held-out figures (`heldout/...`) are on prompts never trained on.\n\n"
+        + ("Held-out figures (`heldout/...`) are on prompts never trained on.\n\n" if heldout else "")
         + _files_section(folder.name == LORA_DIR)
-        + _use_section(config, use)
+        + _use_section(config, lora=folder.name == LORA_DIR, folder=folder.name)
     )
     atomic_write_text(folder / MODEL_CARD, text)
     return folder / MODEL_CARD
@@ -500,16 +502,37 @@ def _files_section(lora: bool) -> str:
     )
 
 
-def _use_section(config: dict, use: str) -> str:
-    vae = config.get("vae")
-    lines = ["from diffusers import DiffusionPipeline"]
+def _use_section(config: dict, *, lora: bool, folder: str) -> str:
+    """Code that loads the base and this fine-tune, run from the run folder: diffusers for a model
+    it can load by name or path, rebel-diffusion's loader for a built-in base (``toy``...)."""
+    from .models import BUILTIN_MODELS
+
+    model, vae = config.get("model"), config.get("vae")
+    builtin = model in BUILTIN_MODELS
+    lines = (
+        ["from rebel_diffusion.models import load_pipeline"]
+        if builtin
+        else ["from diffusers import DiffusionPipeline"]
+    )
     if vae:
-        lines += ["from diffusers import AutoencoderKL", ""]
-        lines += [f'vae = AutoencoderKL.from_pretrained("{vae}")']
-        lines += [f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}", vae=vae)']
+        lines += ["from diffusers import AutoencoderKL"]
+    if not lora:
+        lines += ["from diffusers import UNet2DConditionModel"]
+    lines += ["", "# run from the run folder (the one that holds this card's folder)"]
+    if builtin:
+        lines += [f'pipe = load_pipeline("{model}"{f", vae={vae!r}" if vae else ""})  # a rebel-diffusion built-in']
+    elif vae:
+        lines += [
+            f'vae = AutoencoderKL.from_pretrained("{vae}")',
+            f'pipe = DiffusionPipeline.from_pretrained("{model}", vae=vae)',
+        ]
     else:
-        lines += ["", f'pipe = DiffusionPipeline.from_pretrained("{config.get("model")}")']
-    return "## Use\n\n```python\n" + "\n".join([*lines, use]) + "\n```\n"
+        lines += [f'pipe = DiffusionPipeline.from_pretrained("{model}")']
+    if lora:
+        lines += [f'pipe.load_lora_weights("{folder}")']
+    else:
+        lines += [f'pipe.unet = UNet2DConditionModel.from_pretrained("{folder}").to(pipe.device, pipe.unet.dtype)']
+    return "## Use\n\n```python\n" + "\n".join(lines) + "\n```\n"
 
 
 def _fmt(value) -> str:

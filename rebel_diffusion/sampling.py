@@ -37,7 +37,8 @@ class SamplingSettings:
     """How trajectories are drawn; re-scoring must use the very same settings.
 
     sampler: 'ddim' or 'lcm' ('auto' picks LCM for LCM models, else DDIM).
-    num_steps: denoising steps T.  ddim_eta: DDIM's noise scale (> 0; unused by LCM).
+    num_steps: denoising steps T.  ddim_eta: DDIM's noise scale (unused by LCM); 0 is deterministic
+    DDIM, fine for drawing but with no log-prob to train (training configs refuse it).
     guidance_scale: classifier-free guidance w (<= 1: no unconditional pass). LCM models with a
     guidance embedding get w as that embedding, with no unconditional pass.
     height, width: image size in pixels (None: the model's native size).
@@ -61,10 +62,8 @@ class SamplingSettings:
             raise UsageError(f"sampler must be 'auto', 'ddim' or 'lcm', got {self.sampler!r}")
         if self.num_steps < 1:
             raise UsageError(f"the number of sampling steps must be >= 1, got {self.num_steps}")
-        if sampler == "ddim" and self.ddim_eta <= 0:
-            raise UsageError(
-                f"DDIM eta must be > 0 (got {self.ddim_eta}): eta = 0 is deterministic and has no log-prob to train"
-            )
+        if sampler == "ddim" and self.ddim_eta < 0:
+            raise UsageError(f"DDIM eta must be >= 0 (got {self.ddim_eta}); 0 is deterministic DDIM")
         scale = pipe.vae_scale_factor
         native = pipe.unet.config.sample_size * scale
         height = native if self.height is None else self.height  # 0 is an error, not 'native'

@@ -34,7 +34,7 @@ import torch
 
 from . import report, run_folder
 from .advantages import PerPromptStatTracker, normalize_rewards
-from .components import TextCache, is_sdxl
+from .components import TextCache, is_sdxl, too_long
 from .config import CLIP_NATS, TrainConfig
 from .errors import RunError, UsageError
 from .generation import grid_tiles, set_num_threads
@@ -135,6 +135,8 @@ def setup(cfg: TrainConfig) -> Run:
     pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=accelerator.device, vae=cfg.vae)
     check_sd_components(pipe, cfg.model)
     settings = sampling_settings(cfg, pipe)
+    sets = {"--prompts": prompts, "--grid-prompts": grid_prompts, **heldout_sets(heldout)}
+    warn_long_prompts(pipe, sets, accelerator.print)
     ref_unet, lora_matches = make_trainable(cfg, pipe)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     # 5. Optimizer and schedule, prepared for the processes.
@@ -166,6 +168,11 @@ def setup(cfg: TrainConfig) -> Run:
         run.ema = {n: p.detach().float().clone() for n, p in _trainable_named(run).items()}
     if cfg.resume:
         load_checkpoint(run, run_folder.latest_checkpoint(out))
+        if cfg.epochs <= run.epoch:  # nothing would run, and config.yaml would still be rewritten
+            raise UsageError(
+                f"--resume --epochs {cfg.epochs}: the run has done {run.epoch} epoch(s) already; "
+                f"pass --epochs above {run.epoch} to continue it"
+            )
     # 6. The checks that need the model and the reward: steps left to train, the reward's first answer.
     check_trained_steps(run)
     probe_reward(run)
@@ -176,6 +183,22 @@ def setup(cfg: TrainConfig) -> Run:
         accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
     accelerator.print(describe_plan(run))
     return run
+
+
+def heldout_sets(heldout: Heldout | None) -> dict[str, list[str]]:
+    return {"--heldout-prompts": heldout.prompts} if heldout is not None else {}
+
+
+def warn_long_prompts(pipe, sets: dict[str, list[str]], print_fn=print) -> None:
+    """One warning line for each prompt set with prompts CLIP will cut (what is past 77 tokens is lost)."""
+    for flag, prompts in sets.items():
+        cut = too_long(pipe, prompts)
+        if cut:
+            print_fn(
+                f"warning: {flag}: {len(cut)} prompt(s) over {pipe.tokenizer.model_max_length} tokens are cut "
+                f"by the text encoder, e.g. {cut[0][:60]!r}...",
+                file=sys.stderr,
+            )
 
 
 def check_trained_steps(run: Run) -> None:
@@ -1138,6 +1161,7 @@ def save_checkpoint(run: Run, epoch: int, state: dict | None = None) -> Path:
                 dataclasses.asdict(run.cfg),
                 report.read_metrics(run.out / run_folder.METRICS),
                 sdxl=is_sdxl(run.unet),
+                sampler=run.settings.sampler,
             )
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         run_folder.abort_checkpoint(run.out, epoch)
@@ -1194,7 +1218,15 @@ def load_checkpoint(run: Run, folder: Path) -> None:
             _set_rng_state(state["rng"])
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else ""
-        raise UsageError(f"--resume: checkpoint {folder} is damaged ({type(e).__name__}: {detail})") from e
+        done = run_folder.complete_checkpoints(run.out)
+        older = done[: done.index(Path(folder))] if Path(folder) in done else []
+        hint = (
+            f"; the one before it, {older[-1].name}, is complete: move {Path(folder).name} out of "
+            f"{run_folder.CHECKPOINTS}/ and --resume continues from it"
+            if older
+            else ""
+        )
+        raise UsageError(f"--resume: checkpoint {folder} is damaged ({type(e).__name__}: {detail}){hint}") from e
     run.epoch = run.checkpointed_epoch = state["epoch"]
     acc.print(f"resumed from {folder} (epoch {run.epoch})")
 

@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a reward over HTTP for rebel-diffusion's --reward URL.")
     p.add_argument("--reward", required=True, help="a built-in reward (e.g. jpeg-compressibility) or module:attr")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0-65535 (0: a free one)")
     p.add_argument("--path", default="/score", help="URL path of the reward")
     p.add_argument("--device", default=None, help="device of the reward (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16 or bf16")
@@ -160,6 +160,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aesthetic-head", default=None, help="local file of the LAION aesthetic head")
     p.add_argument("--quiet", action="store_true", help="no log line per request")
     return p.parse_args(argv)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (argparse turns the error into one line and exit 2)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0-65535 (0: a free one)")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,6 +176,13 @@ def test_resume_changes_config_only_when_the_run_starts(run_copy, capsys):
     assert snapshot(run_copy) == before  # epochs not rewritten
 
 
+def test_resume_with_no_epoch_left_is_refused_and_changes_nothing(run_copy, capsys):
+    before = snapshot(run_copy)  # the run has done 1 epoch
+    assert main(["train", "--output-dir", str(run_copy), "--resume", "--epochs", "1"]) == 2
+    assert "has done 1 epoch(s) already; pass --epochs above 1" in one_line_error(capsys)
+    assert snapshot(run_copy) == before
+
+
 def test_resume_with_another_process_count_is_refused(run_copy, capsys):
     (run_copy / run_folder.MARKER).write_text('{"format": 2, "num_processes": 2}\n')
     assert main(["train", "--output-dir", str(run_copy), "--resume", "--epochs", "2"]) == 2
@@ -388,3 +395,11 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_within_the_grace(tmp_path):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_folder.latest_checkpoint(out).name == "epoch_0002"
+
+
+def test_prompts_over_77_tokens_are_said_to_be_cut(tmp_path, capsys):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a cat\n" + "a very long prompt " * 20 + "\n")
+    assert train(tmp_path / "run", "--epochs", "1", "--prompts", str(prompts)) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --prompts")]
+    assert len(warnings) == 1 and "1 prompt(s) over 77 tokens are cut" in warnings[0], warnings

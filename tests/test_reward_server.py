@@ -267,6 +267,14 @@ def test_bad_urls_are_usage_errors(url, expected):
         load_reward("http://127.0.0.1:9/score", http_timeout=0)
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_server_script_refuses_a_bad_port_in_one_line(capsys, port):
+    with pytest.raises(SystemExit) as e:
+        reward_server.main(["--reward", "jpeg-compressibility", "--port", port])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--port" in err[-1] and "Traceback" not in "\n".join(err)
+
+
 def test_server_script_refuses_bad_rewards(capsys):
     assert reward_server.main(["--reward", "beauty", "--port", "0"]) == 2
     assert "unknown reward 'beauty'" in capsys.readouterr().err

@@ -511,6 +511,9 @@ def test_parse_reward_weights():
     ):
         with pytest.raises(UsageError, match=match):
             parse_reward_weights(bad)
+    # one known reward with a weight that is not a number: said so, not "unknown reward"
+    with pytest.raises(UsageError, match="the weight of 'jpeg-compressibility' must be a number, got 'abc'"):
+        load_reward("jpeg-compressibility=abc")
 
 
 def test_combined_reward_is_the_weighted_sum_of_its_components():

@@ -287,3 +287,30 @@ def test_lora_from_another_architecture(lora_folder, tmp_path):
     with pytest.raises(UsageError, match="does not fit the model") as info:
         apply_weights(build_tiny_pipeline(), tmp_path)
     one_line_usage_error(info)
+
+
+@pytest.mark.parametrize("command", [["upload", "--help"], ["auth", "login", "--help"]])
+def test_the_readmes_hub_commands_exist_in_the_installed_huggingface_hub(command):
+    """The README publishes a LoRA with `hf auth login` and `hf upload`: the CLI of the installed
+    huggingface_hub (its `huggingface-cli` is gone)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"`hf {' '.join(command[:-1])}" in readme and "huggingface-cli" not in readme
+    code = "import sys; from huggingface_hub.cli.hf import main; sys.argv = ['hf', *sys.argv[1:]]; main()"
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Usage: hf" in result.stdout, result.stderr[-500:]
+
+
+def test_exported_lora_lists_its_targets_in_a_fixed_order(tmp_path, lora_unet):
+    """A set's order changes from one Python process to the next: the files list the LoRA's targets
+    sorted, so identical runs write identical files."""
+    from safetensors import safe_open
+
+    run_folder.export_weights(tmp_path, lora_unet, "lora")
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    peft = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert meta["unet.target_modules"] == peft["target_modules"] == ["to_q", "to_v"]

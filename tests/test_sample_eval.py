@@ -111,6 +111,9 @@ def test_prompt_sets_by_name_and_path(tmp_path, two_prompts):
     empty.write_text("# only a comment\n\n")
     with pytest.raises(UsageError, match="empty"):
         load_prompts(empty)
+    bom = tmp_path / "bom.txt"  # as Windows editors save UTF-8
+    bom.write_bytes("\ufeffa red circle\nan otter\n".encode())
+    assert load_prompts(bom) == ["a red circle", "an otter"]
 
 
 def test_heldout_animals_do_not_overlap_the_training_animals():
@@ -157,7 +160,7 @@ def test_sample_writes_pngs_grid_and_manifest(run_dir, tmp_path):
 
 
 def test_same_seed_same_image_whichever_batch_and_model(run_dir, tmp_path):
-    common = ["--model", "tiny", "--steps", str(STEPS), "--resolution", "32", "--quiet", "--prompt", "a cat"]
+    common = ["--model", "tiny", "--num-steps", str(STEPS), "--resolution", "32", "--quiet", "--prompt", "a cat"]
     assert cli.main(["sample", *common, "--seeds", "0", "1", "--output-dir", str(tmp_path / "a")]) == 0
     assert cli.main(["sample", *common, "--num-images", "1", "--seed", "1", "--output-dir", str(tmp_path / "b")]) == 0
     assert (
@@ -312,7 +315,7 @@ def test_lora_that_does_not_fit_the_model(run_dir, tmp_path, capsys):
             str(tmp_path / "bad"),
             "--prompt",
             "a cat",
-            "--steps",
+            "--num-steps",
             "1",
             "--quiet",
         ]
@@ -357,7 +360,7 @@ def test_sample_old_eta_flag_is_ddim_eta_with_a_warning(tmp_path, capsys):
             "sample",
             "--model",
             "tiny",
-            "--steps",
+            "--num-steps",
             str(STEPS),
             "--resolution",
             "32",
@@ -373,3 +376,34 @@ def test_sample_old_eta_flag_is_ddim_eta_with_a_warning(tmp_path, capsys):
     assert rc == 0
     assert "--eta is deprecated" in capsys.readouterr().err
     assert json.loads((out / "samples.json").read_text())["settings"]["ddim_eta"] == 0.5
+
+
+def test_sample_and_eval_check_their_folder_before_drawing(run_dir, tmp_path, capsys):
+    """A used --output-dir is refused in one line (the earlier PNGs stay as they were); the default
+    folder moves on to samples_2; a file on the way fails before any image is drawn."""
+    args = ["--prompt", "a cat", "--seeds", "0", "--quiet"]
+    out = tmp_path / "s"
+    assert cli.main(["sample", "--run", str(run_dir), *args, "--output-dir", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["sample", "--run", str(run_dir), "--prompt", "a dog", "--seeds", "5", "--quiet",
+                     "--output-dir", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "already holds samples of an earlier call" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the default folder: RUN/samples, then RUN/samples_2
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for folder in ("samples", "samples_2"):
+        assert cli.main(["sample", "--run", str(run), *args]) == 0
+        assert (run / folder / "samples.json").is_file()
+    capsys.readouterr()
+    # a file where a folder should be: one line, before any image is drawn
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for command in ("sample", "eval"):
+        extra = ["--diversity-model", "pixels", "--num-images", "2"] if command == "eval" else args
+        code = cli.main([command, "--run", str(run_dir), *extra, "--output-dir", str(blocker / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a file, not a folder" in err and "sampling" not in err, err

@@ -356,8 +356,7 @@ BAD_INPUTS = {
     "empty prompt list": (dict(prompts=[]), "prompt list is empty"),
     "images_per_prompt 0": (dict(images_per_prompt=0), "images per prompt must be >= 1"),
     "num_steps 0": (dict(settings=SamplingSettings(num_steps=0)), "steps must be >= 1"),
-    "eta 0": (dict(settings=SamplingSettings(sampler="ddim", ddim_eta=0.0)), "eta must be > 0"),
-    "eta negative": (dict(settings=SamplingSettings(ddim_eta=-1.0)), "eta must be > 0"),
+    "eta negative": (dict(settings=SamplingSettings(ddim_eta=-1.0)), "eta must be >= 0"),
     "height not a multiple": (
         dict(settings=SamplingSettings(height=33)),
         "height must be a positive multiple",
@@ -420,3 +419,16 @@ def test_planned_step_std_equals_what_the_sampler_records(name, request):
     planned = sampling.planned_step_std(make_scheduler(pipe, traj.settings), traj.settings)
     assert planned == traj.step_std.tolist()
     assert [s > 0 for s in planned] == traj.stochastic.tolist()
+
+
+def test_deterministic_ddim_draws_with_no_log_prob(tiny_pipe):
+    """--ddim-eta 0 is for drawing: every step deterministic, the same image whatever the seed's noise
+    after x_T, equal to diffusers' own eta-0 DDIM."""
+    settings = SamplingSettings(sampler="ddim", num_steps=4, ddim_eta=0.0, guidance_scale=5.0)
+    traj = sample_trajectories(tiny_pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=settings)
+    assert traj.stochastic.tolist() == [False] * 4 and not traj.log_probs.any() and traj.stochastic_steps() == []
+    images = fresh_pipeline(tiny_pipe)(
+        PROMPTS, num_images_per_prompt=K, num_inference_steps=4, guidance_scale=5.0, eta=0.0,
+        generator=[gen(int(s)) for s in traj.seeds], output_type="pt",
+    ).images  # fmt: skip
+    assert_close(traj.images, images, rtol=0, atol=1e-5)

@@ -111,6 +111,8 @@ def test_refiner_folder_is_refused_before_training(tiny_sdxl_pipe, tmp_path, cap
         (["conditioner.embedders.0.transformer.text_model.x", "conditioner.embedders.1.model.transformer.y"], "sdxl"),
         (["conditioner.embedders.0.model.transformer.resblocks.0.x"], "sdxl-refiner"),
         (["cond_stage_model.transformer.text_model.x", "model.diffusion_model.input_blocks.0.0.weight"], "sd"),
+        (["unet.down_blocks.0.attn1.to_q.lora_A.weight", "unet.down_blocks.0.attn1.to_q.lora_B.weight"], "lora"),
+        (["lora_unet_down_blocks_0_attn1_to_q.lora_down.weight", "lora_unet_down_blocks_0_attn1_to_q.alpha"], "lora"),
     ],
 )
 def test_single_file_family_from_its_keys(tmp_path, keys, family):
@@ -131,6 +133,13 @@ def test_single_file_sdxl_loads_with_the_sdxl_pipeline(tmp_path, monkeypatch):
     save_file({"conditioner.embedders.0.model.transformer.w": torch.zeros(1)}, str(refiner))
     with pytest.raises(UsageError, match="SDXL refiner"):
         load_pipeline_external(str(refiner))
+
+
+def test_a_lora_file_as_the_model_says_what_to_pass(tmp_path):
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.down_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(UsageError, match="is a LoRA, not a base model; pass the base model with --model"):
+        load_pipeline_external(str(path))
 
 
 def load_pipeline_external(model):

@@ -140,10 +140,15 @@ def test_ddim_uses_final_alpha_cumprod_below_zero(spacing):
 
 
 @pytest.mark.parametrize("eta", [0.0, -0.5])
-def test_ddim_eta_must_be_positive(eta):
+def test_ddim_eta_must_be_positive_to_score(eta):
     sched = ddim_scheduler()
+    x, e, t = randn(SHAPE, 2), randn(SHAPE, 1), int(sched.timesteps[0])
     with pytest.raises(ValueError, match=r"eta must be > 0.*(deterministic|log-density)"):
-        ddim_step_with_logprob(sched, randn(SHAPE, 1), int(sched.timesteps[0]), randn(SHAPE, 2), eta=eta)
+        ddim_step_with_logprob(sched, e, t, x, eta=eta, prev_sample=randn(SHAPE, 3))
+    if eta == 0:  # drawing with deterministic DDIM: diffusers' own eta-0 step, and no log-prob
+        prev, log_prob = ddim_step_with_logprob(sched, e, t, x, eta=0.0)
+        assert log_prob is None
+        torch.testing.assert_close(prev, sched.step(e, t, x, eta=0.0).prev_sample)
 
 
 def test_ddim_needs_set_timesteps():

@@ -200,6 +200,9 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(finished_run, tmp_path
     assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(copy)]) == 2
     err = capsys.readouterr().err.strip()
     assert "damaged" in err and len(err.splitlines()) == 1
+    assert "the one before it, epoch_0001, is complete: move epoch_0002 out of checkpoints/" in err
+    shutil.move(copy / "checkpoints" / "epoch_0002", tmp_path / "damaged")  # as the message says
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(copy)]) == 0
     # no checkpoint at all
     shutil.rmtree(copy / "checkpoints")
     assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(copy)]) == 2
@@ -334,6 +337,22 @@ def test_two_processes_one_set_of_outputs(tmp_path):
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_the_model_cards_code_runs_as_written(finished_run, monkeypatch):
+    """The card's own Python, run from the run folder, loads the built-in base and the LoRA; the card
+    names the sampler that ran (not 'auto') and mentions no held-out figures when there are none."""
+    card = (finished_run / "lora" / "README.md").read_text()
+    assert " ddim steps" in card and " auto steps" not in card
+    assert "Held-out" not in card and "moving average" not in card
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "DiffusionPipeline.from_pretrained" not in code  # a built-in base is not a hub id
+    monkeypatch.chdir(finished_run)
+    namespace = {}
+    exec(code, namespace)
+    pipe = namespace["pipe"]
+    lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().max() > 0 for p in lora.values())  # the trained LoRA, applied
+
+
 def test_ema_update_closed_form():
     from rebel_diffusion.train import ema_update
 
@@ -370,6 +389,7 @@ def test_ema_is_checkpointed_exported_and_resumes_exactly(tmp_path):
     apply_checkpoint(pipe, last_full)
     applied = {n: p for n, p in pipe.unet.named_parameters() if n in ema_full}
     assert all(torch.equal(applied[n].detach(), ema_full[n]) for n in ema_full)
+    assert "exponential moving average (decay 0.5)" in (full / "lora" / "README.md").read_text()
     exported = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
     expected = lora_state_dict(pipe.unet)
     assert all(torch.allclose(exported["unet." + k], v) for k, v in expected.items())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import UsageError
-from ..generation import Source, resolve_source, sampling_settings, set_num_threads
+from ..generation import SAMPLES_MANIFEST, Source, resolve_source, sampling_settings, set_num_threads
 
 
 class DeprecatedAlias(argparse.Action):
@@ -62,16 +63,47 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
-    """--steps, --guidance-scale, --ddim-eta, --sampler, --resolution[, --batch-size] (unset: the run's)."""
+    """--num-steps, --guidance-scale, --ddim-eta, --sampler, --resolution[, --batch-size] (unset: the run's)."""
     g = parser.add_argument_group("sampling (default: the run's settings, else SamplingSettings' defaults)")
-    g.add_argument("--steps", type=int, help="denoising steps")
+    g.add_argument("--num-steps", dest="steps", type=int, help="denoising steps (as train's --num-steps)")
+    g.add_argument("--steps", dest="steps", type=int, action=DeprecatedAlias, new_flag="--num-steps")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (> 0)")
+    g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (0: deterministic DDIM, fine for drawing)")
     g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")
     g.add_argument("--sampler", choices=("auto", "ddim", "lcm"), help="sampler")
     g.add_argument("--resolution", type=int, help="image height and width in pixels")
     if batch_size:
         g.add_argument("--batch-size", type=int, default=8, help="images denoised together (default 8)")
+
+
+def samples_folder(output_dir: str | None, default: Path) -> Path:
+    """Where ``sample`` writes, checked before any image is drawn. An --output-dir that already
+    holds a sample call's files is refused in one line (its PNGs would mix with the new ones); the
+    default folder moves on to ``samples_2``, ``samples_3``... A file on the way is refused too."""
+    if output_dir:
+        out = Path(output_dir)
+        if (out / SAMPLES_MANIFEST).exists() or any(out.glob("p*_seed*.png")):
+            raise UsageError(
+                f"--output-dir {out} already holds samples of an earlier call: choose another --output-dir "
+                "(or delete that one)"
+            )
+    else:
+        out, n = default, 1
+        while (out / SAMPLES_MANIFEST).exists() or any(out.glob("p*_seed*.png")):
+            n += 1
+            out = default.with_name(f"{default.name}_{n}")
+    check_output_folder(out)
+    return out
+
+
+def check_output_folder(out: Path) -> None:
+    """An output folder that can be made and written: nothing on its way is a file (one line otherwise)."""
+    from ..run_folder import check_writable
+
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--output-dir {out}: {p} is a file, not a folder; choose another --output-dir")
+    check_writable(out)
 
 
 def source_from_args(args: argparse.Namespace) -> Source:

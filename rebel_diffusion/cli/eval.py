@@ -21,7 +21,13 @@ from ..evaluate import (
     write_reports,
 )
 from ..generation import describe, load_models, pick_device, pick_dtype
-from .common import add_sampling_arguments, add_source_arguments, settings_from_args, source_from_args
+from .common import (
+    add_sampling_arguments,
+    add_source_arguments,
+    check_output_folder,
+    settings_from_args,
+    source_from_args,
+)
 
 HELP = "score base and fine-tuned samples with several rewards on held-out prompts"
 DEFAULT_PROMPTS = "heldout_animals"
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     diversity = load_diversity_model(args.diversity_model, device) if args.num_images > 1 else None
     out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "eval"
+    check_output_folder(out)  # before any image is drawn
 
     base, tuned = load_models(source, device=device, dtype=dtype, with_base=True)
     seeds = list(range(args.seed, args.seed + args.num_images))

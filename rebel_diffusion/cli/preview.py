@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_NUM_SEEDS,
         help=f"seeds shown side by side, from --seed on (default {DEFAULT_NUM_SEEDS}, at most {MAX_NUM_SEEDS})",
     )
-    g.add_argument("--steps", type=int, help="denoising steps (default: the run's)")
+    g.add_argument("--num-steps", dest="steps", type=int, help="denoising steps (default: the run's)")
+    g.add_argument("--steps", dest="steps", type=int, action=DeprecatedAlias, new_flag="--num-steps")
     g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
     g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (default: the run's)")
     g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")

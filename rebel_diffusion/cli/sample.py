@@ -11,6 +11,7 @@ from .common import (
     add_sampling_arguments,
     add_source_arguments,
     prompts_from_args,
+    samples_folder,
     seeds_from_args,
     settings_from_args,
     source_from_args,
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, prompt_label = prompts_from_args(args, source.config)
     settings = settings_from_args(args, source.config)
     device = pick_device(args.device)
-    out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "samples"
+    out = samples_folder(args.output_dir, (source.run_dir or Path(".")) / "samples")
 
     _, pipe = load_models(source, device=device, dtype=pick_dtype(args.dtype, device), with_base=False)
     settings = settings.resolve(pipe)

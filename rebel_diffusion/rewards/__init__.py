@@ -219,6 +219,9 @@ def load_reward(name_or_path: str, context: RewardContext | None = None, **optio
         raise UsageError(f"--reward {name_or_path}: a reward server's URL starts with http:// or https://")
     if ":" in name_or_path:
         return _reward_plugin(load_plugin(name_or_path, "reward"), name_or_path, ctx)
+    name, _, weight = name_or_path.rpartition("=")
+    if name in _BUILDERS:  # 'jpeg-compressibility=abc': a known reward with a weight that is no number
+        raise UsageError(f"--reward: the weight of {name!r} must be a number, got {weight!r}")
     if name_or_path not in _BUILDERS:
         raise UsageError(
             f"unknown reward {name_or_path!r}: use one of {', '.join(REWARDS)}, module.path:attribute for "

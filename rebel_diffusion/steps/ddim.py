@@ -47,7 +47,8 @@ def ddim_step_with_logprob(
         log_prob is None for a deterministic (zero-variance) step. ``with_mean``: also the step's
         Gaussian mean (B, C, h, w) and std (a float or (B, 1, 1, 1)), for the KL to a reference policy.
     """
-    if eta <= 0:
+    # eta = 0 is deterministic DDIM: fine for drawing (log_prob None), but there is nothing to score.
+    if eta < 0 or (eta == 0 and prev_sample is not None):
         raise ValueError(
             f"eta must be > 0 for a policy-gradient sampler (got {eta}): with eta = 0 DDIM is deterministic "
             "and the step has no log-density"
@@ -78,7 +79,7 @@ def ddim_step_with_logprob(
 
     # 5. sigma_t(eta) = eta sqrt(var), var = (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev) (eq. 16).
     var = [(1 - ap) / (1 - at) * (1 - at / ap) for at, ap in zip(a_t, a_prev)]
-    deterministic = [v <= MIN_VARIANCE for v in var]
+    deterministic = [v <= MIN_VARIANCE or eta == 0 for v in var]
     if any(deterministic) and not all(deterministic):
         raise ValueError("a batch mixes deterministic (zero-variance) and stochastic DDIM steps; score them apart")
     std_f = [0.0 if d else eta * math.sqrt(v) for v, d in zip(var, deterministic)]
