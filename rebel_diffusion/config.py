@@ -206,6 +206,13 @@ class TrainConfig:
         "finished if it ends in time, else cut short (torch elastic kills workers after 30 s)",
     )
     log_with: str = _f("none", "experiment tracker through accelerate", ("none", "tensorboard", "wandb"))
+    progress: str = _f(
+        "auto",
+        "what the console shows: bar = progress bars and a line per epoch; lines = a line per epoch (with "
+        "the held-out figures), for log files; none = warnings and errors only (--quiet); auto = bar on a "
+        "terminal, lines otherwise (nohup, SLURM, CI) or when TQDM_DISABLE is set",
+        ("auto", "bar", "lines", "none"),
+    )
     num_threads: int | None = _f(
         None,
         "torch CPU threads per process (default: half the CPUs divided among the "
@@ -298,6 +305,7 @@ SAFE_ON_RESUME = (
     "log_with",
     "stop_grace",
     "num_threads",
+    "progress",
     "output_dir",
 ) + ACTIONS
 
@@ -604,10 +612,10 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
         for name in (f.name for f in dataclasses.fields(TrainConfig)):
             old, new = getattr(saved_cfg, name), getattr(cfg, name)
             if name not in SAFE_ON_RESUME and old != new:
+                may = ", ".join("--" + _flag(n) for n in SAFE_ON_RESUME if n not in ("output_dir", *ACTIONS))
                 raise UsageError(
                     f"--resume: --{_flag(name)} {new!r} differs from the run's {old!r}; a resumed run keeps its "
-                    f"settings except {', '.join('--' + _flag(n) for n in SAFE_ON_RESUME[:4])} "
-                    "(start a new run to change it)"
+                    f"settings except {may} (start a new run to change it)"
                 )
     if (
         cfg.resume

@@ -104,6 +104,7 @@ class Run:
     checkpointed_epoch: int | None = 0  # the last epoch on disk (0: the start needs no checkpoint)
     ema: dict[str, torch.Tensor] | None = None  # EMA of the trainable weights (fp32, their device)
     text_cache: TextCache = field(default_factory=TextCache)  # each training prompt encoded once
+    progress: str = "lines"  # resolved --progress: bar, lines or none
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +128,9 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.resume:
         check_resumable(out, accelerator.num_processes)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    progress = resolve_progress(cfg.progress)
+    if progress != "bar":  # diffusers' and transformers' loading bars are cursor codes in a log file
+        _loading_bars_off()
     # 3. Rewards: their weights load now, so a missing file fails before the first epoch's sampling.
     reward, preference = load_reward_models(cfg, accelerator.device, weight_dtype)
     heldout = load_heldout(cfg, accelerator, weight_dtype) if cfg.heldout_every else None
@@ -163,6 +167,7 @@ def setup(cfg: TrainConfig) -> Run:
         lora_matches=lora_matches,
         ref_unet=ref_unet,
         steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
+        progress=progress,
     )
     if cfg.ema_decay > 0:
         run.ema = {n: p.detach().float().clone() for n, p in _trainable_named(run).items()}
@@ -181,7 +186,8 @@ def setup(cfg: TrainConfig) -> Run:
     write_run_folder(run)
     if cfg.log_with != "none":
         accelerator.init_trackers("rebel-diffusion", config=_flat_config(cfg))
-    accelerator.print(describe_plan(run))
+    if progress != "none":
+        accelerator.print(describe_plan(run))
     return run
 
 
@@ -217,6 +223,23 @@ def probe_reward(run: Run) -> None:
     s = run.settings
     image = torch.full((1, 3, s.height, s.width), 0.5, device=run.accelerator.device)
     run.reward(image, run.prompts[:1])
+
+
+def _loading_bars_off() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def resolve_progress(value: str) -> str:
+    """--progress auto -> 'bar' on a terminal, else 'lines' (a log file gets lines, not cursor codes)."""
+    if value != "auto":
+        return value
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        return "lines"
+    return "bar" if sys.stderr.isatty() else "lines"
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -474,7 +497,7 @@ def _train_loop(run: Run) -> TrainResult:
         desc="training",
         unit="epoch",
         position=0,
-        disable=not run.accelerator.is_local_main_process,
+        disable=not run.accelerator.is_local_main_process or run.progress != "bar",
     )
     try:
         if run.epoch == 0:
@@ -693,7 +716,7 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
         desc=f"epoch {epoch}: sampling",
         leave=False,
         position=1,
-        disable=not acc.is_local_main_process,
+        disable=not acc.is_local_main_process or run.progress != "bar",
     ):
         with acc.autocast():
             parts.append(
@@ -983,7 +1006,7 @@ def update(run: Run, traj: Trajectories, plan: UpdatePlan, epoch: int) -> dict:
         desc=f"epoch {epoch}: training",
         leave=False,
         position=1,
-        disable=not acc.is_local_main_process,
+        disable=not acc.is_local_main_process or run.progress != "bar",
     )
     for inner in range(cfg.inner_epochs):
         seed = np.random.SeedSequence([cfg.seed, epoch, inner, plan.salt]).generate_state(1)[0]
@@ -1068,13 +1091,23 @@ def report_epoch(run: Run, epoch: int, metrics: dict) -> None:
         if run.cfg.log_with != "none":
             acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch)
             _log_grid(run, grid, epoch)
-        if epoch:
-            acc.print(
-                f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
-                f"grid {metrics['grid_reward_mean']:.4f}, loss {metrics['loss']:.4g}, "
-                f"{metrics['images_per_second']:.2f} images/s"
-            )
+        if run.progress != "none":
+            acc.print(epoch_line(epoch, metrics))
     acc.wait_for_everyone()
+
+
+def epoch_line(epoch: int, metrics: dict) -> str:
+    """One console line an epoch (epoch 0: the base's figures), with the held-out ones when measured."""
+    if epoch == 0:
+        text = f"epoch 0 (base): grid {metrics['grid_reward_mean']:.4f}"
+    else:
+        text = (
+            f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
+            f"grid {metrics['grid_reward_mean']:.4f}, loss {metrics['loss']:.4g}, "
+            f"{metrics['images_per_second']:.2f} images/s"
+        )
+    heldout = [f"{k.removeprefix('heldout/')} {v:.4g}" for k, v in metrics.items() if k.startswith("heldout/")]
+    return text + (f"; held-out: {', '.join(heldout)}" if heldout else "")
 
 
 def heldout_eval(run: Run) -> dict:

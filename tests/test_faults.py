@@ -162,6 +162,7 @@ def test_resume_refuses_a_change_of_what_the_run_is(run_copy, capsys, flags, nam
     assert main(["train", "--output-dir", str(run_copy), "--resume", "--epochs", "2", *flags]) == 2
     line = one_line_error(capsys)
     assert name in line and "differs from the run's" in line
+    assert "--stop-grace" in line and "--progress" in line  # every flag that may change is named
     assert snapshot(run_copy) == before
     assert main(["train", "--output-dir", str(run_copy), "--resume", "--epochs", "2"]) == 0  # still resumes
 

@@ -451,3 +451,23 @@ def test_the_base_anchor_stays_the_base_after_a_resume(tmp_path, finetune):
     assert (trained - expected).abs().max() > 1e-4  # the policy itself has moved
     with base_unet(run) as unet:  # full fine-tune: a frozen copy; LoRA: the trained UNet, adapters off
         assert (unet is run.ref_unet) == (finetune == "full")
+
+
+def test_logs_read_well_in_a_file(tmp_path, capsys):
+    """Not on a terminal (pytest's capture, nohup, SLURM): no progress bars or cursor codes, one line
+    an epoch with the held-out figures when there are some, every line ended; --quiet leaves only
+    warnings and errors; --progress bar brings the bars back."""
+    heldout = ["--heldout-every", "1", "--heldout-rewards", "jpeg-compressibility", "--heldout-images", "1",
+               "--heldout-diversity", "none", "--heldout-prompts", "simple_animals"]  # fmt: skip
+    assert main(["train", *SMALL, *heldout, "--epochs", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "\x1b[" not in out + err, (out + err)[-500:]
+    assert out.endswith("\n") and (not err or err.endswith("\n"))
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and epochs[0].startswith("epoch 0 (base): grid ")
+    assert all("held-out: jpeg-compressibility " in line for line in epochs), epochs
+    assert main(["train", *SMALL, "--epochs", "1", "--quiet", "--output-dir", str(tmp_path / "q")]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "\r" not in err, (out, err)
+    assert main(["train", *SMALL, "--epochs", "1", "--progress", "bar", "--output-dir", str(tmp_path / "b")]) == 0
+    assert "\r" in capsys.readouterr().err  # the bars, asked for

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(_flag(f.name), type=tp, choices=f.metadata["choices"], **kwargs)
+    parser.add_argument(
+        "--quiet", dest="progress", action="store_const", const="none", default=argparse.SUPPRESS,
+        help="warnings and errors only: the same as --progress none",
+    )  # fmt: skip
     for old, new in RENAMED.items():
         parser.add_argument(
             _flag(old),
