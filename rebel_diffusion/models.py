@@ -91,6 +91,24 @@ def _atomic_write(path: Path, text: str) -> None:
 # Built-in tiny pipeline
 
 
+def tiny_vae(**config):
+    """The built-ins' small VAE (scale factor 4: 32 px images, 4x8x8 latents), seeded by the caller."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **config,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_type: str = "epsilon"):
     """A small SD-shaped ``StableDiffusionPipeline`` with seeded random weights (32x32 images).
 
@@ -99,13 +117,12 @@ def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_ty
     (``time_cond_proj_dim``) and an ``LCMScheduler``, as LCM Dreamshaper v7.
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         LCMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if scheduler not in ("ddim", "lcm"):
         raise ValueError(f"scheduler must be 'ddim' or 'lcm', got {scheduler!r}")
@@ -124,30 +141,13 @@ def build_tiny_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_ty
             norm_num_groups=8,
             time_cond_proj_dim=32 if scheduler == "lcm" else None,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = tiny_vae()
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
+            clip_l_text_config(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=512,
                 pad_token_id=49407,
             )
-        )
+        )  # fmt: skip
     sched_cls = LCMScheduler if scheduler == "lcm" else DDIMScheduler
     sched = sched_cls(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
@@ -291,22 +291,13 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     numbers embedded in 8 dims each (6 x 8 + 32 = 80), linear projections in the transformers; VAE
     scale factor 4 (latents 4x8x8) with SDXL's scaling factor and ``force_upcast``.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    text_config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=32,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    text_config = clip_l_text_config(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, hidden_act="gelu",
+        projection_dim=32, pad_token_id=49407,
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -326,19 +317,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
             cross_attention_dim=64,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=SDXL_VAE_SCALING,
-            force_upcast=True,
-        )
+        vae = tiny_vae(scaling_factor=SDXL_VAE_SCALING, force_upcast=True)
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
     return _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2)
