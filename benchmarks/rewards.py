@@ -4,15 +4,18 @@ Run from the repository root::
 
     # CPU (small; random weights: timing does not depend on weight values)
     python -m benchmarks.rewards --device cpu --batch-size 2 --repeats 2 --random-weights
-    # GPU (the SD-sized ViT-L/14 with random weights, bf16)
+    # GPU (each reward's full-size architecture with random weights, bf16)
     python -m benchmarks.rewards --device cuda --batch-size 64 --repeats 10 --dtype bf16 --random-weights
+    # the human-preference models too (CLIP ViT-H/14 twice, BLIP ViT-L)
+    python -m benchmarks.rewards --random-weights --rewards pickscore,hpsv2,imagereward
 
 Writes JSON (device, versions, settings, one entry per reward) to ``--out``, by default
 ``benchmarks/results/rewards_<device>.json``. Images are photo-like (smooth colour fields plus
 grain), since JPEG cost depends on content; ``clip`` gets distinct prompts (the worst case for its
-text encoder). ``load_s`` is the time to build the model (ViT-L/14 is shared by ``aesthetic`` and
-``clip``, so the second one is ~0). ``photo_like`` and ``bench_one`` also serve the rewards
-section of ``benchmarks.speed``.
+text encoder). With ``--random-weights`` every reward is its real architecture at full size with
+seeded random weights (``'random'`` for its weights option), so nothing is downloaded. ``load_s`` is
+the time to build the model (ViT-L/14 is shared by ``aesthetic`` and ``clip``, so the second one is
+~0). ``photo_like`` and ``bench_one`` also serve the rewards section of ``benchmarks.speed``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import torch.nn.functional as F
 
 from benchmarks import env
 from rebel_diffusion.errors import UsageError
-from rebel_diffusion.rewards import REWARDS, load_reward
+from rebel_diffusion.rewards import REWARDS, load_reward, reward_options
 
 BENCH_REWARDS = ("aesthetic", "clip", "jpeg-incompressibility", "jpeg-compressibility")
+# The weights options that take "random": the architecture with seeded random weights.
+RANDOM_OPTIONS = ("clip_pretrained", "aesthetic_head", "pickscore_model", "hpsv2_checkpoint", "imagereward_checkpoint")
 
 
 def photo_like(b: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -82,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed batches per reward; default 2 CPU, 10 GPU")
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 CPU, bf16 GPU")
-    p.add_argument("--random-weights", action="store_true", help="random ViT and head (no download)")
+    p.add_argument(
+        "--random-weights", action="store_true", help="each reward's architecture, random weights (offline)"
+    )
     p.add_argument("--rewards", default=",".join(BENCH_REWARDS), help=f"comma-separated, from {', '.join(REWARDS)}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/rewards_<device>.json")
     args = p.parse_args(argv)
@@ -97,14 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     images = photo_like(batch, args.size).to(device)
     prompts = [f"a photo of animal number {i}" for i in range(batch)]
-    weights = {"clip_pretrained": "random", "aesthetic_head": "random"} if args.random_weights else {}
+    random = dict.fromkeys(RANDOM_OPTIONS, "random") if args.random_weights else {}
     results = {}
     for name in names:
-        options = dict(device=device, dtype=dtype)
-        if name in ("aesthetic", "clip"):
-            options.update(clip_pretrained=weights.get("clip_pretrained"))
-        if name == "aesthetic":
-            options.update(aesthetic_head=weights.get("aesthetic_head"))
+        options = dict(device=device, dtype=dtype, **reward_options(name, random))
         try:
             results[name] = bench_one(name, options, images, prompts, repeats)
         except UsageError as e:
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": args.size,
         "repeats": repeats,
         "dtype": dtype,
-        "clip_model": "ViT-L-14",
+        "clip_model": "ViT-L-14 (aesthetic, clip); ViT-H-14 (pickscore, hpsv2); BLIP ViT-L (imagereward)",
         "random_weights": args.random_weights,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "env": environment,

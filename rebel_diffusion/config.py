@@ -57,7 +57,7 @@ class TrainConfig:
     prompts: str = _f("simple_animals", "training prompts: a set in prompts/ (simple_animals, ...) or a file path")
     reward: str = _f(
         "aesthetic",
-        "reward: aesthetic, clip, jpeg-compressibility, jpeg-incompressibility, "
+        "reward: aesthetic, clip, pickscore, hpsv2, imagereward, jpeg-compressibility, jpeg-incompressibility, "
         "toy-alignment, toy-alignment-full, module.path:attribute (a plug-in), or an http(s):// URL (a reward server)",
     )
     reward_combine: str = _f(
@@ -69,6 +69,15 @@ class TrainConfig:
     aesthetic_head: str | None = _f(None, "local file of the LAION aesthetic head (default: from the model hub)")
     clip_model: str | None = _f(None, "open_clip architecture of the aesthetic/clip rewards (default ViT-L-14)")
     clip_pretrained: str | None = _f(None, "open_clip pretrained tag or local weights file (default openai)")
+    pickscore_model: str | None = _f(
+        None, "local folder of PickScore (hf download yuvalkirstain/PickScore_v1; default: from the model hub)"
+    )
+    hpsv2_checkpoint: str | None = _f(
+        None, "local HPS_v2.1_compressed.pt or its folder (hf download xswu/HPSv2; default: from the model hub)"
+    )
+    imagereward_checkpoint: str | None = _f(
+        None, "local ImageReward.pt or its folder (hf download THUDM/ImageReward; default: from the model hub)"
+    )
     preference: str | None = _f(
         None,
         "preference model on top of the reward (bradley-terry or module:attr); "

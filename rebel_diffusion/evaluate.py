@@ -26,6 +26,16 @@ import torch
 from .errors import UsageError
 
 JPEG_REWARDS = ("jpeg-compressibility", "jpeg-incompressibility")
+# The table papers report for a fine-tune (aesthetic, CLIP and the human-preference models).
+FIELD_REWARDS = ("aesthetic", "clip", "pickscore", "hpsv2", "imagereward")
+FIELD_LABELS = {
+    "aesthetic": "LAION aesthetic",
+    "clip": "CLIP score",
+    "pickscore": "PickScore",
+    "hpsv2": "HPSv2.1",
+    "imagereward": "ImageReward",
+    "diversity": "diversity",
+}
 DEFAULT_CLIP = ("ViT-L-14", "openai")  # the backbone of the aesthetic and clip rewards
 DIVERSITY_CHOICES = "auto, none, pixels, tiny-random-clip, clip, clip:MODEL:PRETRAINED"
 
@@ -338,21 +348,42 @@ def parse_reward_names(text: str | None, trained: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_rewards(names: list[str], *, device, dtype, aesthetic_head: str | None = None) -> dict:
+def load_rewards(names: list[str], *, device, dtype, weights: dict | None = None) -> dict:
     """{name: reward} through ``rewards.load_reward``; an unknown name is a UsageError (one line).
 
+    ``weights``: local copies of weights (``rewards.WEIGHT_OPTIONS``); each reward gets those it reads.
     Weights load now (``reward.load()`` where offered), so a missing file fails before sampling.
     """
-    from .rewards import load_reward
+    from .rewards import load_reward, reward_options
 
     rewards = {}
     for name in names:
-        options = {"aesthetic_head": aesthetic_head} if name == "aesthetic" and aesthetic_head else {}
-        reward = load_reward(name, device=device, dtype=dtype, **options)
+        reward = load_reward(name, device=device, dtype=dtype, **reward_options(name, weights or {}))
         if hasattr(reward, "load"):
             reward.load()
         rewards[name] = reward
     return rewards
+
+
+def load_field_rewards(*, device, dtype, weights: dict | None = None) -> tuple[dict, dict]:
+    """The ``FIELD_REWARDS`` whose weights load: ({name: reward}, {name: why it was left out}).
+
+    A reward is left out when its weights are neither local nor downloadable; a local copy that was
+    named (``weights``) and fails is an error, not a silent omission.
+    """
+    from .rewards import load_reward, reward_options
+
+    weights = weights or {}
+    rewards, left_out = {}, {}
+    for name in FIELD_REWARDS:
+        options = reward_options(name, weights)
+        try:
+            rewards[name] = load_reward(name, device=device, dtype=dtype, **options).load()
+        except UsageError as e:
+            if set(options) - {"device", "dtype"}:
+                raise
+            left_out[name] = str(e)
+    return rewards, left_out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,6 +427,66 @@ def markdown_report(result: dict, header: dict) -> str:
         ]
     lines += ["", "Rewards: mean over all images (higher is better for each)."]
     return "\n".join(lines) + "\n"
+
+
+def field_report(results: dict, header: dict, left_out: dict) -> str:
+    """The field's table as markdown: a row per metric, base / fine-tuned / delta per prompt set.
+
+    results: {prompt set label: ``evaluate_pipelines`` result}, e.g. training and held-out prompts.
+    """
+    labels = list(results)
+    first = results[labels[0]]
+    s = first["settings"]
+    lines = ["# rebel-diffusion eval: the field's table", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    for label, r in results.items():
+        lines.append(f"- {label} prompts: {r['num_prompts']} x {len(r['seeds'])} seeds")
+    lines += [
+        f"- sampling: {s['sampler']} {s['num_steps']} steps, DDIM eta {s['ddim_eta']}, "
+        f"guidance {s['guidance_scale']}, {s['width']}x{s['height']}",
+        "",
+        "| metric | " + " | ".join(f"{lab}: base | fine-tuned | delta" for lab in labels) + " | units |",
+        "|---|" + "---:|---:|---:|" * len(labels) + "---|",
+    ]
+    for name, v in first["rewards"].items():
+        cells = []
+        for r in results.values():
+            x = r["rewards"][name]
+            cells.append(f"{_fmt(x['base'])} | {_fmt(x['tuned'])} | {_fmt_delta(x['delta'])}")
+        units = (v.get("units") or "as the reward gives them") + "; higher is better"
+        lines.append(f"| {FIELD_LABELS.get(name, name)} | {' | '.join(cells)} | {units} |")
+    if all(r.get("diversity") for r in results.values()):
+        cells = [
+            f"{_fmt(d['base'])} | {_fmt(d['tuned'])} | {_fmt_delta(d['delta'])}"
+            for d in (r["diversity"] for r in results.values())
+        ]
+        lines.append(
+            f"| diversity | {' | '.join(cells)} | cosine distance among a prompt's images; higher is more varied |"
+        )
+        lines += ["", f"Diversity is measured on {first['diversity']['model']}."]
+    lines += ["", "Rewards: mean over all images. Papers report CLIP score and HPSv2.1 x100."]
+    if left_out:
+        lines += ["", f"Left out for want of weights: {', '.join(FIELD_LABELS.get(n, n) for n in left_out)}."]
+        lines += [f"- {FIELD_LABELS.get(n, n)}: {why}" for n, why in left_out.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_field_reports(out: Path, results: dict, header: dict, left_out: dict) -> None:
+    """eval.json (every set's result), eval.md (``field_report``) and the held-out eval_grid.png."""
+    from .report import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = {label: r.pop("images", None) for label, r in results.items()}
+    doc = {**header, "table": "field", "prompt_sets": results, "left_out": left_out}
+    (out / "eval.json").write_text(
+        json.dumps(_finite_or_none(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    (out / "eval.md").write_text(field_report(results, header, left_out), encoding="utf-8")
+    label = list(results)[-1]
+    shown = images[label]
+    if shown and "base" in shown and "tuned" in shown:
+        r = results[label]
+        save_png(comparison_grid(shown["base"], shown["tuned"], r["prompts"], r["seeds"]), out / "eval_grid.png")
 
 
 def _finite_or_none(value):

@@ -249,7 +249,7 @@ def build_app(
     settings=None,
     device="cpu",
     dtype=None,
-    aesthetic_head: str | None = None,
+    weights: dict | None = None,
     default_prompt: str | None = None,
     default_seed: int = 0,
     num_seeds: int = DEFAULT_NUM_SEEDS,
@@ -259,7 +259,8 @@ def build_app(
     Models: ``base_pipe``/``tuned_pipe`` when given, else loaded here, once, from ``run_dir`` (its
     config.yaml and lora/, unet/ or newest checkpoint), ``model`` and ``finetune``.
     ``reward``: a callable, a reward name, or None for the run's reward (a run reward that cannot be
-    loaded is a warning: the images still show). ``settings``: ``SamplingSettings`` (default the run's).
+    loaded is a warning: the images still show); ``weights``: local copies of reward weights
+    (``rewards.WEIGHT_OPTIONS``, default the run's). ``settings``: ``SamplingSettings`` (default the run's).
 
     API: ``/compare`` (prompt, first seed, number of seeds) -> (base strip, fine-tuned strip,
     Markdown of the rewards); ``/history`` () -> (gallery, reward curve). The page opens with the
@@ -281,9 +282,7 @@ def build_app(
     run_dir = source.run_dir or run_dir
     if settings is None:
         settings = sampling_settings(source.config)
-    comparer = Comparer(
-        base_pipe, tuned_pipe, settings, _resolve_reward(reward, source.config, device, aesthetic_head)
-    )
+    comparer = Comparer(base_pipe, tuned_pipe, settings, _resolve_reward(reward, source.config, device, weights))
     scratch = Path(tempfile.mkdtemp(prefix="rebel_preview_"))
     prompt0 = default_prompt or first_run_prompt(source.config) or DEFAULT_PROMPT
 
@@ -352,10 +351,10 @@ def first_run_prompt(cfg: dict) -> str | None:
     return None
 
 
-def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
+def _resolve_reward(reward, cfg: dict, device, weights: dict | None):
     """A ``Reward`` (or None) from a Reward, a scoring function, a name, or the run's config."""
     from .evaluate import load_rewards
-    from .rewards import CallableReward, Reward
+    from .rewards import CallableReward, Reward, weight_options
 
     if isinstance(reward, Reward):
         return reward
@@ -365,9 +364,9 @@ def _resolve_reward(reward, cfg: dict, device, aesthetic_head):
     if not name:
         return None
     try:
-        return load_rewards(
-            [name], device=device, dtype=torch.float32, aesthetic_head=aesthetic_head or cfg.get("aesthetic_head")
-        )[name]
+        return load_rewards([name], device=device, dtype=torch.float32, weights=weight_options(cfg, weights or {}))[
+            name
+        ]
     except (UsageError, RunError) as e:  # RunError: a reward server that is down
         if reward:  # asked for explicitly: the user must hear it
             raise

@@ -150,27 +150,29 @@ def save_png(image: Image.Image | torch.Tensor, path: str | os.PathLike) -> Path
 
 
 def _jsonable(value):
-    """Tensors and numpy scalars -> plain Python numbers, recursively."""
+    """Tensors and numpy scalars -> plain Python numbers, recursively; NaN and inf -> None (null)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
+        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        return value.item()
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
 def append_metrics(path: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one JSON line to ``path`` (created with its folder when missing).
 
-    Non-finite floats are written as NaN/Infinity (Python's json reads them back). The line is
-    written with a single write call and flushed to disk.
+    Strict JSON: a non-finite float is written as null (``read_metrics`` gives it back as NaN). The
+    line is written with a single write call and flushed to disk.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_jsonable(record)) + "\n"
+    line = json.dumps(_jsonable(record), allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
@@ -210,7 +212,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             warnings.warn(f"{path}:{n}: skipping a line that is not JSON", stacklevel=2)
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict):  # null is a figure that was not finite (older runs wrote NaN)
+            record = {k: float("nan") if v is None else v for k, v in record.items()}
             records.append(_current_keys(record))
     return records
 

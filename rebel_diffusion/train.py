@@ -41,7 +41,7 @@ from .generation import grid_tiles, set_num_threads
 from .models import add_lora, check_sd_components, load_pipeline, parse_lora_targets
 from .prompts_io import load_prompts
 from .rebel import pair_indices, pair_targets, regression_fit, subsample_steps, trained_steps
-from .rewards import CombinedReward, Reward, load_preference, load_reward
+from .rewards import CombinedReward, Reward, load_preference, load_reward, reward_options
 from .sampling import (
     SamplingSettings,
     Trajectories,
@@ -269,13 +269,23 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> tuple[Accelerator, str]:
     return accelerator, mixed_precision
 
 
+def reward_weights(cfg: TrainConfig) -> dict:
+    """The local copies of reward weights the run names (``rewards.WEIGHT_OPTIONS``), None for the hub's."""
+    return {
+        "aesthetic_head": cfg.aesthetic_head,
+        "pickscore_model": cfg.pickscore_model,
+        "hpsv2_checkpoint": cfg.hpsv2_checkpoint,
+        "imagereward_checkpoint": cfg.imagereward_checkpoint,
+    }
+
+
 def load_reward_models(cfg: TrainConfig, device, dtype) -> tuple[Reward, Callable | None]:
     """The trained reward (weights loaded now) and the optional preference model on top of it."""
-    options = {
-        k: v for k, v in (("aesthetic_head", cfg.aesthetic_head), ("clip_model", cfg.clip_model),
-                          ("clip_pretrained", cfg.clip_pretrained)) if v is not None
-    }  # fmt: skip
-    reward = load_reward(cfg.reward, device=device, dtype=dtype, **options)
+    # Weights go to the rewards that read them (the held-out ones may be others); the CLIP options to
+    # the trained reward, which must read them.
+    options = reward_options(cfg.reward, reward_weights(cfg))
+    options.update(clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained)
+    reward = load_reward(cfg.reward, device=device, dtype=dtype, **{k: v for k, v in options.items() if v is not None})
     reward.load()
     preference = None
     if cfg.preference:
@@ -292,7 +302,7 @@ def load_heldout(cfg: TrainConfig, accelerator: Accelerator, dtype) -> Heldout:
         diversity = load_diversity_model(cfg.heldout_diversity, device=accelerator.device)
     return Heldout(
         prompts=load_prompts(cfg.heldout_prompts),
-        rewards=load_rewards(names, device=accelerator.device, dtype=dtype, aesthetic_head=cfg.aesthetic_head),
+        rewards=load_rewards(names, device=accelerator.device, dtype=dtype, weights=reward_weights(cfg)),
         diversity=diversity,
     )
 
@@ -462,6 +472,7 @@ class TrainResult:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ELASTIC_ECHO_SECONDS = 1.0  # torch elastic's echo of a terminal's Ctrl-C comes within this
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -540,11 +551,13 @@ class StopEpoch(Exception):
 
 
 def _request_stop(run: Run, signum: int) -> None:
-    # First signal: stop with a checkpoint. A second Ctrl-C (a second after the first): stop at once.
-    # torch elastic follows a terminal's SIGINT with its own closing signal at once; that one does not escalate.
+    # First signal: stop with a checkpoint. A second Ctrl-C: stop at once. Under torch elastic
+    # (accelerate's multi-process launch) the agent follows a terminal's SIGINT with its own at once:
+    # there a second Ctrl-C counts from a second after the first.
     now = time.monotonic()
     if run.stop_signal is not None:
-        if signum == signal.SIGINT == run.stop_signal and now - run.stop_time > 1.0:
+        window = ELASTIC_ECHO_SECONDS if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+        if signum == signal.SIGINT == run.stop_signal and now - run.stop_time >= window:
             raise KeyboardInterrupt
         return
     run.stop_signal, run.stop_time = signum, now

@@ -158,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-model", default=None, help="open_clip architecture (aesthetic, clip)")
     p.add_argument("--clip-pretrained", default=None, help="open_clip tag or weights file (aesthetic, clip)")
     p.add_argument("--aesthetic-head", default=None, help="local file of the LAION aesthetic head")
+    p.add_argument("--pickscore-model", default=None, help="local PickScore folder (pickscore)")
+    p.add_argument("--hpsv2-checkpoint", default=None, help="local HPS_v2.1_compressed.pt or its folder (hpsv2)")
+    p.add_argument("--imagereward-checkpoint", default=None, help="local ImageReward.pt or its folder (imagereward)")
     p.add_argument("--quiet", action="store_true", help="no log line per request")
     return p.parse_args(argv)
 
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             clip_model=args.clip_model,
             clip_pretrained=args.clip_pretrained,
             aesthetic_head=args.aesthetic_head,
+            pickscore_model=args.pickscore_model,
+            hpsv2_checkpoint=args.hpsv2_checkpoint,
+            imagereward_checkpoint=args.imagereward_checkpoint,
         )
         server = make_server(reward, args.host, args.port, path=args.path, quiet=args.quiet)
     except UsageError as e:

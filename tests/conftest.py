@@ -49,3 +49,12 @@ def pytest_collection_modifyitems(config, items):
 def tiny_sdxl_pipe():
     """``tiny-sdxl``: SDXL-shaped (two text encoders, pooled text and size conditioning), 32x32, fp32 CPU."""
     return load_pipeline("tiny-sdxl")
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """The model hub unreachable, as on a machine without internet (no request is attempted)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time

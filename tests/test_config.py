@@ -74,6 +74,14 @@ def test_every_field_is_used_by_the_recipe():
     assert not unused, f"config fields never read by the recipe: {unused}"
 
 
+def test_every_reward_weights_option_is_a_field_and_reaches_the_rewards():
+    from rebel_diffusion.rewards import WEIGHT_OPTIONS
+    from rebel_diffusion.train import reward_weights
+
+    cfg = TrainConfig(**{name: f"/weights/{name}" for name in WEIGHT_OPTIONS})
+    assert reward_weights(cfg) == {name: f"/weights/{name}" for name in WEIGHT_OPTIONS}
+
+
 def test_the_field_check_sees_through_prefixes_and_writes():
     """The check above cannot be fooled: a longer name or a write does not count as a read."""
     import ast

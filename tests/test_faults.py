@@ -404,3 +404,61 @@ def test_prompts_over_77_tokens_are_said_to_be_cut(tmp_path, capsys):
     assert train(tmp_path / "run", "--epochs", "1", "--prompts", str(prompts)) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --prompts")]
     assert len(warnings) == 1 and "1 prompt(s) over 77 tokens are cut" in warnings[0], warnings
+
+
+def _stopping_run():
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(is_local_main_process=False)
+    return SimpleNamespace(
+        stop_signal=None, stop_time=0.0, accelerator=accelerator, cfg=SimpleNamespace(stop_grace=20)
+    )
+
+
+def test_a_second_ctrl_c_stops_at_once_and_exits_130(monkeypatch, tmp_path, capsys):
+    from rebel_diffusion import train as recipe
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    run = _stopping_run()
+    recipe._request_stop(run, signal.SIGINT)  # the first: stop with a checkpoint
+    assert run.stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # the second, however soon: at once
+        recipe._request_stop(run, signal.SIGINT)
+    run = _stopping_run()
+    recipe._request_stop(run, signal.SIGTERM)
+    recipe._request_stop(run, signal.SIGINT)  # a SIGTERM'd run finishes its checkpoint
+    # Under torch elastic the agent echoes a terminal's Ctrl-C at once: that echo does not escalate.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    run = _stopping_run()
+    recipe._request_stop(run, signal.SIGINT)
+    recipe._request_stop(run, signal.SIGINT)
+    run.stop_time -= recipe.ELASTIC_ECHO_SECONDS
+    with pytest.raises(KeyboardInterrupt):
+        recipe._request_stop(run, signal.SIGINT)
+
+    # The command: exit status 130 (as for one Ctrl-C), and what continues the run.
+    from rebel_diffusion.cli import train as train_cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "train", interrupted)
+    assert main(["train", *SMALL, "--output-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at once (second Ctrl-C)" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_usage_error_under_accelerate_launch_is_one_line(tmp_path):
+    """accelerate's launcher exits 1 for any failed worker (it cannot pass 2 on); with its -q the
+    worker's one line is all that is printed."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rebel_diffusion", "train", *SMALL,
+        "--epochs", "-1", "--output-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rebel-diffusion train: error: --epochs"), done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -91,6 +91,15 @@ def test_metrics_round_trip_with_tensors_and_nan(tmp_path):
     assert records[0]["reward_mean"] == 1.5 and math.isnan(records[0]["loss"])
     assert records[1] == {"epoch": 1, "reward_mean": 2.0, "heldout/clip": 0.3}
     assert len(path.read_text().splitlines()) == 2  # one JSON object a line
+    # Strict JSON, which every reader takes: the NaN is a null on disk.
+    assert json.loads(path.read_text().splitlines()[0], parse_constant=_strict)["loss"] is None
+    with open(path, "a") as f:  # a line of an older run, with a bare NaN, still reads
+        f.write('{"epoch": 2, "loss": NaN}\n')
+    assert math.isnan(report.read_metrics(path)[2]["loss"])
+
+
+def _strict(name):
+    raise ValueError(f"not strict JSON: {name}")
 
 
 def test_read_metrics_skips_a_partial_last_line(tmp_path):

@@ -282,14 +282,6 @@ def test_clip_pretrained_accepts_a_local_file(tiny_clip, tiny_images, tmp_path):
 # Weights offline
 
 
-@pytest.fixture
-def hub_offline(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
-
-
 def test_missing_head_gives_one_line_usage_error(hub_offline, tiny_clip, tmp_path):
     images = smooth_images(b=1)
     reward = load_reward("aesthetic", aesthetic_head_repo="nobody/no-such-repo")

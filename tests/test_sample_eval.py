@@ -240,6 +240,48 @@ def test_eval_writes_json_markdown_and_grid(run_dir, two_prompts, tmp_path):
     assert Image.open(out / "eval_grid.png").size[0] >= 4 * 128
 
 
+def test_eval_field_table_on_training_and_heldout_prompts(run_dir, two_prompts, tmp_path, hub_offline, capsys):
+    import shutil
+
+    from field_rewards import tiny_pickscore
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    trained = tmp_path / "trained.txt"
+    trained.write_text("a red fox\n")
+    cfg["prompts"] = str(trained)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pickscore = tiny_pickscore(tmp_path / "PickScore_v1")
+    args = ["eval", "--run", str(run), "--field", "--prompts", str(two_prompts), "--num-images", "2"]
+    args += ["--diversity-model", "tiny-random-clip", "--pickscore-model", str(pickscore), "--quiet"]
+    assert cli.main([*args, "--rewards", "jpeg-compressibility"]) == 0
+    err = capsys.readouterr().err
+    # Offline, only PickScore's weights are here: the others are named, with what was looked for.
+    for name in ("aesthetic", "clip", "hpsv2", "imagereward"):
+        assert f"eval: {name} left out for want of weights" in err
+    doc = json.loads((run / "eval" / "eval.json").read_text())
+    assert doc["table"] == "field" and list(doc["prompt_sets"]) == ["training", "held-out"]
+    assert set(doc["left_out"]) == {"aesthetic", "clip", "hpsv2", "imagereward"}
+    assert "xswu/HPSv2" in doc["left_out"]["hpsv2"] and "THUDM/ImageReward" in doc["left_out"]["imagereward"]
+    training, heldout = doc["prompt_sets"]["training"], doc["prompt_sets"]["held-out"]
+    assert training["prompts"] == ["a red fox"] and heldout["prompts"] == ["otter", "penguin"]
+    for result in (training, heldout):
+        assert set(result["rewards"]) == {"pickscore", "jpeg-compressibility"}
+        ps = result["rewards"]["pickscore"]
+        assert math.isclose(ps["delta"], ps["tuned"] - ps["base"], abs_tol=1e-9) and ps["delta"] != 0
+        assert result["diversity"]["base"] > 0
+    md = (run / "eval" / "eval.md").read_text()
+    header = "| metric | training: base | fine-tuned | delta | held-out: base | fine-tuned | delta | units |"
+    assert header in md and "| PickScore |" in md and "higher is better" in md and "| diversity |" in md
+    assert "Left out for want of weights: LAION aesthetic, CLIP score, HPSv2.1, ImageReward." in md
+
+    # A local copy that was named and fails is an error, not a quiet omission.
+    bad = [*args[:-3], "--pickscore-model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "e2")]
+    assert cli.main(bad) == 2
+    assert not (tmp_path / "e2").exists()
+
+
 def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
     from rebel_diffusion.evaluate import PixelEmbedder, evaluate_pipelines, heldout_metrics
     from rebel_diffusion.models import load_pipeline

@@ -10,6 +10,7 @@ Errors a user can fix (``UsageError``) print one line and exit with status 2; a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import RunError, UsageError
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _command_module(args.command).run(args)
     except UsageError as e:
-        print(f"rebel-diffusion {args.command}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under a launcher every worker sees the same input
+            print(f"rebel-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"rebel-diffusion {args.command}: error: {e}", file=sys.stderr)

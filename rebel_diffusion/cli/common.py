@@ -62,6 +62,22 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: half the CPUs, at least 1)")
 
 
+def add_weight_arguments(group) -> None:
+    """Local copies of the rewards' weights (``rewards.WEIGHT_OPTIONS``); default: the run's, else the hub."""
+    group.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head (aesthetic)")
+    group.add_argument(
+        "--pickscore-model", metavar="DIR", help="local PickScore folder, hf download yuvalkirstain/PickScore_v1"
+    )
+    group.add_argument(
+        "--hpsv2-checkpoint", metavar="PATH", help="local HPS_v2.1_compressed.pt or its folder, hf download xswu/HPSv2"
+    )
+    group.add_argument(
+        "--imagereward-checkpoint",
+        metavar="PATH",
+        help="local ImageReward.pt or its folder, hf download THUDM/ImageReward",
+    )
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
     """--num-steps, --guidance-scale, --ddim-eta, --sampler, --resolution[, --batch-size] (unset: the run's)."""
     g = parser.add_argument_group("sampling (default: the run's settings, else SamplingSettings' defaults)")

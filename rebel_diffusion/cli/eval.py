@@ -14,16 +14,21 @@ from ..errors import UsageError
 from ..evaluate import (
     DIVERSITY_CHOICES,
     evaluate_pipelines,
+    field_report,
     load_diversity_model,
+    load_field_rewards,
     load_rewards,
     markdown_report,
     parse_reward_names,
+    write_field_reports,
     write_reports,
 )
 from ..generation import describe, load_models, pick_device, pick_dtype
+from ..rewards import weight_options
 from .common import (
     add_sampling_arguments,
     add_source_arguments,
+    add_weight_arguments,
     check_output_folder,
     settings_from_args,
     source_from_args,
@@ -38,13 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to measure")
     g.add_argument(
         "--rewards",
-        help="comma-separated rewards (aesthetic, clip, jpeg-compressibility, "
+        help="comma-separated rewards (aesthetic, clip, pickscore, hpsv2, imagereward, jpeg-compressibility, "
         "jpeg-incompressibility, toy-alignment, module:attr); default: the run's held-out rewards, "
         "else its reward and the jpeg ones",
     )
     g.add_argument(
-        "--aesthetic-head", metavar="FILE", help="local LAION aesthetic head (default: the run's, else the model hub)"
+        "--field",
+        action="store_true",
+        help="the table papers report: LAION aesthetic, CLIP, PickScore, HPSv2.1 and ImageReward (those whose "
+        "weights load; the others are named) and diversity, on the run's training prompts and on the held-out "
+        "prompts (--rewards adds more)",
     )
+    add_weight_arguments(parser.add_argument_group("reward weights (default: the run's, else the model hub)"))
     g.add_argument(
         "--prompts",
         metavar="NAME_OR_FILE",
@@ -83,42 +93,67 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, cfg)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    names = parse_reward_names(
-        args.rewards or cfg.get("heldout_rewards") or cfg.get("eval_rewards"), cfg.get("reward")
-    )
-    rewards = load_rewards(
-        names, device=device, dtype=dtype, aesthetic_head=args.aesthetic_head or cfg.get("aesthetic_head")
-    )
+    weights = weight_options(cfg, vars(args))
+    prompt_sets = {"held-out": prompts}
+    left_out = {}
+    if args.field:
+        rewards, left_out = load_field_rewards(device=device, dtype=dtype, weights=weights)
+        extra = [n for n in parse_reward_names(args.rewards, None) if n not in rewards] if args.rewards else []
+        rewards.update(load_rewards(extra, device=device, dtype=dtype, weights=weights))
+        names = list(rewards)
+        if not names:
+            raise UsageError(
+                "eval --field: no reward's weights could be loaded (" + "; ".join(left_out.values()) + ")"
+            )
+        if cfg.get("prompts"):
+            prompt_sets = {"training": load_prompts(cfg["prompts"]), "held-out": prompts}
+    else:
+        names = parse_reward_names(
+            args.rewards or cfg.get("heldout_rewards") or cfg.get("eval_rewards"), cfg.get("reward")
+        )
+        rewards = load_rewards(names, device=device, dtype=dtype, weights=weights)
     diversity = load_diversity_model(args.diversity_model, device) if args.num_images > 1 else None
     out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "eval"
     check_output_folder(out)  # before any image is drawn
 
     base, tuned = load_models(source, device=device, dtype=dtype, with_base=True)
     seeds = list(range(args.seed, args.seed + args.num_images))
+    sets = ", ".join(f"{len(p)} {label} prompts" for label, p in prompt_sets.items())
     print(
-        f"eval: {len(prompts)} prompts ({prompt_set}) x {len(seeds)} seeds, base vs {describe(source)}, "
-        f"rewards {', '.join(names)}",
+        f"eval: {sets} ({prompt_set}) x {len(seeds)} seeds, base vs {describe(source)}, rewards {', '.join(names)}",
         file=sys.stderr,
     )
-    result = evaluate_pipelines(
-        base,
-        tuned,
-        prompts,
-        rewards,
-        seeds,
-        settings,
-        diversity=diversity,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        keep_images=True,
-    )
+    for name, why in left_out.items():
+        print(f"eval: {name} left out for want of weights ({why})", file=sys.stderr)
+    results = {
+        label: evaluate_pipelines(
+            base,
+            tuned,
+            set_prompts,
+            rewards,
+            seeds,
+            settings,
+            diversity=diversity,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            keep_images=True,
+        )
+        for label, set_prompts in prompt_sets.items()
+    }
     header = {
         "model": source.model,
         "finetune": str(source.finetune),
         "run": str(source.run_dir or ""),
         "prompt_set": str(prompt_set),
     }
-    write_reports(out, result, header)
-    print(markdown_report(result, header))
+    if args.field:
+        if "training" in prompt_sets:
+            header["training_prompt_set"] = str(cfg["prompts"])
+        write_field_reports(out, results, header, left_out)
+        print(field_report(results, header, left_out))
+    else:
+        result = results["held-out"]
+        write_reports(out, result, header)
+        print(markdown_report(result, header))
     print(f"wrote eval.json, eval.md and eval_grid.png to {out}")
     return 0

@@ -8,7 +8,8 @@ import sys
 from ..errors import UsageError
 from ..generation import pick_device, pick_dtype, sampling_settings, set_num_threads
 from ..preview import DEFAULT_NUM_SEEDS, DEFAULT_PROMPT, MAX_NUM_SEEDS, build_app, check_port, import_gradio, launch
-from .common import DeprecatedAlias, add_source_arguments
+from ..rewards import weight_options
+from .common import DeprecatedAlias, add_source_arguments, add_weight_arguments
 
 HELP = "a Gradio page with before/after samples of a run (extra: preview)"
 
@@ -17,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     g = parser.add_argument_group("page")
     g.add_argument("--reward", help="reward shown beside the images (default: the run's)")
-    g.add_argument("--aesthetic-head", metavar="FILE", help="local LAION aesthetic head for --reward aesthetic")
     g.add_argument(
         "--prompt", help=f"prompt compared on page load (default: one of the run's prompts, else {DEFAULT_PROMPT!r})"
     )
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, help="guidance scale (default: the run's)")
     g.add_argument("--ddim-eta", type=float, help="DDIM noise scale (default: the run's)")
     g.add_argument("--eta", dest="ddim_eta", type=float, action=DeprecatedAlias, new_flag="--ddim-eta")
+    add_weight_arguments(parser.add_argument_group("reward weights (default: the run's, else the model hub)"))
     s = parser.add_argument_group("server")
     s.add_argument(
         "--host",
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         reward=args.reward,
         device=device,
         dtype=pick_dtype(args.dtype, device),
-        aesthetic_head=args.aesthetic_head,
+        weights=weight_options(vars(args)),
         default_prompt=args.prompt,
         default_seed=args.seed,
         num_seeds=args.num_seeds,

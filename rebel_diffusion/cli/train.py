@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import signal
+import sys
 
 import torch
 
@@ -66,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
         result = train(cfg)
-    except KeyboardInterrupt:
-        raise RunError(f"stopped at once (second Ctrl-C); {run_folder.next_step(cfg.output_dir)}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this epoch, the exit status of SIGINT
+        print(f"\nstopped at once (second Ctrl-C); {run_folder.next_step(cfg.output_dir)}", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
         message = fault_message(e, cfg.output_dir)
         if message is None:

@@ -11,7 +11,9 @@ rather than on the first call).
   ``aesthetic``), ``clip`` (prompt-image cosine similarity of open_clip embeddings, ``clip_score``),
   ``jpeg-incompressibility`` / ``jpeg-compressibility`` (JPEG size in kB, +/-, ``jpeg``),
   ``toy-alignment`` (the toy model's attribute classifier, ``toy_alignment``: the prompt's colour and
-  shape), ``toy-alignment-full`` (the same, and the background colour too);
+  shape), ``toy-alignment-full`` (the same, and the background colour too); the human-preference
+  models the field reports, ``pickscore`` (PickScore, ``pickscore``), ``hpsv2`` (HPSv2.1,
+  ``hpsv2``) and ``imagereward`` (ImageReward, ``imagereward``);
 - an ``http://`` or ``https://`` URL: a reward server (``HttpReward``; the protocol is in
   ``http_reward``);
 - a plug-in, ``module.path:attribute`` (dotted attributes allowed).
@@ -19,7 +21,10 @@ rather than on the first call).
 The options fill in one ``RewardContext``: ``device`` and ``dtype`` (from the trainer) and the
 per-reward options ``clip_model``, ``clip_pretrained`` (aesthetic, clip), ``aesthetic_head``,
 ``aesthetic_head_repo``, ``aesthetic_head_file`` (aesthetic), ``classifier_path``,
-``include_background`` (toy-alignment), ``http_timeout``, ``http_retries`` (a URL). None means "the
+``include_background`` (toy-alignment), ``pickscore_model``, ``pickscore_processor`` (pickscore),
+``hpsv2_checkpoint`` (hpsv2), ``imagereward_checkpoint``, ``imagereward_tokenizer`` (imagereward),
+``http_timeout``, ``http_retries`` (a URL). ``WEIGHT_OPTIONS`` are those that point at local copies of
+weights, the ones every command offers as flags (``reward_options`` keeps those a reward reads). None means "the
 default", so a caller may pass every option it has. A name that is not an option is a
 ``UsageError``; so is an option set for a built-in or URL reward that does not read it.
 
@@ -84,8 +89,11 @@ from .base import (
 )
 from .clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipScoreReward
 from .combined import COMBINE, CombinedReward, format_reward_weights, parse_reward_weights
+from .hpsv2 import HpsV2Reward
 from .http_reward import DEFAULT_RETRIES, HttpReward, is_url
+from .imagereward import ImageRewardReward
 from .jpeg import JpegCompressibility, JpegIncompressibility
+from .pickscore import PickScoreReward
 from .preference import (
     BradleyTerryPreference,
     CallablePreference,
@@ -104,7 +112,13 @@ REWARDS: dict[str, type[Reward]] = {
     "jpeg-incompressibility": JpegIncompressibility,
     "toy-alignment": ToyAlignmentReward,
     "toy-alignment-full": ToyAlignmentReward,
+    "pickscore": PickScoreReward,
+    "hpsv2": HpsV2Reward,
+    "imagereward": ImageRewardReward,
 }
+
+# The options that point at local copies of weights: every command offers them as flags.
+WEIGHT_OPTIONS = ("aesthetic_head", "pickscore_model", "hpsv2_checkpoint", "imagereward_checkpoint")
 
 PREFERENCES: dict[str, type[Preference]] = {
     "bradley-terry": BradleyTerryPreference,
@@ -131,6 +145,8 @@ __all__ = [
     "load_preference",
     "load_reward",
     "preference_function",
+    "reward_options",
+    "weight_options",
     "reward_function",
 ]
 
@@ -169,6 +185,14 @@ def _toy_alignment(c: RewardContext) -> Reward:
     )
 
 
+def _pickscore(c: RewardContext) -> Reward:
+    return PickScoreReward(c.device, c.dtype, model=c.pickscore_model, processor=c.pickscore_processor)
+
+
+def _imagereward(c: RewardContext) -> Reward:
+    return ImageRewardReward(c.device, c.dtype, checkpoint=c.imagereward_checkpoint, tokenizer=c.imagereward_tokenizer)
+
+
 _CLIP_OPTIONS = ("clip_model", "clip_pretrained")
 _BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[RewardContext], Reward]]] = {
     "aesthetic": (
@@ -183,6 +207,9 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[RewardContext], Reward]]] 
         ("classifier_path",),
         lambda c: ToyAlignmentReward(c.device, c.dtype, classifier_path=c.classifier_path, include_background=True),
     ),
+    "pickscore": (("pickscore_model", "pickscore_processor"), _pickscore),
+    "hpsv2": (("hpsv2_checkpoint",), lambda c: HpsV2Reward(c.device, c.dtype, checkpoint=c.hpsv2_checkpoint)),
+    "imagereward": (("imagereward_checkpoint", "imagereward_tokenizer"), _imagereward),
 }
 _URL_OPTIONS = ("http_timeout", "http_retries")
 
@@ -267,6 +294,23 @@ def load_preference(
 
 
 _EVERY_REWARD = ("device", "dtype")  # RewardContext fields every reward takes
+
+
+def weight_options(*sources) -> dict:
+    """The ``WEIGHT_OPTIONS`` set in ``sources`` (config dicts, ``vars(args)``), later ones winning."""
+    return {k: src[k] for src in sources for k in WEIGHT_OPTIONS if src.get(k) is not None}
+
+
+def reward_options(name_or_path: str, options: dict) -> dict:
+    """The options in ``options`` that the reward ``name_or_path`` reads, Nones dropped.
+
+    For commands that hold every weights option (``WEIGHT_OPTIONS``) and score with several rewards:
+    each reward gets its own. A plug-in or a server reads none of them.
+    """
+    weights = parse_reward_weights(name_or_path)
+    names = list(weights) if weights is not None else [name_or_path]
+    reads = {k for name in names if name in _BUILDERS for k in _BUILDERS[name][0]}
+    return {k: v for k, v in options.items() if v is not None and (k in reads or k in _EVERY_REWARD)}
 
 
 def _combined(weights: dict[str, float], context: RewardContext | None, options: dict) -> CombinedReward:

@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .base import Reward, short_cause
+from .base import Reward, hub_file
 from .clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, RANDOM, ClipBackbone, load_clip_backbone
 
 DEFAULT_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
 DEFAULT_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-HEAD_LAYERS = (0, 2, 4, 6, 7)  # the Linear layers of the Sequential; the others are Dropout
 
 
 class AestheticHead(nn.Module):
@@ -55,20 +54,7 @@ class AestheticHead(nn.Module):
 
 def resolve_head_file(aesthetic_head: str | os.PathLike | None, repo: str, filename: str) -> Path:
     """A local path to the head weights: ``aesthetic_head`` if given, else the hub download."""
-    if aesthetic_head is not None:
-        path = Path(aesthetic_head).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--aesthetic-head {aesthetic_head}: no such file")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as e:  # offline, no such repo/file, auth: one line, not the hub's stack trace
-        raise UsageError(
-            f"could not download the aesthetic head {filename} from the hub repo {repo} ({short_cause(e)}); "
-            f"pass a local copy with --aesthetic-head PATH"
-        ) from e
+    return hub_file(aesthetic_head, repo, filename, "the aesthetic head", "--aesthetic-head")
 
 
 def read_head(path: Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,31 @@ def short_cause(e: BaseException, limit: int = 120) -> str:
     lines = str(e).strip().splitlines()
     text = lines[0].split(". ")[0] if lines else ""
     return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def hub_file(local: str | os.PathLike | None, repo: str, filename: str, what: str, flag: str, also: str = "") -> Path:
+    """A local path to a reward's weights file: ``local`` if given, else the hub download.
+
+    ``local`` may be the file or a folder holding ``filename`` (what ``hf download REPO`` leaves).
+    Every failure is one ``UsageError`` line naming what was looked for and how to pass a local copy
+    (``also``: what else to download beside it).
+    """
+    if local is not None:
+        path = Path(local).expanduser()
+        if path.is_dir() and (path / filename).is_file():
+            return path / filename
+        if not path.is_file():
+            raise UsageError(f"{flag} {local}: no such file (nor a folder holding {filename})")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as e:  # offline, no such repo/file, auth: one line, not the hub's stack trace
+        raise UsageError(
+            f"could not download {what} {filename} from the hub repo {repo} ({short_cause(e)}); "
+            f"download it where the hub is reachable (hf download {repo} {filename}{also}) and pass {flag} PATH"
+        ) from e
 
 
 def check_images(images: torch.Tensor, prompts) -> torch.Tensor:
@@ -141,6 +167,14 @@ class RewardContext:
     # toy-alignment: the toy classifier (``toy_alignment``)
     classifier_path: str | os.PathLike | None = None
     include_background: bool | None = None
+    # pickscore: model and processor, hub id or folder (``pickscore``)
+    pickscore_model: str | os.PathLike | None = None
+    pickscore_processor: str | os.PathLike | None = None
+    # hpsv2: the HPSv2.1 checkpoint, file or folder (``hpsv2``)
+    hpsv2_checkpoint: str | os.PathLike | None = None
+    # imagereward: the checkpoint (file or folder) and the BERT tokenizer (``imagereward``)
+    imagereward_checkpoint: str | os.PathLike | None = None
+    imagereward_tokenizer: str | os.PathLike | None = None
     # a reward server (``http_reward``): seconds per socket operation, retries on connection errors / 5xx
     http_timeout: float | None = None
     http_retries: int | None = None

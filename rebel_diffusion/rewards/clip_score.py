@@ -49,12 +49,14 @@ def clip_preprocess(
     interpolation: str = "bicubic",
     resize_mode: str = "shortest",
     dtype: torch.dtype = torch.float32,
+    crop: int | None = None,
 ) -> torch.Tensor:
-    """CLIP's image transform on a batch of tensors, on their device.  # (B, 3, H, W) -> (B, 3, S, S)
+    """CLIP's image transform on a batch of tensors, on their device.  # (B, 3, H, W) -> (B, 3, C, C)
 
-    Same steps as open_clip's PIL pipeline (``Resize(S)``, ``CenterCrop(S)``, ``Normalize``) without
-    the per-image PIL round trip.
+    Same steps as open_clip's and transformers' PIL pipelines (``Resize(S)``, ``CenterCrop(C)``,
+    ``Normalize``; ``C = crop or S``) without the per-image PIL round trip.
     """
+    crop = size if crop is None else crop
     b, _, h, w = images.shape
     # 1. Resize, in float32: the antialiased kernels have no half-precision CPU version, and the
     #    downsampling from 512 is where precision matters. Antialiasing matches PIL's bicubic.
@@ -70,10 +72,10 @@ def clip_preprocess(
     if (h, w) != new_hw:
         x = F.interpolate(x, size=new_hw, mode=interpolation, antialias=True, align_corners=False)
         x = x.clamp(0.0, 1.0)  # bicubic overshoots; PIL's uint8 output clamps too
-    # 2. Centre crop to S x S (torchvision's rounding).
-    top = int(round((new_hw[0] - size) / 2.0))
-    left = int(round((new_hw[1] - size) / 2.0))
-    x = x[:, :, top : top + size, left : left + size]
+    # 2. Centre crop to C x C (torchvision's rounding).
+    top = int(round((new_hw[0] - crop) / 2.0))
+    left = int(round((new_hw[1] - crop) / 2.0))
+    x = x[:, :, top : top + crop, left : left + crop]
     # 3. Normalise with the model's mean/std, in the model's dtype.
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
