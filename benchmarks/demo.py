@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import env
+from rebel_diffusion import run_folder
 
 DEMO = ["train", "--model", "tiny", "--reward", "jpeg-compressibility", "--epochs", "3"]
 
@@ -50,7 +51,7 @@ def run_demo(extra: list[str]) -> dict:
     try:
         if r.returncode != 0:
             return {"command": cmd, "returncode": r.returncode, "stderr_tail": r.stderr[-2000:]}
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
         plan = next((line.strip() for line in r.stdout.splitlines() if line.strip().startswith("per epoch:")), None)
         return {
             "command": ["rebel-diffusion", *DEMO, "--output-dir", "DIR", *extra],

@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import env
+from rebel_diffusion import run_folder
 from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.report import read_metrics
-from rebel_diffusion.train import train
+from rebel_diffusion.training.recipe import train
 
 TASKS = ("toy-jpeg", "toy-alignment", "toy-alignment-saturated")
 ALIGNMENT = "toy-alignment"
@@ -72,7 +73,7 @@ def run_one(job: tuple) -> dict:
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0
-        metrics = read_metrics(out / "metrics.jsonl")
+        metrics = read_metrics(out / run_folder.METRICS)
     evals = [m for m in metrics if f"heldout/{cfg.reward}" in m]
     return {
         "task": task,

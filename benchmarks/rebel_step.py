@@ -23,10 +23,10 @@ import time
 import torch
 
 from benchmarks import env
+from rebel_diffusion.algorithms.rebel import pair_indices, rebel_residual, trained_steps
+from rebel_diffusion.algorithms.updates import StepModel, log_ratios, rebel_accumulate
 from rebel_diffusion.models import add_lora, load_pipeline
-from rebel_diffusion.rebel import pair_indices, rebel_residual, trained_steps
 from rebel_diffusion.sampling import SamplingSettings, make_scheduler, sample_trajectories, step_groups, steps_log_prob
-from rebel_diffusion.updates import log_ratios, rebel_accumulate
 
 
 def per_pair_accumulate(unet, scheduler, traj, pairs, targets, *, eta, pairs_per_micro_batch, steps, steps_per_pass):
@@ -96,9 +96,14 @@ def main(argv=None) -> dict:
         hook = pipe.unet.register_forward_hook(lambda m, a, o: rows.append(len(a[0])))
         try:
             rebel_accumulate(
-                pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=num_images, steps=steps,
-                steps_per_pass=args.steps_per_pass, ratio_steps=steps,
-            )  # fmt: skip
+                StepModel(pipe.unet, scheduler, traj, steps_per_pass=args.steps_per_pass),
+                pairs,
+                targets,
+                eta=eta,
+                train_batch_size=num_images,
+                steps=steps,
+                ratio_steps=steps,
+            )
         finally:
             hook.remove()
         cfg = 2 if args.guidance_scale > 1 else 1

@@ -17,7 +17,7 @@ average, every setting and figure; each section records the switches it ran with
             method) runs in a fresh spawned process, so its peak RSS is its own).
   rewards   images/s of each weight-free reward (jpeg-*); with ``--all-rewards`` also aesthetic and
             clip with a random-weight ViT-L/14 (``benchmarks.rewards``' helpers).
-  epoch     ``rebel_diffusion.train.setup`` + ``train_epoch`` (sample, score, train) with a
+  epoch     ``rebel_diffusion.training.recipe.setup`` + ``train_epoch`` (sample, score, train) with a
             TrainConfig (reward jpeg-compressibility, output in a temporary folder): images/s
             per epoch; the first epoch includes warm-up (and compilation).
 
@@ -351,7 +351,7 @@ def bench_reward_section(args, device: torch.device, model_size: int) -> dict:
 
 def bench_epoch(args, device: torch.device) -> dict:
     from rebel_diffusion.config import TrainConfig
-    from rebel_diffusion.train import cleanup, setup, train_epoch
+    from rebel_diffusion.training.recipe import cleanup, setup, train_epoch
 
     load_start = env.load_average()
     with tempfile.TemporaryDirectory(prefix="rebel-bench-") as tmp:

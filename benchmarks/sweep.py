@@ -33,6 +33,7 @@ import torch
 
 from benchmarks import env
 from benchmarks.learning import interval, run_jobs
+from rebel_diffusion import run_folder
 from rebel_diffusion.config import TrainConfig
 
 # Per-epoch metrics kept in the JSON (when the run logs them).
@@ -70,7 +71,7 @@ def run_one(job: tuple) -> dict:
     """Train one (variant, seed); returns its record for the JSON."""
     name, base, flags, seed, following, threads = job
     from rebel_diffusion.report import read_metrics
-    from rebel_diffusion.train import train
+    from rebel_diffusion.training.recipe import train
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,7 @@ def run_one(job: tuple) -> dict:
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0
-        metrics = read_metrics(out / "metrics.jsonl")
+        metrics = read_metrics(out / run_folder.METRICS)
         record = {
             "variant": name,
             "flags": flags,

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from rebel_diffusion.generation import load_models, resolve_source, sample_images, sampling_settings
+from rebel_diffusion.generation import load_models, resolve_source, sample_images
 from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards.toy_alignment import load_classifier
+from rebel_diffusion.sampling import settings_from_config
 from rebel_diffusion.toy.following import follow_rates
 
 SETS = {"novel": "toy_novel", "novel_heldout": "toy_novel_heldout", "known": "toy_shapes"}
@@ -39,7 +40,7 @@ def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets:
     sets = SETS if sets is None else sets
     source = resolve_source(run)
     base, tuned = load_models(source, device=torch.device("cpu"), dtype=torch.float32, with_base=True)
-    settings = sampling_settings(source.config)
+    settings = settings_from_config(source.config)
     classifier = load_classifier()
     seed_list = list(range(first_seed, first_seed + seeds))
     out = {}

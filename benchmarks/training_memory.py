@@ -59,7 +59,7 @@ def naive_accumulate(unet, scheduler, traj, pairs, targets, *, eta, train_batch_
     loss = sum_p rho_p^2 / P with rho = (1/eta)(D(y) - D(y')) - target and D the whole-trajectory
     log-ratio; the same gradient as ``rebel_accumulate`` (steps = all stochastic ones, scale 1).
     """
-    from rebel_diffusion.rebel import rebel_residual
+    from rebel_diffusion.algorithms.rebel import rebel_residual
     from rebel_diffusion.sampling import step_log_prob
 
     num_pairs = len(pairs)
@@ -197,9 +197,9 @@ class TrainBench:
         return traj
 
     def run(self, T: int, mode: str) -> dict:
-        from rebel_diffusion.rebel import pair_indices
+        from rebel_diffusion.algorithms.rebel import pair_indices
+        from rebel_diffusion.algorithms.updates import StepModel, rebel_accumulate
         from rebel_diffusion.sampling import make_scheduler
-        from rebel_diffusion.updates import rebel_accumulate
 
         s, device = self.spec, self.device
         g0 = dynamo_graphs()
@@ -216,17 +216,15 @@ class TrainBench:
         def one_step():
             if mode.startswith("ours"):
                 stats = rebel_accumulate(
-                    self.unet,
-                    scheduler,
-                    traj,
+                    StepModel(
+                        self.unet, scheduler, traj, steps_per_pass=mode_steps_per_pass(mode), autocast=self.autocast
+                    ),
                     pairs,
                     targets,
                     eta=1.0,
-                    train_batch_size=2 * s["micro_batch"],  # the images of micro_batch pairs
+                    train_batch_size=2 * s["micro_batch"],
                     steps=steps,
                     on_policy=False,
-                    steps_per_pass=mode_steps_per_pass(mode),
-                    autocast=self.autocast,
                 )
             else:
                 stats = naive_accumulate(
@@ -374,9 +372,9 @@ def measure_in_fresh_process(spec: dict, T: int, mode: str) -> dict:
 
 def gradient_check(args, device: torch.device) -> dict:
     """ours vs naive gradient on one T=2 trajectory (same weights, same step)."""
-    from rebel_diffusion.rebel import pair_indices
+    from rebel_diffusion.algorithms.rebel import pair_indices
+    from rebel_diffusion.algorithms.updates import StepModel, rebel_accumulate
     from rebel_diffusion.sampling import make_scheduler
-    from rebel_diffusion.updates import rebel_accumulate
 
     spec = {**worker_spec(args), "compile": False, "pairs": 2, "micro_batch": 1, "sample_batch": 4}
     bench = TrainBench(spec)
@@ -389,20 +387,15 @@ def gradient_check(args, device: torch.device) -> dict:
         for p in bench.params:
             p.add_(1e-3 * torch.randn_like(p))
     grads = []
-    for fn in (rebel_accumulate, naive_accumulate):
-        kwargs = {"on_policy": False} if fn is rebel_accumulate else {}
-        fn(
-            bench.unet,
-            scheduler,
-            traj,
-            pairs,
-            targets,
-            eta=1.0,
-            train_batch_size=2 if fn is rebel_accumulate else 1,  # one pair's images / one pair
-            steps=steps,
-            autocast=bench.autocast,
-            **kwargs,
-        )
+    for ours in (True, False):
+        if ours:  # one pair's images a micro-batch
+            model = StepModel(bench.unet, scheduler, traj, autocast=bench.autocast)
+            rebel_accumulate(model, pairs, targets, eta=1.0, train_batch_size=2, steps=steps, on_policy=False)
+        else:  # one pair a micro-batch
+            naive_accumulate(
+                bench.unet, scheduler, traj, pairs, targets, eta=1.0, train_batch_size=1, steps=steps,
+                autocast=bench.autocast,
+            )  # fmt: skip
         grads.append(torch.cat([p.grad.flatten().float() for p in bench.params]))
         for p in bench.params:
             p.grad = None

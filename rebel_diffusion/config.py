@@ -15,23 +15,19 @@ import math
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import run_folder
+from .algorithms.ddpo import CLIP_NATS
 from .errors import UsageError
 from .models import DEFAULT_LORA_TARGETS, DEFAULT_MODEL
 
 
 def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
-
-
-# DDPO's default clip range, in nats of per-step log-likelihood ratio: its published 1e-4 on per-dim
-# mean log-probs at SD 1.5, 512 px (D = 4 * 64 * 64 = 16,384) is 1.64 nats.
-CLIP_NATS = 1.6
 
 
 @dataclass
@@ -138,6 +134,13 @@ class TrainConfig:
         "REBEL and DDPO weigh it alike",
     )
     timestep_fraction: float = _f(1.0, "fraction of the trained steps used per optimizer step (rescaled: unbiased)")
+    policy_step_weights: str = _f(
+        "uniform",
+        "weight of each denoising step in the policy term (REBEL: in the trajectory log-ratio; DDPO: its "
+        "PPO term): uniform, linear:FIRST,LAST (from the first sampling step to the last), or "
+        "--num-steps comma-separated numbers",
+    )
+    kl_step_weights: str = _f("uniform", "weight of each denoising step in the KL term: as --policy-step-weights")
     # --- batches ---------------------------------------------------------------------------------
     epochs: int = _f(100, "training epochs (each: sample, score, update)")
     images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
@@ -259,6 +262,8 @@ class TrainConfig:
             raise UsageError("--preference needs --algorithm rebel (DDPO has no pairwise target)")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
+        for name in ("policy_step_weights", "kl_step_weights"):
+            step_weights(getattr(self, name), self.num_steps, f"--{_flag(name)}")
         per_step = self.images_per_step()
         if self.algorithm == "rebel" and per_step % self.images_per_prompt:
             raise UsageError(
@@ -292,6 +297,36 @@ class TrainConfig:
         """The run's stored configuration: every field but the actions (--resume, --overwrite)."""
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in ACTIONS}
         return yaml.safe_dump(values, sort_keys=False)
+
+
+def step_weights(spec: str, num_steps: int, flag: str = "--policy-step-weights") -> list[float] | None:
+    """Per-step weights from their flag: None for ``uniform`` (every step 1), else ``num_steps`` values.
+
+    ``linear:FIRST,LAST``: evenly from the first sampling step (the noisiest) to the last;
+    ``w1,...,wT``: one finite, non-negative number per step. Anything else is a one-line UsageError.
+    """
+    text = spec.strip()
+    if text == "uniform":
+        return None
+    ramp = text.startswith("linear:")
+    try:
+        values = [float(v) for v in text.removeprefix("linear:").split(",")]
+    except ValueError:
+        values = []
+    if ramp and len(values) == 2:
+        first, last = values
+        values = [first + (last - first) * t / max(num_steps - 1, 1) for t in range(num_steps)]
+    if len(values) != num_steps or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UsageError(
+            f"{flag} {spec}: use uniform, linear:FIRST,LAST or {num_steps} comma-separated numbers >= 0 "
+            f"(one per step of --num-steps {num_steps})"
+        )
+    return values
+
+
+# Fields an earlier release stored and this one no longer has (what replaced them): dropped when a
+# run's config.yaml is read, so its lora/ still samples and evaluates.
+REMOVED = {"skip_final_steps": "min_step_std"}
 
 
 # Field names of the previous release, read (with a warning) from flags and files; a run's own
@@ -585,9 +620,16 @@ def _without_actions(values: dict, source: str) -> dict:
     return {k: v for k, v in values.items() if k not in ACTIONS}
 
 
-def resolve_config(flags: dict, *, config_file: str | None = None, preset: str | None = None) -> TrainConfig:
+def resolve_config(
+    flags: dict,
+    *,
+    config_file: str | None = None,
+    preset: str | None = None,
+    read_run: Callable[[Path], TrainConfig] | None = None,
+) -> TrainConfig:
     """The configuration from defaults, the run's saved config (on resume), preset, file and ``flags``
     ({field: value} of the fields given on the command line), in that order of precedence.
+    ``read_run``: the reader of a run folder's saved config (``run_folder.read_run_config``).
 
     On resume a value that differs from the run's saved one is refused unless the field is in
     ``SAFE_ON_RESUME``: the checkpoint, the batches and the random streams depend on the rest.
@@ -603,14 +645,13 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
         raise UsageError("--resume and --overwrite exclude each other")
     saved_cfg = None
     if flags.get("resume"):
+        if read_run is None:
+            raise ValueError("resolve_config: --resume needs read_run (run_folder.read_run_config)")
         out = Path(flags.get("output_dir") or file_values.get("output_dir") or cfg.output_dir)
-        saved = out / run_folder.CONFIG
-        if not saved.is_file():
-            raise UsageError(f"--resume: {out} has no {run_folder.CONFIG} (no run to resume there)")
-        # Format-1 runs stored the actions (as false), and runs before the rename the old field names.
-        stored = {k: v for k, v in read_yaml(saved, "--resume").items() if k not in ACTIONS}
-        stored.setdefault("anchor", "policy")  # runs from before --anchor regressed against the policy
-        cfg = saved_cfg = _apply(cfg, _renamed(stored, str(saved), warn=False), str(saved))
+        try:
+            cfg = saved_cfg = read_run(out)
+        except UsageError as e:
+            raise UsageError(f"--resume: {e}") from e
     if preset:
         if preset not in PRESETS:
             raise UsageError(f"--preset {preset}: unknown; choose one of {', '.join(sorted(PRESETS))}")
@@ -637,6 +678,28 @@ def resolve_config(flags: dict, *, config_file: str | None = None, preset: str |
             "only a constant schedule can be extended"
         )
     cfg.validate()
+    return cfg
+
+
+def config_from_stored(values: dict, source: str) -> TrainConfig:
+    """A run's stored fields (its config.yaml, as a dict) as the ``TrainConfig`` it trained with.
+
+    Field names of an earlier release read as today's (``RENAMED``, silently), fields its release did
+    not write take their defaults, except ``anchor``: runs from before it regressed against the
+    sampling policy. Values are checked as ``validate`` checks them; nothing outside is (a prompts
+    file may have moved since). Errors are one-line ``UsageError``s naming ``source``.
+    """
+    # Format-1 runs stored the actions (as false); fields since removed are dropped.
+    stored = {k: v for k, v in values.items() if k not in ACTIONS and k not in REMOVED}
+    stored.setdefault("anchor", "policy")
+    cfg = _apply(TrainConfig(), _renamed(stored, source, warn=False), source)
+    unset = [f.name for f in dataclasses.fields(cfg) if f.default is not None and getattr(cfg, f.name) is None]
+    if unset:  # YAML null where the field has a value by default
+        raise UsageError(f"{source}: {unset[0]} is null: give it a value, or delete the line for its default")
+    try:
+        cfg.validate()  # also resolves anchor 'auto' as the run did
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from e
     return cfg
 
 

@@ -1,10 +1,11 @@
 """Drawing images for the inference commands (sample, eval, preview): what to draw from, and drawing.
 
 ``resolve_source(run=..., model=..., finetune=...)`` names the base model, the fine-tune and the
-run they came from; ``load_models`` builds a base and a fine-tuned pipeline that share what they
-can; ``sample_images`` draws image i of prompt p from its own seed, so the same (prompt, seed) gives
-the same starting noise whichever model draws it: base and fine-tuned outputs line up picture for
-picture. Plain arguments only: the command-line glue lives in ``rebel_diffusion.cli``.
+run they came from (its ``TrainConfig``, as ``run_folder.read_run_config`` reads it); ``load_models``
+builds a base and a fine-tuned pipeline that share what they can; ``sample_images`` draws image i of
+prompt p from its own seed, so the same (prompt, seed) gives the same starting noise whichever model
+draws it: base and fine-tuned outputs line up picture for picture. Plain arguments only: the
+command-line glue lives in ``rebel_diffusion.cli``.
 """
 
 from __future__ import annotations
@@ -14,28 +15,29 @@ import inspect
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import run_folder
+from .config import TrainConfig
 from .errors import UsageError
+from .models import DEFAULT_MODEL, check_sd_components, load_pipeline
 
 SAMPLES_MANIFEST = "samples.json"  # what ``write_samples`` wrote, and where (it marks a used folder)
 GRID_TILE_MAX = 256  # grid tiles larger than this are downscaled: a 512px grid of 100 images is huge
-# SamplingSettings fields from a run's config.yaml (both name DDIM's noise scale ``ddim_eta``).
-SETTINGS_FROM_CONFIG = ("sampler", "num_steps", "ddim_eta", "guidance_scale", "negative_prompt")
 
 
 @dataclass
 class Source:
-    """What to sample from: a base model, an optional fine-tune, and the run they came from."""
+    """What to sample from: a base model, an optional fine-tune, and the run they came from
+    (``config``: the run's ``TrainConfig``; None without a run)."""
 
     model: str
     finetune: Path | None = None
     run_dir: Path | None = None
-    config: dict = field(default_factory=dict)
+    config: TrainConfig | None = None
     vae: str | None = None
 
 
@@ -48,9 +50,13 @@ def resolve_source(
     """The model, VAE, fine-tune and run config named by ``run``/``model``/``vae``/``finetune`` (the
     latter three win over the run's). The fine-tune is the run's lora/, unet/ or newest complete
     checkpoint; the VAE the run's ``--vae`` unless another is given (a new --model drops the run's)."""
-    from .models import DEFAULT_MODEL
-
-    run_dir, cfg = run_folder.read_config(run) if run else (None, {})
+    run_dir = cfg = None
+    if run:
+        try:
+            run_dir = run_folder.find_run(run)
+        except UsageError as e:
+            raise UsageError(f"--run {e}") from e
+        cfg = run_folder.read_run_config(run_dir)
     weights = None
     if finetune:
         p = Path(finetune).expanduser()
@@ -59,33 +65,14 @@ def resolve_source(
         weights = run_folder.find_weights(p)
     elif run:
         weights = run_folder.find_weights(run)
-    run_vae = None if model else cfg.get("vae")
+    run_vae = cfg.vae if cfg is not None and not model else None
     return Source(
-        model=str(model or cfg.get("model") or DEFAULT_MODEL),
+        model=model or (cfg.model if cfg is not None else DEFAULT_MODEL),
         finetune=weights,
         run_dir=run_dir,
         config=cfg,
         vae=vae or run_vae,
     )
-
-
-def sampling_settings(cfg: dict | None = None, **overrides):
-    """``SamplingSettings`` from a run's config (or {}), with the ``overrides`` that are not None
-    (``resolution`` sets height and width)."""
-    from .sampling import SamplingSettings
-
-    cfg = cfg or {}
-    values = {k: cfg[k] for k in SETTINGS_FROM_CONFIG if cfg.get(k) is not None}
-    if cfg.get("resolution"):
-        values["height"] = values["width"] = int(cfg["resolution"])
-    resolution = overrides.pop("resolution", None)
-    if resolution:
-        values["height"] = values["width"] = int(resolution)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return SamplingSettings(**values)
-    except TypeError as e:
-        raise UsageError(f"bad sampling settings in the run's config.yaml: {e}") from e
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -145,8 +132,6 @@ def load_models(source: Source, *, device, dtype, with_base: bool):
     Without a fine-tune the two are the same object. Raises ``UsageError`` when the model cannot
     be loaded or the fine-tune does not fit it.
     """
-    from .models import check_sd_components, load_pipeline
-
     pipe = load_pipeline(source.model, dtype=dtype, device=device, vae=source.vae)
     check_sd_components(pipe, source.model)
     if source.finetune is None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .files import replace_dir
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = ("tiny", "tiny-lcm", "tiny-v", "toy", "sd15-random", "tiny-sdxl", "sdxl-random")
@@ -745,24 +746,6 @@ def _sorted_targets(config: dict) -> dict:
     if isinstance(targets, (set, list, tuple)):
         config = {**config, "target_modules": sorted(targets)}
     return config
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing it; ``dst`` is never half-written."""
-    import shutil
-
-    from .run_folder import readable_tree
-
-    readable_tree(src)  # some writers (safetensors) create files 0600
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
 
 
 def load_lora(pipe, file: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import re
 import socket
 import tempfile
 import threading
@@ -26,7 +25,11 @@ from pathlib import Path
 import torch
 
 from . import run_folder
+from .config import TrainConfig
 from .errors import RunError, UsageError
+from .generation import Source, load_models, resolve_source, sample_images
+from .prompts_io import load_prompts
+from .sampling import settings_from_config
 
 DEFAULT_PROMPT = "a photo of an otter"
 DISPLAY_MIN = 256  # small samples (32px tiny models) are upscaled, nearest, for the page
@@ -71,8 +74,6 @@ class Comparer:
     @torch.no_grad()
     def images(self, prompt: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, tuned): (n, 3, H, W) images in [0, 1], image i drawn from ``seeds[i]`` by both."""
-        from .generation import sample_images
-
         with self._lock:
             base = sample_images(self.base_pipe, [prompt], seeds, self.settings)  # (n, 3, H, W)
             tuned = (
@@ -176,15 +177,12 @@ def epoch_grids(run_dir: Path | None) -> list[tuple[Path, str]]:
     """[(grids/epoch_NNNN.png, 'epoch N: reward ...')] in epoch order."""
     from .report import read_metrics
 
-    if run_dir is None or not (run_dir / run_folder.GRIDS).is_dir():
+    grids = run_folder.epoch_grids(run_dir) if run_dir is not None else []
+    if not grids:
         return []
     by_epoch = {r.get("epoch"): r for r in read_metrics(run_dir / run_folder.METRICS)}
     out = []
-    for path in sorted((run_dir / run_folder.GRIDS).glob("epoch_*.png")):
-        m = re.fullmatch(r"epoch_(\d+)\.png", path.name)
-        if not m:
-            continue
-        epoch = int(m.group(1))
+    for epoch, path in grids:
         caption = f"epoch {epoch}"
         record = by_epoch.get(epoch, {})
         if isinstance(record.get("grid_reward_mean"), (int, float)):
@@ -243,6 +241,7 @@ def build_app(
     *,
     model: str | None = None,
     finetune=None,
+    source: Source | None = None,
     base_pipe=None,
     tuned_pipe=None,
     reward=None,
@@ -256,8 +255,9 @@ def build_app(
 ):
     """The preview page as a ``gr.Blocks`` (not launched).
 
-    Models: ``base_pipe``/``tuned_pipe`` when given, else loaded here, once, from ``run_dir`` (its
-    config.yaml and lora/, unet/ or newest checkpoint), ``model`` and ``finetune``.
+    Models: ``base_pipe``/``tuned_pipe`` when given, else loaded here, once, from ``source`` (what
+    ``generation.resolve_source`` names), else from ``run_dir`` (its config.yaml and lora/, unet/ or
+    newest checkpoint), ``model`` and ``finetune``.
     ``reward``: a callable, a reward name, or None for the run's reward (a run reward that cannot be
     loaded is a warning: the images still show); ``weights``: local copies of reward weights
     (``rewards.WEIGHT_OPTIONS``, default the run's). ``settings``: ``SamplingSettings`` (default the run's).
@@ -266,22 +266,22 @@ def build_app(
     Markdown of the rewards); ``/history`` () -> (gallery, reward curve). The page opens with the
     default prompt and seeds already compared.
     """
-    from .generation import Source, load_models, resolve_source, sampling_settings
-
     gr = import_gradio()
-    run_dir = Path(run_dir) if run_dir else None
-    source = Source(model=model or "", finetune=finetune)
-    if base_pipe is None or tuned_pipe is None:
+    pipes_given = base_pipe is not None and tuned_pipe is not None
+    if source is None and pipes_given:
+        source = Source(model=model or "", finetune=finetune)
+        if run_dir is not None:  # the run's history, reward and settings beside the given models
+            source.run_dir = run_folder.find_run(run_dir)
+            source.config = run_folder.read_run_config(source.run_dir)
+    elif source is None:
         source = resolve_source(run=run_dir, model=model, finetune=finetune)
+    if not pipes_given:
         base_pipe, tuned_pipe = load_models(
             source, device=torch.device(device), dtype=dtype or torch.float32, with_base=True
         )
-    elif run_dir is not None:
-        run_dir, cfg = run_folder.read_config(run_dir)
-        source.config, source.run_dir = cfg, run_dir
-    run_dir = source.run_dir or run_dir
+    run_dir = source.run_dir
     if settings is None:
-        settings = sampling_settings(source.config)
+        settings = settings_from_config(source.config)
     comparer = Comparer(base_pipe, tuned_pipe, settings, _resolve_reward(reward, source.config, device, weights))
     scratch = Path(tempfile.mkdtemp(prefix="rebel_preview_"))
     prompt0 = default_prompt or first_run_prompt(source.config) or DEFAULT_PROMPT
@@ -333,26 +333,23 @@ def build_app(
     return app
 
 
-def first_run_prompt(cfg: dict) -> str | None:
-    """The first of a run's own prompts (its grid's, else its training prompts), or None."""
-    from .prompts_io import load_prompts
-
-    for key in ("grid_prompts", "eval_prompts", "heldout_prompts", "prompts"):  # eval_prompts: older runs
-        name = cfg.get(key)
-        if isinstance(name, list) and name:
-            return str(name[0])
-        if name:
-            try:
-                prompts = load_prompts(name)
-            except UsageError:
-                continue
-            if prompts:
-                return prompts[0]
+def first_run_prompt(cfg: TrainConfig | None) -> str | None:
+    """The first of a run's own prompts (its grid's, which are its training prompts unless it set
+    others, else its held-out ones) that can still be read, or None."""
+    if cfg is None:
+        return None
+    for name in dict.fromkeys((cfg.grid_prompts or cfg.prompts, cfg.prompts, cfg.heldout_prompts)):
+        try:
+            prompts = load_prompts(name)
+        except UsageError:  # a prompts file that has moved since the run
+            continue
+        if prompts:
+            return prompts[0]
     return None
 
 
-def _resolve_reward(reward, cfg: dict, device, weights: dict | None):
-    """A ``Reward`` (or None) from a Reward, a scoring function, a name, or the run's config."""
+def _resolve_reward(reward, cfg: TrainConfig | None, device, weights: dict | None):
+    """A ``Reward`` (or None) from a Reward, a scoring function, a name, or the run's config (if any)."""
     from .evaluate import load_rewards
     from .rewards import CallableReward, Reward, weight_options
 
@@ -360,13 +357,11 @@ def _resolve_reward(reward, cfg: dict, device, weights: dict | None):
         return reward
     if reward is not None and not isinstance(reward, str):
         return CallableReward(reward, "reward")
-    name = reward or cfg.get("reward")
+    name = reward or (cfg.reward if cfg is not None else None)
     if not name:
         return None
     try:
-        return load_rewards([name], device=device, dtype=torch.float32, weights=weight_options(cfg, weights or {}))[
-            name
-        ]
+        return load_rewards([name], device=device, dtype=torch.float32, weights=weight_options(cfg, weights))[name]
     except (UsageError, RunError) as e:  # RunError: a reward server that is down
         if reward:  # asked for explicitly: the user must hear it
             raise

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .run_folder import readable_as_umask
+from .files import readable_as_umask
 
 MIN_TILE = 128  # tiles are upscaled (nearest) to at least this many pixels so captions fit
 FONT_SIZE = 11

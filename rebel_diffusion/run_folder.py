@@ -4,14 +4,16 @@ anything in it is written or deleted. The one module that knows these file names
     OUTPUT_DIR/
       run.json              the marker: a rebel-diffusion run (format, process count); written last at start
       config.yaml           the resolved configuration; changes only when a run (or its resume) starts
-      metrics.jsonl, reward_curve.png, grids/epoch_NNNN.png
+      metrics.jsonl, reward_curve.png, grids/epoch_NNNN.png (``grid_path``)
       checkpoints/epoch_NNNN/   complete checkpoints, written atomically:
           state.json            epoch and optimizer step; present only in a complete checkpoint
           trainable.safetensors the trainable weights (LoRA or whole UNet), by parameter name
           ema.safetensors       their exponential moving average (only with --ema-decay)
           optimizer.pt, lr_scheduler.pt, tracker.json, rng_<process>.pt
       lora/pytorch_lora_weights.safetensors or unet/   the exported weights, for plain diffusers
+      samples/, eval/       what ``sample`` and ``eval`` write by default
 
+``read_run_config`` reads config.yaml back as the ``TrainConfig`` that ran, whichever release wrote it.
 Writing a checkpoint (``begin_checkpoint``, ``write_process_state``, ``write_shared_state``,
 ``commit_checkpoint``) is split into phases so that several processes can each write their own
 RNG state between barriers; ``read_checkpoint`` reads one back. ``find_weights`` and
@@ -32,8 +34,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
+from . import config
 from .errors import UsageError
+from .files import atomic_write_text, readable_tree, replace_dir
+from .models import BUILTIN_MODELS, LORA_FILE, add_lora, load_lora, load_unet, parse_lora_targets, save_lora
 
 MARKER = "run.json"
 CONFIG = "config.yaml"
@@ -49,6 +55,8 @@ LR_SCHEDULER = "lr_scheduler.pt"
 TRACKER = "tracker.json"
 LORA_DIR = "lora"  # exported LoRA, diffusers' file name inside (models.LORA_FILE)
 UNET_DIR = "unet"  # exported full fine-tune, a diffusers UNet folder
+SAMPLES_DIR = "samples"  # sample's default output folder (samples_2, ... when used)
+EVAL_DIR = "eval"  # eval's default output folder
 FORMAT = 2  # 1: eta per latent dim and per-prompt statistics by default (before run.json existed)
 
 
@@ -85,6 +93,18 @@ def complete_checkpoints(out: Path) -> list[Path]:
 def _natural_key(path: Path):
     # epoch_9999 before epoch_10000.
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def grid_path(out: Path, epoch: int) -> Path:
+    """``grids/epoch_NNNN.png``: the fixed-prompt grid of epoch ``epoch``."""
+    return Path(out) / GRIDS / f"epoch_{epoch:04d}.png"
+
+
+def epoch_grids(out: Path) -> list[tuple[int, Path]]:
+    """[(epoch, grid)] of the grids a run has written, in epoch order."""
+    folder = Path(out) / GRIDS
+    found = (re.fullmatch(r"epoch_(\d+)\.png", p.name) for p in folder.glob("epoch_*.png")) if folder.is_dir() else ()
+    return sorted((int(m.group(1)), folder / m.group(0)) for m in found if m)
 
 
 def _protected(path: Path) -> bool:
@@ -169,57 +189,56 @@ def write_config(out: Path, config_yaml: str) -> None:
     atomic_write_text(Path(out) / CONFIG, config_yaml)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    readable_as_umask(tmp)
-    os.replace(tmp, path)
-
-
-def readable_tree(folder: Path) -> None:
-    """``readable_as_umask`` for a folder and everything in it."""
-    folder = Path(folder)
-    readable_as_umask(folder)
-    for p in folder.rglob("*"):
-        readable_as_umask(p)
-
-
-def readable_as_umask(path: Path) -> None:
-    """Give ``path`` the permissions the umask allows (some writers create files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = (0o777 if Path(path).is_dir() else 0o666) & ~umask
-    os.chmod(path, mode)
-
-
 # ----------------------------------------------------------------------------------------------
-# The run's configuration, for the inference commands
+# The run's configuration
 
 
-def read_config(path: str | Path) -> tuple[Path, dict]:
-    """(run folder, its config.yaml as a dict) for a run folder or a folder inside it (a checkpoint,
-    ``lora/``). Raises ``UsageError`` when no ``config.yaml`` is found in the folder or its two parents."""
-    import yaml
-
+def find_run(path: str | Path) -> Path:
+    """The run folder at ``path``: the folder itself or one of its two parents (``path`` may be a
+    checkpoint or ``lora/``), the first that holds a config.yaml. ``UsageError`` when none does."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise UsageError(f"--run {path}: no such folder")
-    for folder in (path, path.parent, path.parent.parent):
-        cfg_file = folder / CONFIG
-        if cfg_file.is_file():
-            try:
-                cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise UsageError(f"{cfg_file}: not valid YAML ({str(e).splitlines()[0]})") from e
-            if not isinstance(cfg, dict):
-                raise UsageError(f"{cfg_file}: expected a mapping of settings, got {type(cfg).__name__}")
-            return folder, cfg
-    raise UsageError(
-        f"--run {path}: not a training run folder (no {CONFIG}); "
-        "pass a LoRA with --finetune and its base model with --model instead"
-    )
+        raise UsageError(f"{path}: no such folder")
+    run_dir = _run_of(path)
+    if run_dir is None:
+        raise UsageError(
+            f"{path}: not a training run folder (no {CONFIG}); "
+            "pass a LoRA with --finetune and its base model with --model instead"
+        )
+    return run_dir
+
+
+def _run_of(path: Path) -> Path | None:
+    return next((d for d in (path, path.parent, path.parent.parent) if (d / CONFIG).is_file()), None)
+
+
+def read_run_config(run_dir: str | Path) -> config.TrainConfig:
+    """The ``TrainConfig`` a run trained with, read from its config.yaml as ``--resume`` reads it.
+
+    Field names of an earlier release read as today's (``config.RENAMED``), and fields its release
+    did not write take their defaults, except ``anchor``: runs from before it regressed against the
+    sampling policy. Values are checked as ``TrainConfig.validate`` checks them, and nothing outside
+    the file is (a prompts file may have moved since). ``output_dir`` is where the run is now.
+    A file that does not read this way is a one-line ``UsageError`` that names it.
+    """
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: not a training run folder (no {CONFIG})")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot be read ({e})") from e
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    fix = "(edit the file, or read the run with the rebel-diffusion release that wrote it)"
+    try:
+        cfg = config.config_from_stored({**values, "output_dir": str(run_dir)}, str(path))
+    except UsageError as e:
+        raise UsageError(f"{e} {fix}") from e
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +347,6 @@ def load_trainable(unet, weights: dict[str, torch.Tensor], where: Path) -> None:
 
 def export_weights(out: Path, unet, finetune: str) -> Path:
     """Refresh lora/ (``finetune='lora'``) or unet/ (``'full'``) for plain diffusers; atomic."""
-    from .models import replace_dir, save_lora
-
     if finetune == "lora":
         return save_lora(unet, Path(out) / LORA_DIR)
     tmp = Path(out) / f".{UNET_DIR}.tmp"
@@ -346,8 +363,6 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def _lora_file(folder: Path) -> Path | None:
-    from .models import LORA_FILE
-
     if folder.is_file():
         return folder if folder.suffix == ".safetensors" else None
     for cand in (folder / LORA_FILE, folder / LORA_DIR / LORA_FILE):
@@ -366,8 +381,6 @@ def _unet_dir(folder: Path) -> Path | None:
 def find_weights(path: str | Path) -> Path:
     """The fine-tuned weights at ``path``: a LoRA file or folder, a unet/ folder, a checkpoint, or a
     run folder (its lora/ or unet/, else its newest complete checkpoint). ``UsageError`` if none."""
-    from .models import LORA_FILE
-
     path = Path(path).expanduser()
     if _lora_file(path) or _unet_dir(path) or is_checkpoint(path):
         return path
@@ -383,11 +396,9 @@ def find_weights(path: str | Path) -> Path:
 def apply_weights(pipe, path: Path) -> str:
     """Apply the fine-tune ``find_weights`` found to ``pipe``: 'lora', 'unet' or 'checkpoint'.
 
-    A checkpoint's LoRA layout (rank, alpha, targets) comes from the run's config.yaml beside it,
-    with the training defaults for fields an older config lacks. A misfit is a one-line UsageError.
+    A checkpoint's LoRA layout (rank, alpha, targets) comes from its run's config.yaml
+    (``read_run_config``). A misfit is a one-line UsageError.
     """
-    from .models import LORA_FILE, load_lora, load_unet
-
     path = Path(path)
     if is_checkpoint(path):
         apply_checkpoint(pipe, path)
@@ -407,25 +418,29 @@ def apply_weights(pipe, path: Path) -> str:
 
 
 def apply_checkpoint(pipe, folder: Path) -> None:
-    """Load checkpoint ``folder``'s trainable weights into ``pipe.unet`` (adding the run's LoRA first);
-    their EMA where the run kept one (``--ema-decay``), as the exported LoRA holds."""
+    """Load checkpoint ``folder``'s trainable weights into ``pipe.unet`` (adding the run's LoRA first,
+    with the rank, alpha and targets of ``read_run_config``); their EMA where the run kept one
+    (``--ema-decay``), as the exported LoRA holds."""
     from safetensors.torch import load_file
 
-    from .config import TrainConfig
-    from .models import add_lora, parse_lora_targets
-
-    _, cfg = read_config(folder)
-    defaults = TrainConfig()
+    folder = Path(folder)
+    run_dir = _run_of(folder)
+    if run_dir is None:
+        raise UsageError(
+            f"{folder}: a checkpoint's LoRA layout is in its run's {CONFIG}, found neither here nor "
+            f"two folders up; pass the run folder (or its {LORA_DIR}/) instead"
+        )
+    cfg = read_run_config(run_dir)
     try:
         weights = load_file(str(folder / (EMA if (folder / EMA).is_file() else TRAINABLE)))
     except Exception as e:
         raise UsageError(f"{folder / TRAINABLE}: cannot be read ({type(e).__name__}: {e})") from e
-    if cfg.get("finetune", defaults.finetune) == "lora":
+    if cfg.finetune == "lora":
         add_lora(
             pipe.unet,
-            rank=int(cfg.get("lora_rank", defaults.lora_rank)),
-            alpha=float(cfg.get("lora_alpha", defaults.lora_alpha)),
-            target_modules=parse_lora_targets(cfg.get("lora_targets") or defaults.lora_targets),
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            target_modules=parse_lora_targets(cfg.lora_targets),
         )
     load_trainable(pipe.unet, weights, folder)
 
@@ -435,25 +450,24 @@ CARD_GRID = "grid.png"
 
 
 def write_model_card(
-    out: Path, config: dict, metrics: list[dict], sdxl: bool = False, sampler: str | None = None
+    out: Path, cfg: config.TrainConfig, metrics: list[dict], sdxl: bool = False, sampler: str | None = None
 ) -> Path:
     """``lora/README.md`` (or ``unet/``): a Hugging Face model card with the base model and its
     architecture (``sdxl``: SDXL, else Stable Diffusion), reward, algorithm, the sampler that ran
     (``sampler``, resolved; default the config's), whether the weights are an EMA, the key figures
-    of epoch 0 and the last epoch, the last grid (copied beside it), and code that loads it."""
-    import yaml
-
+    of epoch 0 and the last epoch, the last grid (copied beside it), and code that loads it.
+    ``cfg``: the run's ``TrainConfig``."""
     out = Path(out)
-    folder = out / (LORA_DIR if config.get("finetune", "lora") == "lora" else UNET_DIR)
-    grids = sorted((out / GRIDS).glob("epoch_*.png"), key=_natural_key)
+    folder = out / (LORA_DIR if cfg.finetune == "lora" else UNET_DIR)
+    grids = epoch_grids(out)
     if grids:
-        shutil.copyfile(grids[-1], folder / CARD_GRID)
+        shutil.copyfile(grids[-1][1], folder / CARD_GRID)
     epochs = [m for m in metrics if isinstance(m.get("epoch"), int)]
     first, last = (epochs[0], epochs[-1]) if epochs else ({}, {})
     keys = ["reward_mean", "grid_reward_mean"] + sorted(k for k in last if k.startswith("heldout/"))
     rows = [f"| {k} | {_fmt(first.get(k))} | {_fmt(last.get(k))} |" for k in keys if k in last]
     front = {
-        "base_model": config.get("model"),
+        "base_model": cfg.model,
         "library_name": "diffusers",
         "tags": [
             *(["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else ["stable-diffusion"]),
@@ -462,20 +476,20 @@ def write_model_card(
             "lora" if folder.name == LORA_DIR else "unet",
             "reinforcement-learning",
             "rebel-diffusion",
-            str(config.get("algorithm", "rebel")),
+            cfg.algorithm,
         ],
         "pipeline_tag": "text-to-image",
     }
     heldout = any(k.startswith("heldout/") for k in keys if k in last)
-    ema = float(config.get("ema_decay") or 0.0)
+    ema = cfg.ema_decay
     text = (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# {out.name}\n\n"
         f"A {'LoRA' if folder.name == LORA_DIR else 'fine-tuned UNet'} of the "
-        f"{'SDXL' if sdxl else 'Stable Diffusion'} model `{config.get('model')}` trained with "
-        f"rebel-diffusion ({str(config.get('algorithm', 'rebel')).upper()}) toward the reward "
-        f"`{config.get('reward')}`: {last.get('epoch', 0)} epochs of {config.get('num_steps')} "
-        f"{sampler or config.get('sampler')} steps at guidance {config.get('guidance_scale')}."
+        f"{'SDXL' if sdxl else 'Stable Diffusion'} model `{cfg.model}` trained with "
+        f"rebel-diffusion ({cfg.algorithm.upper()}) toward the reward "
+        f"`{cfg.reward}`: {last.get('epoch', 0)} epochs of {cfg.num_steps} "
+        f"{sampler or cfg.sampler} steps at guidance {cfg.guidance_scale}."
         + (f" The weights are an exponential moving average (decay {ema:g}) of the trained ones." if ema else "")
         + "\n\n"
         + (f"![the last epoch's grid]({CARD_GRID})\n\n" if grids else "")
@@ -484,7 +498,7 @@ def write_model_card(
         + "\n\n"
         + ("Held-out figures (`heldout/...`) are on prompts never trained on.\n\n" if heldout else "")
         + _files_section(folder.name == LORA_DIR)
-        + _use_section(config, lora=folder.name == LORA_DIR, folder=folder.name)
+        + _use_section(cfg, lora=folder.name == LORA_DIR, folder=folder.name)
     )
     atomic_write_text(folder / MODEL_CARD, text)
     return folder / MODEL_CARD
@@ -502,12 +516,10 @@ def _files_section(lora: bool) -> str:
     )
 
 
-def _use_section(config: dict, *, lora: bool, folder: str) -> str:
+def _use_section(cfg: config.TrainConfig, *, lora: bool, folder: str) -> str:
     """Code that loads the base and this fine-tune, run from the run folder: diffusers for a model
     it can load by name or path, rebel-diffusion's loader for a built-in base (``toy``...)."""
-    from .models import BUILTIN_MODELS
-
-    model, vae = config.get("model"), config.get("vae")
+    model, vae = cfg.model, cfg.vae
     builtin = model in BUILTIN_MODELS
     lines = (
         ["from rebel_diffusion.models import load_pipeline"]

@@ -3,13 +3,15 @@
 ``sample_trajectories`` draws k images per prompt, each from its own seed, recording every latent
 and the log-prob of every step (the convention: ``rebel_diffusion.steps``); ``steps_log_prob`` and
 ``rescore_log_probs`` re-score recorded steps under the current weights (the update and the
-on-policy check). ``SamplingSettings`` says how; ``Trajectories`` holds what was drawn.
+on-policy check). ``SamplingSettings`` says how (``settings_from_config``: a run's); ``Trajectories``
+holds what was drawn.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,6 +29,9 @@ from .components import (
 )
 from .errors import UsageError
 from .steps import ddim_step_with_logprob, lcm_step_with_logprob
+
+if TYPE_CHECKING:  # for the annotation only: the sampler does not depend on the training config
+    from .config import TrainConfig
 
 # ----------------------------------------------------------------------------------------------
 # Settings and schedulers
@@ -72,6 +77,27 @@ class SamplingSettings:
             if v <= 0 or v % scale:
                 raise UsageError(f"{name} must be a positive multiple of the VAE's scale factor {scale}, got {v}")
         return replace(self, sampler=sampler, height=height, width=width)
+
+
+def settings_from_config(cfg: TrainConfig | None = None, **overrides) -> SamplingSettings:
+    """The sampler settings of a run's config (None: ``SamplingSettings``' defaults), with the
+    ``overrides`` (field names, and ``resolution`` for height and width) that are not None.
+    Unresolved: ``.resolve(pipe)`` fills in 'auto' and the model's native size."""
+    settings = SamplingSettings()
+    if cfg is not None:
+        settings = SamplingSettings(
+            sampler=cfg.sampler,
+            num_steps=cfg.num_steps,
+            ddim_eta=cfg.ddim_eta,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            negative_prompt=cfg.negative_prompt,
+        )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "resolution" in given:
+        given["height"] = given["width"] = given.pop("resolution")
+    return replace(settings, **given)
 
 
 def make_scheduler(pipe, settings: SamplingSettings, device=None):

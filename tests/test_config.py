@@ -74,14 +74,6 @@ def test_every_field_is_used_by_the_recipe():
     assert not unused, f"config fields never read by the recipe: {unused}"
 
 
-def test_every_reward_weights_option_is_a_field_and_reaches_the_rewards():
-    from rebel_diffusion.rewards import WEIGHT_OPTIONS
-    from rebel_diffusion.train import reward_weights
-
-    cfg = TrainConfig(**{name: f"/weights/{name}" for name in WEIGHT_OPTIONS})
-    assert reward_weights(cfg) == {name: f"/weights/{name}" for name in WEIGHT_OPTIONS}
-
-
 def test_the_field_check_sees_through_prefixes_and_writes():
     """The check above cannot be fooled: a longer name or a write does not count as a read."""
     import ast
@@ -96,14 +88,6 @@ def test_defaults_are_the_papers():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.images_per_prompt) == (8, 8.0, 2)
     assert (cfg.tracker_buffer_size, cfg.tracker_min_count) == (32, 16)
     cfg.validate()
-
-
-def test_steps_per_pass_default_depends_on_the_device():
-    from rebel_diffusion.train import resolve_steps_per_pass
-
-    assert resolve_steps_per_pass(None, "cpu") == 10  # CPUs: per-call overhead dominates
-    assert resolve_steps_per_pass(None, "cuda:0") == 1  # GPUs: memory limits, as the peers' micro-batches
-    assert resolve_steps_per_pass(4, "cuda") == resolve_steps_per_pass(4, "cpu") == 4
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -272,7 +272,7 @@ def test_read_only_output_dir_fails_before_any_write(tmp_path, monkeypatch, caps
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(run_copy, monkeypatch, capsys):
-    import rebel_diffusion.train as train_module
+    import rebel_diffusion.training.recipe as train_module
 
     real_save = torch.save
 
@@ -292,7 +292,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(run_copy, monke
 
 
 def test_cpu_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    import rebel_diffusion.train as train_module
+    import rebel_diffusion.training.recipe as train_module
 
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory")
@@ -406,41 +406,11 @@ def test_prompts_over_77_tokens_are_said_to_be_cut(tmp_path, capsys):
     assert len(warnings) == 1 and "1 prompt(s) over 77 tokens are cut" in warnings[0], warnings
 
 
-def _stopping_run():
-    from types import SimpleNamespace
-
-    accelerator = SimpleNamespace(is_local_main_process=False)
-    return SimpleNamespace(
-        stop_signal=None, stop_time=0.0, accelerator=accelerator, cfg=SimpleNamespace(stop_grace=20)
-    )
-
-
-def test_a_second_ctrl_c_stops_at_once_and_exits_130(monkeypatch, tmp_path, capsys):
-    from rebel_diffusion import train as recipe
-
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    run = _stopping_run()
-    recipe._request_stop(run, signal.SIGINT)  # the first: stop with a checkpoint
-    assert run.stop_signal == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):  # the second, however soon: at once
-        recipe._request_stop(run, signal.SIGINT)
-    run = _stopping_run()
-    recipe._request_stop(run, signal.SIGTERM)
-    recipe._request_stop(run, signal.SIGINT)  # a SIGTERM'd run finishes its checkpoint
-    # Under torch elastic the agent echoes a terminal's Ctrl-C at once: that echo does not escalate.
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    run = _stopping_run()
-    recipe._request_stop(run, signal.SIGINT)
-    recipe._request_stop(run, signal.SIGINT)
-    run.stop_time -= recipe.ELASTIC_ECHO_SECONDS
-    with pytest.raises(KeyboardInterrupt):
-        recipe._request_stop(run, signal.SIGINT)
-
-    # The command: exit status 130 (as for one Ctrl-C), and what continues the run.
+def test_a_second_ctrl_c_exits_130_and_names_what_continues(monkeypatch, tmp_path, capsys):
     from rebel_diffusion.cli import train as train_cli
 
     def interrupted(cfg):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # what the signal handler raises on a second Ctrl-C (test_preemption)
 
     monkeypatch.setattr(train_cli, "train", interrupted)
     assert main(["train", *SMALL, "--output-dir", str(tmp_path / "run")]) == 130
@@ -462,3 +432,39 @@ def test_a_usage_error_under_accelerate_launch_is_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("rebel-diffusion train: error: --epochs"), done.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_epoch_cut_short_checkpoints_the_state_it_started_from(tmp_path, monkeypatch):
+    """A stop inside an epoch (after an optimizer step has changed the weights) writes the state the
+    epoch started from, and resuming it repeats the uninterrupted run exactly."""
+    from safetensors.torch import load_file
+
+    from rebel_diffusion.training import preemption
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", *SMALL, "--epochs", "2", "--checkpoint-every", "1", "--output-dir", str(full)]) == 0
+    calls = {"n": 0}
+    point = preemption.Preemption.point
+
+    def stop_in_epoch_2(self, accelerator):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2: after its sampling batch and its first optimizer step
+            self.signal = signal.SIGTERM
+            raise preemption.StopEpoch
+        return point(self, accelerator)
+
+    monkeypatch.setattr(preemption.Preemption, "point", stop_in_epoch_2)
+    args = ["train", *SMALL, "--epochs", "2", "--checkpoint-every", "2", "--output-dir", str(cut)]
+    assert main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(preemption.Preemption, "point", point)
+    assert run_folder.latest_checkpoint(cut).name == "epoch_0001"
+    ours = load_file(str(cut / "checkpoints" / "epoch_0001" / "trainable.safetensors"))
+    theirs = load_file(str(full / "checkpoints" / "epoch_0001" / "trainable.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(cut)]) == 0
+    drop = ("images_per_second", "sample_seconds", "train_seconds")
+    records = [
+        [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (out / "metrics.jsonl").open()]
+        for out in (full, cut)
+    ]
+    assert records[0] == records[1]

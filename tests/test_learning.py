@@ -26,7 +26,7 @@ import pytest
 from benchmarks import toy_following
 from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.report import read_metrics
-from rebel_diffusion.train import train
+from rebel_diffusion.training.recipe import train
 
 JPEG_NOISE_KB = 0.0088
 ALIGNMENT_NOISE = 0.013

@@ -99,6 +99,7 @@ def test_offline_and_wrong_sources_give_one_line(monkeypatch, tmp_path, hub_offl
 def test_in_a_several_reward_spec_the_server_and_the_preview(pickscore_folder):
     from test_reward_server import reference_server, reward_server
 
+    from rebel_diffusion.config import TrainConfig
     from rebel_diffusion.preview import _resolve_reward
     from rebel_diffusion.rewards import HttpReward
 
@@ -117,7 +118,7 @@ def test_in_a_several_reward_spec_the_server_and_the_preview(pickscore_folder):
         torch.testing.assert_close(remote(images, prompts), alone, atol=0.05, rtol=0)
 
     # The preview: from its flag, else from the run's config.
-    shown = _resolve_reward("pickscore", {}, "cpu", {"pickscore_model": str(pickscore_folder)})
+    shown = _resolve_reward("pickscore", None, "cpu", {"pickscore_model": str(pickscore_folder)})
     assert isinstance(shown, PickScoreReward) and shown.model_name == str(pickscore_folder)
-    run_cfg = {"reward": "pickscore", "pickscore_model": str(pickscore_folder)}
+    run_cfg = TrainConfig(reward="pickscore", pickscore_model=str(pickscore_folder))
     assert _resolve_reward(None, run_cfg, "cpu", None).model_name == str(pickscore_folder)

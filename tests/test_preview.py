@@ -30,7 +30,8 @@ PROMPT, SEED = "a photo of an otter", 0
 
 
 def make_fake_run(run):
-    """tiny + a LoRA that changes the images, config.yaml (reward jpeg-compressibility), metrics, grids."""
+    """tiny + a LoRA that changes the images, config.yaml (reward jpeg-compressibility, the grid's
+    prompts under their previous name), metrics, grids."""
     from rebel_diffusion.models import add_lora, load_pipeline, save_lora
     from rebel_diffusion.report import append_metrics, make_grid, save_png
 
@@ -53,6 +54,7 @@ def make_fake_run(run):
         guidance_scale=5.0,
         resolution=32,
         seed=0,
+        eval_prompts="toy_heldout",  # grid_prompts, as runs of the previous release stored it
     )
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     for e in range(3):
@@ -166,6 +168,21 @@ def test_history_lists_epoch_grids(tuned_server):
         "epoch 2: grid reward -0.1",
     ]  # older keys read as today's
     assert rgb(curve).shape[0] > 300  # reward panel + one heldout/ panel
+
+
+def test_the_first_prompt_of_an_old_run(tmp_path):
+    """The page opens on the run's first grid prompt, whichever name its release stored them under;
+    a prompts file that has moved since is passed over."""
+    from rebel_diffusion.preview import first_run_prompt
+    from rebel_diffusion.prompts_io import load_prompts
+    from rebel_diffusion.run_folder import read_run_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", "eval_prompts": "toy_heldout"}))
+    assert first_run_prompt(read_run_config(tmp_path)) == load_prompts("toy_heldout")[0]
+    config.write_text(yaml.safe_dump({"model": "tiny", "prompts": str(tmp_path / "moved.txt")}))
+    assert first_run_prompt(read_run_config(tmp_path)) == load_prompts("heldout_animals")[0]  # held-out set
+    assert first_run_prompt(None) is None
 
 
 def test_base_model_against_itself_is_identical():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rebel_diffusion.advantages import PerPromptStatTracker, normalize_rewards
-from rebel_diffusion.ddpo import ppo_clip_loss
-from rebel_diffusion.rebel import (
+from rebel_diffusion.algorithms.advantages import PerPromptStatTracker, normalize_rewards
+from rebel_diffusion.algorithms.ddpo import ppo_clip_loss
+from rebel_diffusion.algorithms.rebel import (
     image_coefficients,
     pair_indices,
     pair_targets,
@@ -195,7 +195,7 @@ def test_ppo_clip_loss_closed_form():
 
 def test_proximal_coefficients_match_autograd_of_the_clipped_loss():
     """c_{i,t} is the gradient of mean max(rho^2, rho_clip^2) with respect to each step's log-prob."""
-    from rebel_diffusion.rebel import proximal_coefficients
+    from rebel_diffusion.algorithms.rebel import proximal_coefficients
 
     gen = torch.Generator().manual_seed(0)
     pairs = pair_indices(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]))
@@ -223,7 +223,7 @@ def test_proximal_coefficients_match_autograd_of_the_clipped_loss():
 
 def test_proximal_coefficients_without_clipping_are_the_plain_image_coefficients():
     """No step clipped and no offset: every step of an image carries REBEL's own image coefficient."""
-    from rebel_diffusion.rebel import proximal_coefficients
+    from rebel_diffusion.algorithms.rebel import proximal_coefficients
 
     gen = torch.Generator().manual_seed(1)
     pairs = pair_indices(torch.tensor([0, 0, 1, 1, 1]))

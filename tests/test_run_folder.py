@@ -4,7 +4,9 @@ the fine-tune a path holds, and applying it to a pipeline as the inference comma
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from rebel_diffusion import run_folder
+from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import LORA_FILE, add_lora, build_tiny_pipeline, lora_state_dict, save_lora
 from rebel_diffusion.run_folder import apply_weights, find_weights
@@ -188,16 +191,8 @@ def test_model_card(tmp_path, lora_unet):
         {"epoch": 0, "reward_mean": -1.5, "grid_reward_mean": -1.4, "heldout/toy-alignment": 0.8},
         {"epoch": 2, "reward_mean": -1.2, "grid_reward_mean": -1.1, "heldout/toy-alignment": 0.85},
     ]
-    config = {
-        "model": "toy",
-        "finetune": "lora",
-        "algorithm": "rebel",
-        "reward": "jpeg-compressibility",
-        "num_steps": 10,
-        "sampler": "ddim",
-        "guidance_scale": 3.0,
-    }
-    card = run_folder.write_model_card(tmp_path, config, metrics).read_text()
+    cfg = TrainConfig(model="toy", reward="jpeg-compressibility", num_steps=10, sampler="ddim", guidance_scale=3.0)
+    card = run_folder.write_model_card(tmp_path, cfg, metrics).read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "toy" and front["library_name"] == "diffusers" and "lora" in front["tags"]
     assert "| heldout/toy-alignment | 0.8 | 0.85 |" in card and "jpeg-compressibility" in card
@@ -220,19 +215,87 @@ def test_export_weights_full_unet(tmp_path, tiny_pipe, unet_inputs):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_read_config_errors(tmp_path):
+def test_grid_names():
+    assert run_folder.grid_path("run", 7) == Path("run/grids/epoch_0007.png")
+
+
+def test_epoch_grids_in_epoch_order(tmp_path):
+    assert run_folder.epoch_grids(tmp_path) == []
+    for epoch in (10, 2, 10000):
+        run_folder.grid_path(tmp_path, epoch).parent.mkdir(exist_ok=True)
+        run_folder.grid_path(tmp_path, epoch).write_bytes(b"")
+    (tmp_path / "grids" / "epoch_3.png.tmp").write_bytes(b"")  # not a grid
+    assert run_folder.epoch_grids(tmp_path) == [(e, run_folder.grid_path(tmp_path, e)) for e in (2, 10, 10000)]
+
+
+def test_find_run_and_read_run_config_errors(tmp_path):
     with pytest.raises(UsageError, match="no such folder"):
-        run_folder.read_config(tmp_path / "missing")
+        run_folder.find_run(tmp_path / "missing")
     with pytest.raises(UsageError, match="not a training run folder") as info:
-        run_folder.read_config(tmp_path)
+        run_folder.find_run(tmp_path)
     one_line_usage_error(info)
-    (tmp_path / "config.yaml").write_text("- a\n- list\n")
+    with pytest.raises(UsageError, match="not a training run folder"):
+        run_folder.read_run_config(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text("- a\n- list\n")
     with pytest.raises(UsageError, match="expected a mapping"):
-        run_folder.read_config(tmp_path / ".")
-    (tmp_path / "config.yaml").write_text(json.dumps({"model": "tiny"}))
+        run_folder.read_run_config(tmp_path / ".")
+    config.write_text(json.dumps({"model": "tiny"}))
     ckpt = tmp_path / "checkpoints" / "epoch_0001"
     ckpt.mkdir(parents=True)
-    assert run_folder.read_config(ckpt) == (tmp_path, {"model": "tiny"})  # found two levels up
+    assert run_folder.find_run(ckpt) == tmp_path  # found two levels up
+    assert run_folder.read_run_config(tmp_path).model == "tiny"
+    config.write_text(yaml.safe_dump({"model": "tiny", "skip_final_steps": 2}))  # a field since removed
+    assert run_folder.read_run_config(tmp_path).min_step_std == 0.1
+    # Unknown fields, values of the wrong type or out of range, and nulls: one line that names the file.
+    for bad, what in (
+        ({"model": "tiny", "no_such_field": 2}, "unknown config field"),
+        ({"num_steps": "fifty"}, "num_steps must be int"),
+        ({"num_steps": 0}, "--num-steps must be >= 1"),
+        ({"sampler": "euler"}, "--sampler must be one of"),
+        ({"model": None}, "model is null"),
+        ({"eval_every": 1, "heldout_every": 2}, "both eval_every and its new name heldout_every"),
+        ({"images_per_prompt": 1}, "pairs"),  # what TrainConfig.validate refuses
+    ):
+        config.write_text(yaml.safe_dump(bad))
+        with pytest.raises(UsageError, match=what) as info:
+            run_folder.read_run_config(tmp_path)
+        assert str(config) in one_line_usage_error(info)
+
+
+def resumed(out):
+    """The configuration ``train --resume --output-dir out`` would continue with."""
+    import argparse
+
+    from rebel_diffusion.cli.train import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(["--resume", "--output-dir", str(out)]))
+
+
+def test_read_run_config_reads_an_old_run_as_resume_does(tmp_path, recwarn):
+    """A config.yaml of an earlier release: old field names, the actions stored (false), no anchor
+    (those runs regressed against the sampling policy), fields added since missing, and a prompts
+    file that has moved since. It reads silently as the TrainConfig --resume would continue."""
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = dataclasses.asdict(TrainConfig(model="tiny", prompts=str(tmp_path / "gone.txt"), output_dir="elsewhere"))
+    for name in ("grid_prompts", "heldout_every", "heldout_rewards", "anchor", "vae", "num_threads"):
+        saved.pop(name)
+    saved.update(eval_prompts="toy_heldout", eval_every=0, eval_rewards="clip", resume=False, overwrite=False)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    cfg = run_folder.read_run_config(out)
+    assert (cfg.grid_prompts, cfg.heldout_rewards, cfg.heldout_every) == ("toy_heldout", "clip", 0)
+    assert cfg.anchor == "policy" and cfg.vae is None and cfg.num_threads is None
+    assert cfg.prompts == str(tmp_path / "gone.txt") and cfg.output_dir == str(out)
+    assert cfg == dataclasses.replace(resumed(out), resume=False)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    # A run written since: its anchor as stored; 'auto' (never stored by train) resolves as train does.
+    for anchor, algorithm, read in (("base", "rebel", "base"), ("auto", "rebel", "base"), ("auto", "ddpo", "policy")):
+        (out / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "anchor": anchor, "algorithm": algorithm}))
+        assert run_folder.read_run_config(out).anchor == read
 
 
 # ----------------------------------------------------------------------------------------------

@@ -324,6 +324,38 @@ def test_diversity_figure(monkeypatch, capsys):
     assert parse_reward_names("clip, clip,aesthetic", None) == ["clip", "aesthetic"]
 
 
+def test_an_old_run_samples_and_evaluates_as_configured(run_dir, two_prompts, tmp_path):
+    """config.yaml with the field names of the previous release (eval_prompts, eval_rewards): sample
+    draws its grid prompts and eval scores its held-out rewards, as a run of today would."""
+    import shutil
+
+    run = tmp_path / "old_run"
+    shutil.copytree(run_dir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["eval_prompts"] == "heldout_animals" and "grid_prompts" not in cfg
+    cfg["eval_rewards"] = "jpeg-incompressibility"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    assert cli.main(["sample", "--run", str(run), "--quiet"]) == 0
+    manifest = json.loads((run / "samples" / "samples.json").read_text())
+    assert manifest["prompts"] == "heldout_animals" and manifest["settings"]["num_steps"] == STEPS
+    args = ["--prompts", str(two_prompts), "--num-images", "1", "--diversity-model", "none", "--quiet"]
+    assert cli.main(["eval", "--run", str(run), *args]) == 0
+    assert set(json.loads((run / "eval" / "eval.json").read_text())["rewards"]) == {"jpeg-incompressibility"}
+
+
+def test_a_bad_run_config_is_one_line_naming_it(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "no_such_field: 2\n")
+    for command in ("sample", "eval"):
+        assert cli.main([command, "--run", str(run), "--prompts", "simple_animals"]) == 2
+        line = error_line(capsys, command)
+        assert str(run / "config.yaml") in line and "unknown config field(s) no_such_field" in line
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
 

@@ -20,12 +20,13 @@ from step_references import gen
 from torch.testing import assert_close
 
 from rebel_diffusion import models
+from rebel_diffusion.algorithms.ddpo import ppo_clip_loss
+from rebel_diffusion.algorithms.rebel import pair_indices, rebel_loss
+from rebel_diffusion.algorithms.updates import StepModel, ddpo_accumulate, rebel_accumulate
 from rebel_diffusion.cli import main
 from rebel_diffusion.components import decode_latents, is_sdxl
-from rebel_diffusion.ddpo import ppo_clip_loss
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import add_lora, build_tiny_sdxl_pipeline, check_sd_components, load_pipeline
-from rebel_diffusion.rebel import pair_indices, rebel_loss
 from rebel_diffusion.sampling import (
     SamplingSettings,
     Trajectories,
@@ -34,7 +35,6 @@ from rebel_diffusion.sampling import (
     sample_trajectories,
     step_log_prob,
 )
-from rebel_diffusion.updates import ddpo_accumulate, rebel_accumulate
 
 PROMPTS = ["a red circle on a blue background", "a green square, on grass!"]
 K = 2
@@ -312,7 +312,12 @@ def test_sdxl_rebel_gradient_equals_full_graph_autograd(sdxl_lora_setup):
     targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
     pipe.unet.zero_grad()
     stats = rebel_accumulate(
-        pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps, steps_per_pass=2
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=2),
+        pairs,
+        targets,
+        eta=eta,
+        train_batch_size=2,
+        steps=steps,
     )
     ours = _grads(lora)
     pipe.unet.zero_grad()
@@ -332,9 +337,14 @@ def test_sdxl_ddpo_gradient_equals_full_graph_autograd(sdxl_lora_setup):
     adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
     pipe.unet.zero_grad()
     ddpo_accumulate(
-        pipe.unet, scheduler, traj, images, adv, clip_range=0.2, adv_clip_max=5.0, train_batch_size=4, steps=steps,
-        steps_per_pass=2,
-    )  # fmt: skip
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=2),
+        images,
+        adv,
+        clip_range=0.2,
+        adv_clip_max=5.0,
+        train_batch_size=4,
+        steps=steps,
+    )
     ours = _grads(lora)
     pipe.unet.zero_grad()
     new, _ = _naive_log_ratios(pipe, scheduler, traj, steps)
@@ -431,7 +441,9 @@ def test_sdxl_resume_is_exact_and_the_base_stays_the_base(tmp_path, finetune):
     """REBEL anchored to the base with a KL term: a resumed run repeats an uninterrupted one, and
     the log-probs it regresses against are the pristine model's after the resume."""
     from rebel_diffusion.config import TrainConfig
-    from rebel_diffusion.train import TIME_KEYS, base_log_probs, run_trained_steps, sample_epoch, setup
+    from rebel_diffusion.training.plans import run_trained_steps
+    from rebel_diffusion.training.recipe import TIME_KEYS, sample_epoch, setup
+    from rebel_diffusion.training.reference import base_log_probs
 
     extra = ["--finetune", finetune, "--anchor", "base", "--kl-coef", "0.1"]
     full, split = tmp_path / "full", tmp_path / "split"

@@ -14,7 +14,7 @@ import yaml
 from rebel_diffusion.cli import main
 from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.rewards import reward_function
-from rebel_diffusion.train import TIME_KEYS, setup, train_epoch
+from rebel_diffusion.training.recipe import TIME_KEYS, setup, train_epoch
 
 # A run of seconds: 2 prompts x 2 images, 3 steps, 32x32.
 SMALL = [
@@ -98,7 +98,7 @@ def test_update_changes_lora_and_not_base_weights(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["rebel", "ddpo"])
 def test_startup_line_states_the_step_size_in_both_units_and_the_batches(tmp_path, algorithm):
-    from rebel_diffusion.train import describe_plan
+    from rebel_diffusion.training.reporting import describe_plan
 
     run = setup(small_config(tmp_path / "run", algorithm=algorithm))  # tiny: D = 4 x 8 x 8 = 256
     text = describe_plan(run)
@@ -163,7 +163,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, capsys, monkeypatch):
-    import rebel_diffusion.train as train_module
+    import rebel_diffusion.training.recipe as train_module
 
     def oom(run, epoch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
@@ -270,7 +270,7 @@ FP16_CHECK = """
 import sys, torch
 from pathlib import Path
 from test_train import small_config
-from rebel_diffusion.train import setup, train_epoch
+from rebel_diffusion.training.recipe import setup, train_epoch
 run = setup(small_config(Path(sys.argv[1]), mixed_precision="fp16"))
 unet = run.accelerator.unwrap_model(run.unet)
 before = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -353,17 +353,6 @@ def test_the_model_cards_code_runs_as_written(finished_run, monkeypatch):
     assert lora and any(p.abs().max() > 0 for p in lora.values())  # the trained LoRA, applied
 
 
-def test_ema_update_closed_form():
-    from rebel_diffusion.train import ema_update
-
-    ema = {"w": torch.tensor([1.0, 2.0])}
-    for value in (3.0, 5.0):
-        ema_update(ema, {"w": torch.tensor([value, value])}, decay=0.75)
-    # 0.75 * (0.75 * x0 + 0.25 * 3) + 0.25 * 5
-    expected = 0.75 * (0.75 * torch.tensor([1.0, 2.0]) + 0.25 * 3.0) + 0.25 * 5.0
-    assert torch.allclose(ema["w"], expected)
-
-
 def test_ema_is_checkpointed_exported_and_resumes_exactly(tmp_path):
     """--ema-decay: the checkpoint keeps the EMA beside the raw weights, the exported LoRA is the
     EMA (not the last weights), and a resumed run ends with the same EMA as an uninterrupted one."""
@@ -430,7 +419,9 @@ def test_the_base_anchor_stays_the_base_after_a_resume(tmp_path, finetune):
     a resumed run repeats an uninterrupted one."""
     from rebel_diffusion.models import load_pipeline
     from rebel_diffusion.sampling import rescore_log_probs
-    from rebel_diffusion.train import base_log_probs, base_unet, run_trained_steps, sample_epoch
+    from rebel_diffusion.training.plans import run_trained_steps
+    from rebel_diffusion.training.recipe import sample_epoch
+    from rebel_diffusion.training.reference import base_log_probs, base_unet
 
     extra = ["--anchor", "base", "--kl-coef", "0", "--finetune", finetune]
     full, split = tmp_path / "full", tmp_path / "split"

@@ -1,4 +1,4 @@
-"""One optimizer step's gradient (``rebel_diffusion.updates``): REBEL and DDPO, step by step, equal to
+"""One optimizer step's gradient (``rebel_diffusion.algorithms.updates``): REBEL and DDPO, step by step, equal to
 full-graph autograd; the KL term; updates move the log-ratio toward the target."""
 
 import dataclasses
@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from rebel_diffusion.ddpo import ppo_clip_loss
-from rebel_diffusion.models import add_lora, load_pipeline
-from rebel_diffusion.rebel import (
+from rebel_diffusion.algorithms.ddpo import ppo_clip_loss
+from rebel_diffusion.algorithms.rebel import (
     pair_indices,
     rebel_loss,
     trained_steps,
 )
+from rebel_diffusion.algorithms.updates import StepModel, ddpo_accumulate, log_ratios, rebel_accumulate
+from rebel_diffusion.config import TrainConfig, step_weights
+from rebel_diffusion.errors import UsageError
+from rebel_diffusion.models import add_lora, load_pipeline
 from rebel_diffusion.sampling import (
     SamplingSettings,
     make_scheduler,
@@ -22,7 +25,6 @@ from rebel_diffusion.sampling import (
     steps_log_prob,
 )
 from rebel_diffusion.steps import gaussian_kl
-from rebel_diffusion.updates import ddpo_accumulate, log_ratios, rebel_accumulate
 
 # ------------------------------------------------------------------------------------------------
 # the exact step-by-step gradient on the tiny model
@@ -50,15 +52,12 @@ def test_rebel_gradient_is_exact_for_the_trained_steps_only(lora_setups, skip):
     assert steps == list(range(4 - skip))
     pipe.unet.zero_grad()
     stats = rebel_accumulate(
-        pipe.unet,
-        scheduler,
-        traj,
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=2),
         pairs,
         targets,
         eta=0.5,
         train_batch_size=2,
         steps=steps,
-        steps_per_pass=2,
         ratio_steps=steps,
     )
     ours = _grads(lora)
@@ -127,15 +126,12 @@ def test_rebel_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per
 
     pipe.unet.zero_grad()
     stats = rebel_accumulate(
-        pipe.unet,
-        scheduler,
-        traj,
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=steps_per_pass),
         pairs,
         targets,
         eta=eta,
         train_batch_size=micro_batch,
         steps=steps,
-        steps_per_pass=steps_per_pass,
     )
     ours = _grads(lora)
 
@@ -160,9 +156,14 @@ def test_rebel_differentiates_each_image_once_whatever_its_pairs(lora_setups):
     hook = pipe.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     try:
         rebel_accumulate(
-            pipe.unet, scheduler, traj, pairs, torch.ones(6), eta=1.0, train_batch_size=4, steps=[0, 1],
-            on_policy=True,  # no no-graph pass: only the passes that backpropagate
-        )  # fmt: skip
+            StepModel(pipe.unet, scheduler, traj),
+            pairs,
+            torch.ones(6),
+            eta=1.0,
+            train_batch_size=4,
+            steps=[0, 1],
+            on_policy=True,
+        )
     finally:
         hook.remove()
         pipe.unet.zero_grad()
@@ -174,9 +175,13 @@ def test_rebel_differentiates_each_image_once_whatever_its_pairs(lora_setups):
     hook = pipe.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     try:
         rebel_accumulate(
-            pipe.unet, scheduler, traj, pairs, torch.ones(6), eta=1.0, train_batch_size=6, steps=[0, 1, 2, 3],
-            steps_per_pass=4,
-        )  # fmt: skip
+            StepModel(pipe.unet, scheduler, traj, steps_per_pass=4),
+            pairs,
+            torch.ones(6),
+            eta=1.0,
+            train_batch_size=6,
+            steps=[0, 1, 2, 3],
+        )
     finally:
         hook.remove()
         pipe.unet.zero_grad()
@@ -200,9 +205,7 @@ def test_rebel_on_policy_gradient_matches_rescored():
     for on_policy in (True, False):
         pipe.unet.zero_grad()
         rebel_accumulate(
-            pipe.unet,
-            scheduler,
-            traj,
+            StepModel(pipe.unet, scheduler, traj),
             pairs,
             targets,
             eta=1.0,
@@ -222,16 +225,13 @@ def test_ddpo_gradient_equals_full_graph_autograd(lora_setups, dtype, steps_per_
     images = torch.arange(len(traj))
     pipe.unet.zero_grad()
     stats = ddpo_accumulate(
-        pipe.unet,
-        scheduler,
-        traj,
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=steps_per_pass),
         images,
         adv,
         clip_range=0.2,
         adv_clip_max=5.0,
         train_batch_size=4,
         steps=steps,
-        steps_per_pass=steps_per_pass,
     )
     ours = _grads(lora)
     pipe.unet.zero_grad()
@@ -265,7 +265,13 @@ def _run_rebel_steps(sign: float, steps_n: int = 6):
     for s in range(steps_n):
         opt.zero_grad()
         stats = rebel_accumulate(
-            pipe.unet, scheduler, traj, pairs, targets, eta=eta, train_batch_size=2, steps=steps, on_policy=s == 0
+            StepModel(pipe.unet, scheduler, traj),
+            pairs,
+            targets,
+            eta=eta,
+            train_batch_size=2,
+            steps=steps,
+            on_policy=s == 0,
         )
         losses.append(stats["loss"])
         opt.step()
@@ -336,34 +342,38 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
         pairs = pair_indices(traj.group)
         targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
         stats = rebel_accumulate(
-            pipe.unet,
-            scheduler,
-            traj,
+            StepModel(
+                pipe.unet,
+                scheduler,
+                traj,
+                steps_per_pass=3 if whole_step else 2,
+                kl_coef=coef,
+                reference_mean=_reference_mean(pipe, scheduler, traj),
+            ),
             pairs,
             targets,
             eta=0.5,
             train_batch_size=6 if whole_step else 2,
             steps=steps,
-            steps_per_pass=3 if whole_step else 2,
             ratio_steps=steps,
-            kl_coef=coef,
-            reference_mean=_reference_mean(pipe, scheduler, traj),
         )
     else:
         adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0])
         stats = ddpo_accumulate(
-            pipe.unet,
-            scheduler,
-            traj,
+            StepModel(
+                pipe.unet,
+                scheduler,
+                traj,
+                steps_per_pass=2,
+                kl_coef=coef,
+                reference_mean=_reference_mean(pipe, scheduler, traj),
+            ),
             images,
             adv,
             clip_range=0.2,
             adv_clip_max=5.0,
             train_batch_size=4,
             steps=steps,
-            steps_per_pass=2,
-            kl_coef=coef,
-            reference_mean=_reference_mean(pipe, scheduler, traj),
         )
     ours = _grads(lora)
     pipe.unet.zero_grad()
@@ -390,7 +400,7 @@ def test_ddpo_kl_weighs_nats_against_advantages_as_rebel():
     """With ``ddpo_kl_coef``, DDPO's gradient is 1/(D*m) times that of the KL-regularised objective
     in nats: mean_i [-A_i sum_t r_it * D + kl_coef * KL_i], r the per-step probability ratio (no
     clipping here), D = C*h*w. So --kl-coef prices a nat of KL the same for both algorithms."""
-    from rebel_diffusion.train import ddpo_kl_coef
+    from rebel_diffusion.algorithms.ddpo import ddpo_kl_coef
 
     pipe, traj, scheduler, lora = _lora_setup(torch.float64)
     steps, coef = [0, 1, 2], 0.3
@@ -399,17 +409,19 @@ def test_ddpo_kl_weighs_nats_against_advantages_as_rebel():
     adv = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.0, 0.0], dtype=torch.float64)
     pipe.unet.zero_grad()
     ddpo_accumulate(
-        pipe.unet,
-        scheduler,
-        traj,
+        StepModel(
+            pipe.unet,
+            scheduler,
+            traj,
+            kl_coef=ddpo_kl_coef(coef, dims, len(steps)),
+            reference_mean=_reference_mean(pipe, scheduler, traj),
+        ),
         images,
         adv,
-        clip_range=1e9,  # no clipping: the plain importance-weighted policy gradient
+        clip_range=1e9,
         adv_clip_max=5.0,
         train_batch_size=4,
         steps=steps,
-        kl_coef=ddpo_kl_coef(coef, dims, len(steps)),
-        reference_mean=_reference_mean(pipe, scheduler, traj),
     )
     ours = _grads(lora)
     pipe.unet.zero_grad()
@@ -424,8 +436,7 @@ def test_ddpo_kl_weighs_nats_against_advantages_as_rebel():
 
 
 def test_ddpo_default_clip_range_is_the_same_nats_at_every_resolution():
-    from rebel_diffusion.config import CLIP_NATS
-    from rebel_diffusion.train import ddpo_clip_range
+    from rebel_diffusion.algorithms.ddpo import CLIP_NATS, ddpo_clip_range
 
     sd15_512 = 4 * 64 * 64
     assert ddpo_clip_range(None, sd15_512) == pytest.approx(1e-4, rel=0.03)  # DDPO's published setting
@@ -438,12 +449,13 @@ def test_ddpo_default_clip_range_is_the_same_nats_at_every_resolution():
 # the base anchor (--anchor base): regression against the frozen base, clipped around the sampler
 
 
-def _anchored_loss(new, recorded, base, pairs, targets, eta, epsilon):
-    """The anchored loss written out with autograd: mean over pairs of max(rho^2, rho_clip^2)."""
+def _anchored_loss(new, recorded, base, pairs, targets, eta, epsilon, w=1.0):
+    """The anchored loss written out with autograd: mean over pairs of max(rho^2, rho_clip^2);
+    ``w`` (S,): the per-step weights of D."""
     step = new - recorded  # (B, S) ln pi_theta - ln pi_t
-    offset = (recorded - base).sum(dim=1)  # (B,) ln pi_t - ln pi_ref
-    full = step.sum(dim=1) + offset
-    clipped = step.clamp(-epsilon, epsilon).sum(dim=1) + offset
+    offset = ((recorded - base) * w).sum(dim=1)  # (B,) ln pi_t - ln pi_ref
+    full = (step * w).sum(dim=1) + offset
+    clipped = (step.clamp(-epsilon, epsilon) * w).sum(dim=1) + offset
     rho = (full[pairs[:, 0]] - full[pairs[:, 1]]) / eta - targets
     rho_clip = (clipped[pairs[:, 0]] - clipped[pairs[:, 1]]) / eta - targets
     return torch.maximum(rho.pow(2), rho_clip.pow(2)).mean()
@@ -460,9 +472,15 @@ def test_anchored_rebel_gradient_equals_full_graph_autograd(lora_setups, epsilon
     base = traj.log_probs - 1e-2 * torch.rand(traj.log_probs.shape, generator=gen, dtype=torch.float64)
     pipe.unet.zero_grad()
     stats = rebel_accumulate(
-        pipe.unet, scheduler, traj, pairs, targets, eta=0.5, train_batch_size=2, steps=steps,
-        steps_per_pass=steps_per_pass, base_log_probs=base, epsilon=epsilon,
-    )  # fmt: skip
+        StepModel(pipe.unet, scheduler, traj, steps_per_pass=steps_per_pass),
+        pairs,
+        targets,
+        eta=0.5,
+        train_batch_size=2,
+        steps=steps,
+        base_log_probs=base,
+        epsilon=epsilon,
+    )
     ours = _grads(lora)
     pipe.unet.zero_grad()
     images = torch.arange(len(traj))
@@ -488,8 +506,97 @@ def test_anchored_rebel_on_policy_regresses_the_log_ratio_to_the_base(lora_setup
     base = traj.log_probs.clone()
     base[:, steps] -= torch.arange(len(traj), dtype=torch.float32)[:, None] * 1e-3  # image i: 4i e-3 above base
     stats = rebel_accumulate(
-        pipe.unet, scheduler, traj, pairs, targets, eta=2.0, train_batch_size=6, steps=steps,
-        on_policy=True, base_log_probs=base, epsilon=1.0, backward=lambda loss, last: None,
-    )  # fmt: skip
+        StepModel(pipe.unet, scheduler, traj, backward=lambda loss, last: None),
+        pairs,
+        targets,
+        eta=2.0,
+        train_batch_size=6,
+        steps=steps,
+        on_policy=True,
+        base_log_probs=base,
+        epsilon=1.0,
+    )
     expected = (pairs[:, 0] - pairs[:, 1]).float() * 4e-3 / 2.0
     torch.testing.assert_close(stats["prediction"], expected, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-step weights (--policy-step-weights, --kl-step-weights)
+
+WEIGHTS = torch.tensor([2.0, 0.5, 1.5, 0.25], dtype=torch.float64)  # one per step of the 4-step setup
+
+
+@pytest.mark.parametrize("anchor", ["policy", "base"])
+def test_weighted_rebel_gradient_is_that_of_the_weighted_regression(lora_setups, anchor):
+    """D(y) = sum_t w_t (ln pi_theta - ln pi_t)(y, t): the accumulated gradient is autograd's of that loss."""
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    pairs = pair_indices(traj.group)
+    targets = torch.tensor([0.5, -0.2, 0.1, 0.3, -0.4, 0.8])
+    steps = traj.stochastic_steps()
+    gen = torch.Generator().manual_seed(2)
+    base = traj.log_probs - 1e-2 * torch.rand(traj.log_probs.shape, generator=gen, dtype=torch.float64)
+    anchored = {"base_log_probs": base, "epsilon": 2e-3} if anchor == "base" else {}
+    pipe.unet.zero_grad()
+    model = StepModel(pipe.unet, scheduler, traj, policy_weights=WEIGHTS)
+    stats = rebel_accumulate(model, pairs, targets, eta=0.5, train_batch_size=2, steps=steps, **anchored)
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    images = torch.arange(len(traj))
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    w = WEIGHTS[steps]
+    if anchor == "base":
+        loss = _anchored_loss(new, traj.log_probs[:, steps], base[:, steps], pairs, targets, 0.5, 2e-3, w)
+    else:
+        ratio = ((new - traj.log_probs[:, steps]) * w).sum(dim=1)
+        loss = rebel_loss(ratio[pairs[:, 0]], ratio[pairs[:, 1]], targets, 0.5)
+    loss.backward()
+    naive = _grads(lora)
+    assert ((ours - naive).norm() / naive.norm()).item() <= GRAD_TOL[torch.float64]
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-9)
+    # and the weights matter: uniform weights give another gradient
+    pipe.unet.zero_grad()
+    rebel_accumulate(
+        StepModel(pipe.unet, scheduler, traj), pairs, targets, eta=0.5, train_batch_size=2, steps=steps, **anchored
+    )
+    assert ((_grads(lora) - ours).norm() / ours.norm()).item() > 1e-3
+
+
+def test_weighted_ddpo_and_kl_gradients_are_those_of_the_weighted_objective(lora_setups):
+    pipe, traj, scheduler, lora = lora_setups[torch.float64]
+    steps, coef = [0, 1, 2], 0.3
+    kl_w = torch.tensor([0.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    images = torch.arange(len(traj))
+    adv = torch.linspace(-1, 1, len(traj), dtype=torch.float64)
+    pipe.unet.zero_grad()
+    model = StepModel(
+        pipe.unet, scheduler, traj, kl_coef=coef, reference_mean=_reference_mean(pipe, scheduler, traj),
+        policy_weights=WEIGHTS, kl_weights=kl_w,
+    )  # fmt: skip
+    ddpo_accumulate(model, images, adv, clip_range=1e9, adv_clip_max=5.0, train_batch_size=4, steps=steps)
+    ours = _grads(lora)
+    pipe.unet.zero_grad()
+    # mean over (image, step) of -w_t A r  +  coef * mean over images of sum_t v_t KL_t (no clipping)
+    new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
+    ratio = torch.exp(new - traj.log_probs[:, steps])
+    policy = -(WEIGHTS[steps] * adv[:, None] * ratio).mean()
+    kl = []
+    for j in steps:
+        _, mean, std = steps_log_prob(pipe.unet, scheduler, traj, [j], index=images, with_mean=True)
+        with torch.no_grad():
+            ref = _reference_mean(pipe, scheduler, traj)([j], images)
+        kl.append(gaussian_kl(mean, ref, std) * kl_w[j])
+    (policy + coef * torch.stack(kl, dim=1).sum(dim=1).mean()).backward()
+    naive = _grads(lora)
+    # ppo_clip_loss forms its ratios in float32 (as DDPO), this reference in float64.
+    assert ((ours - naive).norm() / naive.norm()).item() <= 1e-6
+
+
+def test_step_weights_flags():
+    assert step_weights("uniform", 4) is None
+    assert step_weights("linear:0,3", 4) == [0.0, 1.0, 2.0, 3.0]
+    assert step_weights("1,2,0.5,0", 4) == [1.0, 2.0, 0.5, 0.0]
+    for bad in ("linear:1", "1,2,3", "1,2,3,-1", "1,2,nan,1", "steep"):
+        with pytest.raises(UsageError, match="--policy-step-weights"):
+            step_weights(bad, 4)
+    with pytest.raises(UsageError, match="--kl-step-weights 1,2: use uniform"):
+        TrainConfig(num_steps=3, kl_step_weights="1,2").validate()

@@ -6,8 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import TrainConfig
 from ..errors import UsageError
-from ..generation import SAMPLES_MANIFEST, Source, resolve_source, sampling_settings, set_num_threads
+from ..generation import SAMPLES_MANIFEST, Source, resolve_source, set_num_threads
+from ..prompts_io import load_prompts
+from ..run_folder import check_writable
+from ..sampling import SamplingSettings, settings_from_config
 
 
 class DeprecatedAlias(argparse.Action):
@@ -114,8 +118,6 @@ def samples_folder(output_dir: str | None, default: Path) -> Path:
 
 def check_output_folder(out: Path) -> None:
     """An output folder that can be made and written: nothing on its way is a file (one line otherwise)."""
-    from ..run_folder import check_writable
-
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise UsageError(f"--output-dir {out}: {p} is a file, not a folder; choose another --output-dir")
@@ -128,11 +130,11 @@ def source_from_args(args: argparse.Namespace) -> Source:
     return resolve_source(run=args.run, model=args.model, finetune=args.finetune, vae=args.vae)
 
 
-def settings_from_args(args: argparse.Namespace, cfg: dict | None = None):
-    """SamplingSettings: the run's config, overridden by the sampling flags that were given."""
+def settings_from_args(args: argparse.Namespace, cfg: TrainConfig | None = None) -> SamplingSettings:
+    """SamplingSettings: the run's config (None: the defaults), overridden by the sampling flags given."""
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return sampling_settings(
+    return settings_from_config(
         cfg,
         num_steps=getattr(args, "steps", None),
         guidance_scale=getattr(args, "guidance_scale", None),
@@ -142,22 +144,15 @@ def settings_from_args(args: argparse.Namespace, cfg: dict | None = None):
     )
 
 
-def run_prompts(cfg: dict, key: str) -> str | list | None:
-    """A prompt set a run's config names under ``key`` (older runs: ``eval_prompts`` for the grid's)."""
-    if key == "grid_prompts":
-        return cfg.get("grid_prompts") or cfg.get("eval_prompts") or cfg.get("prompts")
-    return cfg.get(key)
-
-
-def prompts_from_args(args: argparse.Namespace, cfg: dict, default: str | None = None) -> tuple[list[str], str]:
-    """(prompts, a label): --prompt texts, else --prompts, else the run's grid prompts, else ``default``."""
-    from ..prompts_io import load_prompts
-
+def prompts_from_args(
+    args: argparse.Namespace, cfg: TrainConfig | None, default: str | None = None
+) -> tuple[list[str], str]:
+    """(prompts, a label): --prompt texts, else --prompts, else the run's grid prompts (its training
+    prompts when it set none), else ``default``."""
     if getattr(args, "prompt", None):
         return list(args.prompt), "--prompt"
-    name = getattr(args, "prompts", None) or run_prompts(cfg, "grid_prompts") or default
-    if isinstance(name, list):  # a run config may hold the prompt list itself
-        return [str(p) for p in name], "the run's grid prompts"
+    run_grid = (cfg.grid_prompts or cfg.prompts) if cfg is not None else None
+    name = getattr(args, "prompts", None) or run_grid or default
     if not name:
         raise UsageError('no prompts: pass --prompt "text" (repeatable) or --prompts NAME_OR_FILE')
     return load_prompts(name), str(name)

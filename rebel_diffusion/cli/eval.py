@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import run_folder
 from ..errors import UsageError
 from ..evaluate import (
     DIVERSITY_CHOICES,
@@ -24,6 +25,7 @@ from ..evaluate import (
     write_reports,
 )
 from ..generation import describe, load_models, pick_device, pick_dtype
+from ..prompts_io import load_prompts
 from ..rewards import weight_options
 from .common import (
     add_sampling_arguments,
@@ -79,16 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prompts_io import load_prompts
-
     # Cheap checks first: names, counts, paths, rewards; models last.
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
     source = source_from_args(args)
     if source.finetune is None:
         raise UsageError("eval compares a fine-tune with its base model: pass --run DIR or --finetune PATH")
-    cfg = source.config
-    prompt_set = args.prompts or cfg.get("heldout_prompts") or DEFAULT_PROMPTS
+    cfg = source.config  # None without a run: eval's own defaults
+    prompt_set = args.prompts or (cfg.heldout_prompts if cfg is not None else DEFAULT_PROMPTS)
     prompts = load_prompts(prompt_set)
     settings = settings_from_args(args, cfg)
     device = pick_device(args.device)
@@ -105,15 +105,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "eval --field: no reward's weights could be loaded (" + "; ".join(left_out.values()) + ")"
             )
-        if cfg.get("prompts"):
-            prompt_sets = {"training": load_prompts(cfg["prompts"]), "held-out": prompts}
+        if cfg is not None:
+            prompt_sets = {"training": load_prompts(cfg.prompts), "held-out": prompts}
     else:
-        names = parse_reward_names(
-            args.rewards or cfg.get("heldout_rewards") or cfg.get("eval_rewards"), cfg.get("reward")
-        )
+        run_rewards, trained = (cfg.heldout_rewards, cfg.reward) if cfg is not None else (None, None)
+        names = parse_reward_names(args.rewards or run_rewards, trained)
         rewards = load_rewards(names, device=device, dtype=dtype, weights=weights)
     diversity = load_diversity_model(args.diversity_model, device) if args.num_images > 1 else None
-    out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / "eval"
+    out = Path(args.output_dir) if args.output_dir else (source.run_dir or Path(".")) / run_folder.EVAL_DIR
     check_output_folder(out)  # before any image is drawn
 
     base, tuned = load_models(source, device=device, dtype=dtype, with_base=True)
@@ -148,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.field:
         if "training" in prompt_sets:
-            header["training_prompt_set"] = str(cfg["prompts"])
+            header["training_prompt_set"] = cfg.prompts
         write_field_reports(out, results, header, left_out)
         print(field_report(results, header, left_out))
     else:

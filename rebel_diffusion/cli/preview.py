@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..generation import pick_device, pick_dtype, sampling_settings, set_num_threads
+from ..generation import pick_device, pick_dtype, resolve_source, set_num_threads
 from ..preview import DEFAULT_NUM_SEEDS, DEFAULT_PROMPT, MAX_NUM_SEEDS, build_app, check_port, import_gradio, launch
 from ..rewards import weight_options
+from ..sampling import settings_from_config
 from .common import DeprecatedAlias, add_source_arguments, add_weight_arguments
 
 HELP = "a Gradio page with before/after samples of a run (extra: preview)"
@@ -45,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import run_folder
-
     if not (args.run or args.model or args.finetune):
         raise UsageError("preview needs a run: pass --run OUTPUT_DIR (or --model and --finetune)")
     if not 1 <= args.num_seeds <= MAX_NUM_SEEDS:
@@ -57,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     port = check_port(args.host, args.port)
     set_num_threads(args.num_threads)
     device = pick_device(args.device)
-    cfg = run_folder.read_config(args.run)[1] if args.run else {}
-    settings = sampling_settings(cfg, num_steps=args.steps, guidance_scale=args.guidance_scale, ddim_eta=args.ddim_eta)
+    source = resolve_source(run=args.run, model=args.model, finetune=args.finetune, vae=args.vae)
+    settings = settings_from_config(
+        source.config, num_steps=args.steps, guidance_scale=args.guidance_scale, ddim_eta=args.ddim_eta
+    )
     app = build_app(
-        args.run,
-        model=args.model,
-        finetune=args.finetune,
+        source=source,
         reward=args.reward,
         device=device,
         dtype=pick_dtype(args.dtype, device),

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import run_folder
 from ..generation import describe, load_models, pick_device, pick_dtype, sample_images, write_samples
 from .common import (
     add_sampling_arguments,
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, prompt_label = prompts_from_args(args, source.config)
     settings = settings_from_args(args, source.config)
     device = pick_device(args.device)
-    out = samples_folder(args.output_dir, (source.run_dir or Path(".")) / "samples")
+    out = samples_folder(args.output_dir, (source.run_dir or Path(".")) / run_folder.SAMPLES_DIR)
 
     _, pipe = load_models(source, device=device, dtype=pick_dtype(args.dtype, device), with_base=False)
     settings = settings.resolve(pipe)

@@ -14,8 +14,8 @@ import torch
 
 from .. import run_folder
 from ..config import PRESETS, RENAMED, TrainConfig, field_help, field_type, resolve_config
-from ..errors import RunError
-from ..train import train
+from ..errors import RunError, first_line
+from ..training.recipe import train
 from .common import DeprecatedAlias
 
 HELP = "fine-tune a model toward a reward with REBEL (or DDPO)"
@@ -61,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    return resolve_config(flags, config_file=getattr(args, "config", None), preset=getattr(args, "preset", None))
+    return resolve_config(
+        flags,
+        config_file=getattr(args, "config", None),
+        preset=getattr(args, "preset", None),
+        read_run=run_folder.read_run_config,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 def fault_message(e: BaseException, out=None) -> str | None:
     """One line for a fault of memory or the OS, saying what to do (with ``out``, the run folder:
     what continues it); None for anything else (a bug)."""
-    text = _first_line(e)
+    text = first_line(e)
     then = run_folder.next_step(out) if out is not None else "continue with --resume"
     if (
         isinstance(e, torch.OutOfMemoryError | MemoryError)
@@ -100,8 +105,3 @@ def fault_message(e: BaseException, out=None) -> str | None:
             return f"{where}{e.strerror}: choose a writable --output-dir (or fix its permissions), then {then}"
         return f"{where}{e.strerror or text}; fix that, then {then}"
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -297,8 +297,13 @@ _EVERY_REWARD = ("device", "dtype")  # RewardContext fields every reward takes
 
 
 def weight_options(*sources) -> dict:
-    """The ``WEIGHT_OPTIONS`` set in ``sources`` (config dicts, ``vars(args)``), later ones winning."""
-    return {k: src[k] for src in sources for k in WEIGHT_OPTIONS if src.get(k) is not None}
+    """The ``WEIGHT_OPTIONS`` set in ``sources`` (dicts such as ``vars(args)``, or objects with those
+    attributes such as a run's ``TrainConfig``; None is skipped), later ones winning."""
+    options = {}
+    for src in sources:
+        values = {} if src is None else src if isinstance(src, dict) else vars(src)
+        options.update({k: values[k] for k in WEIGHT_OPTIONS if values.get(k) is not None})
+    return options
 
 
 def reward_options(name_or_path: str, options: dict) -> dict:

@@ -10,7 +10,10 @@ For a diffusion model ln pi(y|x) is the trajectory log-likelihood: the sum over 
 of the per-step Gaussian log-density, summed over the D = C*h*w latent dims. ``--eta`` is defined
 against that sum, so it means the same at every resolution and latent size: the regression asks
 the trajectory log-likelihood ratio of a pair to move by eta nats per unit of advantage gap. The
-sampler records per-dim MEANS (see ``sampling``); the trainer converts with eta_mean = eta / D.
+sampler records per-dim MEANS (see ``sampling``): ``eta_per_dim`` converts, eta_mean = eta / D.
+
+Per-step weights (``--policy-step-weights``): D(y) = sum_t w_t (ln pi_theta - ln pi_t)(y, t), a
+weighted trajectory log-ratio (all w_t = 1: the paper's); the gradient weights each step by w_t.
 
 Pairs: with k images per prompt, every pair of the group (k(k-1)/2 of them, equally weighted).
 
@@ -35,6 +38,20 @@ the number of epochs. ``proximal_coefficients`` gives its exact gradient per ima
 from __future__ import annotations
 
 import torch
+
+from .ddpo import ddpo_clip_range
+
+
+def eta_per_dim(eta: float, dims: int) -> float:
+    """``--eta`` (against log-likelihoods summed over the D = C*h*w latent dims) for the per-dim mean
+    log-probs the sampler records: eta / D."""
+    return eta / dims
+
+
+def proximal_epsilon(clip_range: float | None, dims: int) -> float:
+    """The clip of ``--anchor base`` on each step's per-dim mean log-ratio to the sampling policy:
+    DDPO's trust region (``ddpo.ddpo_clip_range``), the same nats per step at any resolution."""
+    return ddpo_clip_range(clip_range, dims)
 
 
 def pair_indices(group: torch.Tensor) -> torch.Tensor:
@@ -102,6 +119,7 @@ def proximal_coefficients(
     eta: float,
     epsilon: float,
     valid: torch.Tensor | None = None,
+    step_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base-anchored REBEL loss with proximal clipping: its per-image, per-step gradient weights.
 
@@ -113,14 +131,17 @@ def proximal_coefficients(
     mean over valid pairs of max(rho^2, rho_clip^2). Its gradient is
     sum_{i,t} c_{i,t} d/dtheta ln pi_theta(y_i, t): a pair whose unclipped term is the larger weighs
     all steps of its images by +-2 rho / (eta P); one whose clipped term is the larger weighs only the
-    steps inside the clip, by +-2 rho_clip / (eta P). Returns (c (B, S), per-pair loss (P,)
-    (0 for invalid pairs), prediction (P,) = (D(y) - D(y')) / eta).
+    steps inside the clip, by +-2 rho_clip / (eta P). ``step_weight`` (S,) weighs each step's term
+    of D and D_clip (base_offset is then the weighted sum too), and so its gradient weight.
+    Returns (c (B, S), per-pair loss (P,) (0 for invalid pairs), prediction (P,) = (D(y) - D(y')) / eta).
     """
+    w = torch.ones(step_ratio.shape[1], dtype=step_ratio.dtype, device=step_ratio.device)
+    w = w if step_weight is None else step_weight.to(step_ratio.device, step_ratio.dtype)  # (S,)
     valid = torch.ones(len(pairs), dtype=torch.bool, device=step_ratio.device) if valid is None else valid
     valid = valid.to(step_ratio.device)
     a, b = pairs[:, 0].to(step_ratio.device), pairs[:, 1].to(step_ratio.device)
-    full = step_ratio.sum(dim=1) + base_offset  # (B,)
-    clipped = step_ratio.clamp(-epsilon, epsilon).sum(dim=1) + base_offset  # (B,)
+    full = (step_ratio * w).sum(dim=1) + base_offset  # (B,)
+    clipped = (step_ratio.clamp(-epsilon, epsilon) * w).sum(dim=1) + base_offset  # (B,)
     prediction = (full[a] - full[b]) / eta  # (P,)
     rho = prediction - target
     rho_clip = (clipped[a] - clipped[b]) / eta - target
@@ -135,7 +156,7 @@ def proximal_coefficients(
     per_image.index_add_(0, b, -weights)
     # torch.clamp passes the gradient at the bounds themselves: a step at exactly +-epsilon still moves.
     inside = ((step_ratio >= -epsilon) & (step_ratio <= epsilon)).to(rho.dtype)  # (B, S)
-    coef = per_image[:, :1] + inside * per_image[:, 1:]  # (B, S)
+    coef = (per_image[:, :1] + inside * per_image[:, 1:]) * w  # (B, S)
     loss = torch.where(valid, torch.maximum(rho.pow(2), rho_clip.pow(2)), zero)
     return coef, loss, prediction
 

@@ -121,3 +121,44 @@ def normalize_rewards(
         raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {mode!r}")
     adv = np.clip(adv, -adv_clip_max, adv_clip_max)
     return torch.from_numpy(np.asarray(adv)).float(), used
+
+
+def epoch_advantages(
+    rewards: torch.Tensor,
+    prompts: list[str],
+    group: torch.Tensor,
+    mode: str,
+    tracker: PerPromptStatTracker | None,
+    *,
+    components: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, float] | None = None,
+    std_floor: float = 0.0,
+    adv_clip_max: float = float("inf"),
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Advantages of an epoch's images, 0 where the reward is not finite. -> ((N,), {kind: images}).
+
+    rewards: (N,) every process's rewards; prompts, group: theirs. With ``components`` ({name: (N,)})
+    and ``weights``, each reward is normalised on its own (per-prompt statistics kept apart by name)
+    and the advantage is their weighted sum (``--reward-combine normalized``); otherwise ``rewards``
+    is normalised as one.
+    """
+    finite = torch.isfinite(rewards)
+    kept = finite.nonzero().flatten().tolist()
+    kept_prompts = [prompts[i] for i in kept]
+    adv = torch.zeros(len(rewards), dtype=torch.float32)
+    if components:
+        adv_kept, used = torch.zeros(len(kept)), {}
+        for name, values in components.items():
+            part, used = normalize_rewards(
+                values[kept], [f"{name}\x00{p}" for p in kept_prompts], mode, tracker,
+                group=group[kept], std_floor=std_floor,
+            )  # fmt: skip
+            adv_kept += weights[name] * part
+        adv_kept = adv_kept.clamp(-adv_clip_max, adv_clip_max)
+    else:
+        adv_kept, used = normalize_rewards(
+            rewards[kept], kept_prompts, mode, tracker, group=group[kept], std_floor=std_floor,
+            adv_clip_max=adv_clip_max,
+        )  # fmt: skip
+    adv[kept] = adv_kept
+    return adv, used

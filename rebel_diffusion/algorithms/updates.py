@@ -7,18 +7,24 @@ larger calls where per-call overhead dominates (small models, CPUs), at that man
 activation memory, still independent of T. ``backward(loss, last)`` is the caller's
 (``accelerator.backward`` under ``no_sync`` until ``last``), so gradients are synchronised across
 processes once per optimizer step.
+
+``StepModel`` holds what both accumulators share (the UNet, its scheduler, the trajectories, how
+to call and backpropagate it, the KL term and the per-step weights); ``StepModel.forward`` and
+``StepModel.kl`` are the one forward and KL of a group of steps both use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
+from ..sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
+from ..steps import gaussian_kl
 from .ddpo import ppo_clip_loss
 from .rebel import image_coefficients, proximal_coefficients, rebel_residual, rebel_surrogate
-from .sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
-from .steps import gaussian_kl
 
 
 def log_ratios(
@@ -44,10 +50,56 @@ def log_ratios(
     return new - old if per_step else (new - old).sum(dim=1)
 
 
+@dataclass
+class StepModel:
+    """What REBEL's and DDPO's accumulators share: the model trained and how one step group is run.
+
+    ``backward(loss, last)``: the caller's backward (default ``loss.backward()``); ``kl_coef`` and
+    ``reference_mean(steps, index) -> (b*m, C, h, w)`` (the reference policy's step means, no graph):
+    the KL term, off at 0; ``policy_weights`` / ``kl_weights``: (T,) per-step weights of the policy
+    term and of the KL term (None: 1 for every step).
+    """
+
+    unet: torch.nn.Module
+    scheduler: object
+    traj: Trajectories
+    steps_per_pass: int = 1
+    autocast: Callable = nullcontext
+    backward: Callable | None = None
+    kl_coef: float = 0.0
+    reference_mean: Callable | None = None
+    policy_weights: torch.Tensor | None = None
+    kl_weights: torch.Tensor | None = None
+
+    def forward(self, index: torch.Tensor, group: list[int]):
+        """Differentiable (log-probs (n, m), step means, stds) of images ``index`` on steps ``group``;
+        the means and stds only when the KL term is on (else None)."""
+        with self.autocast():
+            if self.kl_coef > 0:
+                return steps_log_prob(self.unet, self.scheduler, self.traj, group, index=index, with_mean=True)
+            return steps_log_prob(self.unet, self.scheduler, self.traj, group, index=index), None, None
+
+    def kl(self, mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor, group: list[int]) -> torch.Tensor:
+        """Closed-form KL(pi_theta || pi_ref) per image, summed over ``group`` with its KL weights, nats.
+        -> (n,), differentiable through ``mean``."""
+        with torch.no_grad(), self.autocast():
+            ref = self.reference_mean(group, index)
+        kl = gaussian_kl(mean, ref, std).view(len(index), len(group))  # (n, m)
+        return (kl * self.step_weights("kl", group, kl)).sum(dim=1)
+
+    def step_weights(self, term: str, group: list[int], like: torch.Tensor) -> torch.Tensor:
+        """(m,) weights of ``group``'s steps for the "policy" or "kl" term, in ``like``'s dtype and device."""
+        weights = self.policy_weights if term == "policy" else self.kl_weights
+        if weights is None:
+            return torch.ones(len(group), dtype=like.dtype, device=like.device)
+        return weights[group].to(like.device, like.dtype)
+
+    def backward_pass(self, loss: torch.Tensor, last: bool) -> None:
+        (self.backward or (lambda loss, last: loss.backward()))(loss, last)
+
+
 def rebel_accumulate(
-    unet,
-    scheduler,
-    traj: Trajectories,
+    model: StepModel,
     pairs: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -55,21 +107,16 @@ def rebel_accumulate(
     train_batch_size: int,
     steps: list[int],
     step_scale: float = 1.0,
-    steps_per_pass: int = 1,
     on_policy: bool = False,
-    backward=None,
-    autocast=nullcontext,
     score_unet=None,
     valid: torch.Tensor | None = None,
     ratio_steps: list[int] | None = None,
-    kl_coef: float = 0.0,
-    reference_mean=None,
     base_log_probs: torch.Tensor | None = None,
     epsilon: float | None = None,
 ) -> dict:
     """Accumulate the REBEL loss gradient of one optimizer step into ``unet``'s parameters.
 
-    pairs: (P, 2) image indices into ``traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
+    pairs: (P, 2) image indices into ``model.traj``; targets: (P,) A(y) - A(y') or P(y > y') - 1/2.
     train_batch_size: images per forward/backward. Each image of the pairs is differentiated once
     (its pairs' weights summed, ``image_coefficients``): a step whose pairs are whole groups of k
     images costs k image passes, not k(k-1). steps: the stochastic steps trained (all of them, or a
@@ -87,9 +134,9 @@ def rebel_accumulate(
     over valid pairs before the step, the mean |log-ratio difference|, and (P,) tensors
     ``prediction`` = (1/eta) (D(y) - D(y')) and ``target`` for the fit statistics.
 
-    kl_coef > 0 adds kl_coef * mean over the pairs' images of sum_t KL(pi_theta || pi_ref) at the
-    recorded x_t (closed form, nats), with ``reference_mean(steps, index)`` -> (b*m, C, h, w) the
-    reference policy's step means (no graph); ``kl`` in the result is that mean before the step.
+    ``model.kl_coef`` > 0 adds kl_coef * mean over the pairs' images of sum_t KL(pi_theta || pi_ref)
+    at the recorded x_t (closed form, nats; ``StepModel.kl``); ``kl`` in the result is that mean
+    before the step. ``model.policy_weights``: D is the weighted sum over steps (``rebel``).
 
     base_log_probs: (B, T) per-dim log-probs of the recorded trajectories under the frozen base:
     the regression is then anchored to the base (``rebel.proximal_coefficients``), D = ln pi_theta -
@@ -101,20 +148,13 @@ def rebel_accumulate(
     3. for each micro-batch of images and group of steps, backpropagate
        sum_i c_i sum_{t in group} ln pi(y_i,t) (+ the KL term).
     """
-    backward = backward or (lambda loss, last: loss.backward())
+    traj = model.traj
     num_pairs = len(pairs)
     device = traj.latents.device
     images = torch.unique(pairs.flatten())  # (n,) sorted: every image of the step's pairs, once
     chunks = list(images.split(train_batch_size))
-    groups = step_groups(steps, steps_per_pass)
+    groups = step_groups(steps, model.steps_per_pass)
     ratio_steps = traj.stochastic_steps() if ratio_steps is None else list(ratio_steps)
-
-    def forward(index: torch.Tensor, group: list[int]):
-        """(log-probs (n_c, m), step means or None, stds or None), differentiable."""
-        with autocast():
-            if kl_coef > 0:
-                return steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
-            return steps_log_prob(unet, scheduler, traj, group, index=index), None, None
 
     # One micro-batch and one UNet call hold the whole step, over every step of D: the pass that
     # backpropagates gives D as well, so the no-graph pass is skipped (same values, one call fewer).
@@ -124,36 +164,38 @@ def rebel_accumulate(
     if on_policy:
         step_images = torch.zeros(len(images), len(ratio_steps), device=device)
     elif fused:
-        first = forward(images, groups[0])
+        first = model.forward(images, groups[0])
         old = traj.log_probs[images.to(traj.log_probs.device)][:, steps].to(first[0].device)
         step_images = (first[0].detach() - old).to(device)  # (n, S)
     else:
-        score = score_unet or unet
         step_images = log_ratios(
-            score, scheduler, traj, images, autocast, steps_per_pass, ratio_steps, per_step=True
-        ).to(device)
+            score_unet or model.unet, model.scheduler, traj, images, model.autocast, model.steps_per_pass,
+            ratio_steps, per_step=True,
+        ).to(device)  # fmt: skip
     step_ratio = torch.zeros(len(traj), len(ratio_steps), device=device, dtype=step_images.dtype)  # (B, S)
     step_ratio[images.to(device)] = step_images
+    weight = model.step_weights("policy", ratio_steps, step_ratio)  # (S,)
     valid = torch.ones(num_pairs, dtype=torch.bool) if valid is None else valid.cpu()
     num_valid = max(int(valid.sum()), 1)
     targets = targets.to(device).float()
+    position = {j: i for i, j in enumerate(ratio_steps)}
     if base_log_probs is None:
-        ratio = step_ratio.sum(dim=1)  # (B,)
+        ratio = (step_ratio * weight).sum(dim=1)  # (B,) D, the weighted sum over steps
         diff = ratio[pairs[:, 0].to(device)] - ratio[pairs[:, 1].to(device)]
         residual = rebel_residual(diff, torch.zeros_like(diff), targets, eta)  # (P,)
         residual = torch.where(valid.to(device), residual, torch.zeros_like(residual))
         pair_loss, prediction = residual.pow(2), diff / eta
-        # 2. Per image: its weight in the regression gradient.
-        coef = image_coefficients(pairs, residual, eta, num_valid, len(traj))  # (B,)
+        # 2. Per image and step: its weight in the regression gradient.
+        coef = image_coefficients(pairs, residual, eta, num_valid, len(traj))[:, None] * weight  # (B, S)
     else:
         cols = torch.tensor(ratio_steps)
         recorded = traj.log_probs[:, cols].to(device)
-        base_offset = (recorded - base_log_probs[:, cols].to(device)).sum(dim=1)  # (B,) ln pi_t - ln pi_ref
+        # (B,) the weighted sum of ln pi_t - ln pi_ref over the same steps
+        base_offset = ((recorded - base_log_probs[:, cols].to(device)) * weight).sum(dim=1)
         # 2. Per image and step: its weight in the gradient of the clipped, base-anchored loss.
         coef, pair_loss, prediction = proximal_coefficients(
-            pairs, step_ratio, base_offset, targets, eta, epsilon, valid.to(device)
+            pairs, step_ratio, base_offset, targets, eta, epsilon, valid.to(device), weight
         )  # (B, S), (P,), (P,)
-        position = {j: i for i, j in enumerate(ratio_steps)}
     # (KL) each image's share of the mean over the valid pairs' members (once per valid pair it is in).
     members = torch.bincount(pairs[valid].flatten().cpu(), minlength=len(traj)).double()  # (B,)
     kl_weight = (members / (2 * num_valid)).to(device)  # (B,)
@@ -163,21 +205,16 @@ def rebel_accumulate(
     for c, index in enumerate(chunks):
         index_d = index.to(device)
         for g, group in enumerate(groups):
-            logp, mean, std = first if fused else forward(index, group)  # logp (n_c, m)
+            logp, mean, std = first if fused else model.forward(index, group)  # logp (n_c, m)
             # float32 (float64 in exactness tests)
-            if coef.dim() == 1:
-                surrogate = rebel_surrogate(logp.sum(dim=1) * step_scale, coef[index_d].to(logp.dtype))
-            else:  # per-step weights (anchored): the steps of this group
-                step_weight = coef[index_d][:, [position[j] for j in group]].to(logp.dtype)  # (n_c, m)
-                surrogate = rebel_surrogate(logp.flatten() * step_scale, step_weight.flatten())
-            if kl_coef > 0:
-                with torch.no_grad(), autocast():
-                    ref = reference_mean(group, index)
-                kl = gaussian_kl(mean, ref, std).view(len(index), len(group)).sum(dim=1) * step_scale  # (n_c,)
-                weight = kl_weight[index_d].to(kl.dtype)
-                surrogate = surrogate + kl_coef * (weight * kl).sum()
-                kl_total += (weight * kl).detach().sum()
-            backward(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
+            step_weight = coef[index_d][:, [position[j] for j in group]].to(logp.dtype)  # (n_c, m)
+            surrogate = rebel_surrogate(logp.flatten() * step_scale, step_weight.flatten())
+            if model.kl_coef > 0:
+                kl = model.kl(mean, std, index, group) * step_scale  # (n_c,)
+                share = kl_weight[index_d].to(kl.dtype)
+                surrogate = surrogate + model.kl_coef * (share * kl).sum()
+                kl_total += (share * kl).detach().sum()
+            model.backward_pass(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
     return {
         "loss": float(pair_loss.sum() / num_valid),
         "kl": float(kl_total),
@@ -188,9 +225,7 @@ def rebel_accumulate(
 
 
 def ddpo_accumulate(
-    unet,
-    scheduler,
-    traj: Trajectories,
+    model: StepModel,
     images: torch.Tensor,
     advantages: torch.Tensor,
     *,
@@ -198,49 +233,39 @@ def ddpo_accumulate(
     adv_clip_max: float,
     train_batch_size: int,
     steps: list[int],
-    steps_per_pass: int = 1,
-    backward=None,
-    autocast=nullcontext,
-    kl_coef: float = 0.0,
-    reference_mean=None,
 ) -> dict[str, float]:
     """Accumulate the DDPO (PPO-clip) gradient of one optimizer step: mean over images x ``steps``.
 
-    images: (N,) indices into ``traj``; advantages: (len(traj),) normalised rewards;
-    ``steps_per_pass`` steps share a UNet call. kl_coef, reference_mean: as ``rebel_accumulate``
-    (kl_coef * mean over images of sum_t KL).
+    images: (N,) indices into ``model.traj``; advantages: (len(traj),) normalised rewards. The KL
+    term and the per-step weights: as ``rebel_accumulate`` (kl_coef * mean over images of sum_t KL).
     """
-    backward = backward or (lambda loss, last: loss.backward())
+    traj = model.traj
     num_terms = len(images) * len(steps)
     chunks = list(images.split(train_batch_size))
     # Statistics stay on the device until the end: no host sync per backward.
     total, kl, clipfrac, kl_ref = (torch.zeros((), device=traj.latents.device, dtype=torch.float64) for _ in range(4))
-    groups = step_groups(steps, steps_per_pass)
+    groups = step_groups(steps, model.steps_per_pass)
     for c, index in enumerate(chunks):
         adv = advantages[index].to(traj.latents.device)
         for g, group in enumerate(groups):
-            with autocast():
-                if kl_coef > 0:
-                    logp, mean, std = steps_log_prob(unet, scheduler, traj, group, index=index, with_mean=True)
-                else:
-                    logp = steps_log_prob(unet, scheduler, traj, group, index=index)  # (n, m)
+            logp, mean, std = model.forward(index, group)  # logp (n, m)
             old = traj.log_probs[index.to(traj.log_probs.device)][:, group].to(logp.device)  # (n, m)
             terms = logp.numel()
+            weight = model.step_weights("policy", group, logp).repeat(len(index))  # (n*m,), image-major
             loss, stats = ppo_clip_loss(
                 logp.flatten(),
                 old.flatten(),
                 adv.repeat_interleave(len(group)),
                 clip_range=clip_range,
                 adv_clip_max=adv_clip_max,
+                weight=weight,
             )
             loss = loss / num_terms
-            if kl_coef > 0:
-                with torch.no_grad(), autocast():
-                    ref = reference_mean(group, index)
-                kl_img = gaussian_kl(mean, ref, std).sum() / len(images)  # this group's share of the mean
-                loss = loss + kl_coef * kl_img
+            if model.kl_coef > 0:
+                kl_img = model.kl(mean, std, index, group).sum() / len(images)  # this group's share of the mean
+                loss = loss + model.kl_coef * kl_img
                 kl_ref += kl_img.detach()
-            backward(loss, c == len(chunks) - 1 and g == len(groups) - 1)
+            model.backward_pass(loss, c == len(chunks) - 1 and g == len(groups) - 1)
             total += loss.detach()
             kl += stats["approx_kl"] * terms / num_terms
             clipfrac += stats["clipfrac"] * terms / num_terms
