@@ -63,7 +63,7 @@ def apply_attention(pipe, attention: str) -> None:
 
 
 def attention_processors(unet) -> list[str]:
-    from rebel_diffusion.components import unwrap
+    from rebel_diffusion.models.components import unwrap
 
     return sorted({type(p).__name__ for p in unwrap(unet).attn_processors.values()})
 

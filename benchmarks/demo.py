@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import env
-from rebel_diffusion import run_folder
+from rebel_diffusion.outputs import run_folder
 
 DEMO = ["train", "--model", "tiny", "--reward", "jpeg-compressibility", "--epochs", "3"]
 

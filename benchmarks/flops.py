@@ -30,7 +30,7 @@ def _flop_context(device: torch.device):
 def unet_inputs(unet, batch: int, h: int, w: int, device, dtype):
     """Seeded random (latents, timesteps, conditioning kwargs) for one UNet call: the text
     embeddings, and for SDXL the pooled text and the six size numbers of an (8h x 8w) image."""
-    from rebel_diffusion.components import is_sdxl, sdxl_time_ids, unwrap
+    from rebel_diffusion.models.components import is_sdxl, sdxl_time_ids, unwrap
 
     cfg = unwrap(unet).config
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -58,8 +58,8 @@ def count_flops(fn, device: torch.device) -> int:
 
 def bench_flops(args, device: torch.device, pipe, settings_hw: tuple[int, int]) -> dict:
     """FLOPs of the UNet calls the sampler and the REBEL step make, at the measured shapes."""
-    from rebel_diffusion.components import unwrap
     from rebel_diffusion.models import add_lora
+    from rebel_diffusion.models.components import unwrap
 
     h, w = settings_hw
     lh, lw = h // pipe.vae_scale_factor, w // pipe.vae_scale_factor

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import env
-from rebel_diffusion import run_folder
 from rebel_diffusion.config import PRESETS, TrainConfig
-from rebel_diffusion.report import read_metrics
+from rebel_diffusion.outputs import run_folder
+from rebel_diffusion.outputs.report import read_metrics
 from rebel_diffusion.training.recipe import train
 
 TASKS = ("toy-jpeg", "toy-alignment", "toy-alignment-saturated")

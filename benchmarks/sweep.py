@@ -33,8 +33,8 @@ import torch
 
 from benchmarks import env
 from benchmarks.learning import interval, run_jobs
-from rebel_diffusion import run_folder
 from rebel_diffusion.config import TrainConfig
+from rebel_diffusion.outputs import run_folder
 
 # Per-epoch metrics kept in the JSON (when the run logs them).
 CURVE_KEYS = ("reward_mean", "grid_reward_mean", "loss", "kl", "log_ratio_to_base", "fit_r2")
@@ -70,7 +70,7 @@ def run_config(base: list[str], flags: list[str], seed: int, out: Path) -> Train
 def run_one(job: tuple) -> dict:
     """Train one (variant, seed); returns its record for the JSON."""
     name, base, flags, seed, following, threads = job
-    from rebel_diffusion.report import read_metrics
+    from rebel_diffusion.outputs.report import read_metrics
     from rebel_diffusion.training.recipe import train
 
     torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rebel_diffusion.generation import load_models, resolve_source, sample_images
+from rebel_diffusion.outputs.generation import load_models, resolve_source, sample_images
 from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards.toy_alignment import load_classifier
 from rebel_diffusion.sampling import settings_from_config

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import env
-from rebel_diffusion.generation import sample_images
 from rebel_diffusion.models import load_pipeline
+from rebel_diffusion.outputs.generation import sample_images
 from rebel_diffusion.rewards import load_reward
 from rebel_diffusion.sampling import SamplingSettings
 from rebel_diffusion.toy.data import COLOUR_NAMES, SHAPES, prompt_lines

@@ -3,7 +3,7 @@
 Precedence, lowest first: field defaults < ``--preset`` < ``--config FILE.yaml`` < command-line flags
 (``resolve_config``; the ``train`` command turns every field into a flag).
 On ``--resume`` the run's own ``config.yaml`` takes the place of the defaults, and only the fields in
-``SAFE_ON_RESUME`` may differ from it. Every field is used by the recipe in ``train.py``; the
+``SAFE_ON_RESUME`` may differ from it. Every field is used by the recipe (``training``); the
 resolved configuration (less the actions --resume and --overwrite) is written to
 ``OUTPUT_DIR/config.yaml`` when the run starts. Every number is checked (finite, in ``RANGES``).
 """

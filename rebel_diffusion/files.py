@@ -11,8 +11,8 @@ from pathlib import Path
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file and a rename: a crash leaves the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes writing the same file at once
+    tmp.write_text(text, encoding="utf-8")
     readable_as_umask(tmp)
     os.replace(tmp, path)
 

@@ -536,7 +536,7 @@ def evaluate(args, work: Path, state: State):
     from rebel_diffusion.rewards.toy_alignment import ToyAlignmentReward
 
     t0, c0 = time.time(), time.process_time()
-    models.TOY_MODEL_DIR = Path(args.out)  # evaluate exactly what was exported
+    models.loading.TOY_MODEL_DIR = Path(args.out)  # evaluate exactly what was exported
     pipe = models.load_pipeline("toy")
     reward = ToyAlignmentReward(classifier_path=Path(args.out) / "classifier")
     held = data.prompt_lines("heldout")

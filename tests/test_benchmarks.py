@@ -127,7 +127,7 @@ def test_sd15_random_is_a_builtin_model(monkeypatch):
         calls.append((dtype, torch.device(device).type))
         return models.build_tiny_pipeline()
 
-    monkeypatch.setattr(models, "build_sd15_random_pipeline", fake_build)
+    monkeypatch.setattr(models.loading, "build_sd15_random_pipeline", fake_build)
     pipe = models.load_pipeline("sd15-random", dtype=torch.bfloat16, device="cpu")
     assert calls == [(torch.bfloat16, "cpu")] and pipe.unet.dtype == torch.bfloat16
     TrainConfig(model="sd15-random").validate()  # the trainer takes it like any model name

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import torch
-from test_train import small_config
+from test_recipe import small_config
 
 from rebel_diffusion.training.checkpoint import capture_state, restore_state, rng_state, set_rng_state
 from rebel_diffusion.training.recipe import setup, train_epoch

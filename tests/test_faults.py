@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from rebel_diffusion import run_folder
 from rebel_diffusion.cli import main
+from rebel_diffusion.outputs import run_folder
 
 SMALL = [
     "--model", "tiny", "--reward", "jpeg-compressibility", "--num-steps", "3", "--prompts-per-batch", "2",

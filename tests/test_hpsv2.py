@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import smooth_images
 from PIL import Image
 
 from rebel_diffusion.errors import UsageError
@@ -38,19 +38,13 @@ def tiny_hps(tmp_path_factory):
     return TINY, folder, model
 
 
-def photo(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(h, w), mode="bicubic", align_corners=False)
-    return (x + 0.05 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)  # (B, 3, H, W)
-
-
 def test_score_is_the_authors_formula_on_the_real_loading_path(tiny_hps):
     import open_clip
     from torchvision import transforms as T
 
     name, folder, model = tiny_hps
     reward = HpsV2Reward(checkpoint=folder, clip_model=name)
-    images, prompts = photo(3, 96, 96), ["a red circle", "a blue square", "a red circle"]
+    images, prompts = smooth_images(3, 96, 96), ["a red circle", "a blue square", "a red circle"]
     scores = reward(images, prompts)
     assert scores.shape == (3,) and scores.dtype == torch.float32
 
@@ -76,7 +70,7 @@ def test_score_is_the_authors_formula_on_the_real_loading_path(tiny_hps):
 
 def test_weights_come_from_the_checkpoint(tiny_hps, tmp_path):
     name, folder, _ = tiny_hps
-    images, prompts = photo(2, 64, 64), ["a red circle", "a blue square"]
+    images, prompts = smooth_images(2, 64, 64), ["a red circle", "a blue square"]
     first = HpsV2Reward(checkpoint=folder / DEFAULT_FILE, clip_model=name)(images, prompts)
     state = torch.load(folder / DEFAULT_FILE, weights_only=True)["state_dict"]
     state["visual.proj"] = -state["visual.proj"]

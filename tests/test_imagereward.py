@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_line, smooth_images
 from PIL import Image
 
 from rebel_diffusion.errors import UsageError
@@ -51,19 +52,6 @@ SMALL = ImageRewardConfig(
     max_positions=40,
 )
 PROMPTS = ["a red cat sitting on the grass", "a dog", "A PHOTO OF A BLUE DOG", "a cat"]  # 4 lengths of padding
-
-
-def smooth_images(b: int = 2, h: int = 256, w: int = 256, seed: int = 0) -> torch.Tensor:
-    """Photo-like test images: upsampled noise plus grain.  # (B, 3, H, W) in [0, 1]"""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(h, w), mode="bicubic", align_corners=False)
-    return (x + 0.05 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)
-
-
-def one_line(e: pytest.ExceptionInfo) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +287,7 @@ def test_scores_equal_the_reference_forward_on_the_authors_names(files, reward):
     ],
 )
 def test_each_checkpoint_weight_is_used(files, reward, tmp_path, key):
-    images, prompts = smooth_images(b=2), PROMPTS[:2]
+    images, prompts = smooth_images(2, 256, 256), PROMPTS[:2]
     state = dict(files["state"])
     state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=torch.Generator().manual_seed(1))
     changed = ImageRewardReward(
@@ -312,7 +300,7 @@ def test_each_checkpoint_weight_is_used(files, reward, tmp_path, key):
 
 
 def test_batch_equals_images_scored_one_by_one(reward):
-    a, b = smooth_images(b=2, seed=3)
+    a, b = smooth_images(2, 256, 256, seed=3)
     both = reward(torch.stack([a, b]), ["a cat", "a red dog"])
     one = torch.cat([reward(a[None], ["a cat"]), reward(b[None], ["a red dog"])])
     assert both.shape == (2,) and both.dtype == torch.float32
@@ -328,7 +316,7 @@ def test_bf16_runs_close_to_fp32(files, reward):
     ).load()
     assert next(bf16.vision.parameters()).dtype == torch.bfloat16
     assert next(bf16.text.parameters()).dtype == torch.bfloat16
-    images = smooth_images(b=2)
+    images = smooth_images(2, 256, 256)
     a, b = reward(images, PROMPTS[:2]), bf16(images, PROMPTS[:2])
     assert b.dtype == torch.float32
     torch.testing.assert_close(b, a, rtol=0, atol=0.15)  # bf16 has 8 bits of mantissa
@@ -337,7 +325,9 @@ def test_bf16_runs_close_to_fp32(files, reward):
 def test_tokenizer_next_to_the_checkpoint_is_used(files, tmp_path, hub_offline):
     folder = write_checkpoint(tmp_path / "ckpt", files["state"])
     make_tokenizer_dir(folder)  # vocab.txt beside ImageReward.pt; no tokenizer= and no hub
-    scores = ImageRewardReward(checkpoint=folder / "ImageReward.pt", config=SMALL)(smooth_images(b=1), ["a cat"])
+    scores = ImageRewardReward(checkpoint=folder / "ImageReward.pt", config=SMALL)(
+        smooth_images(1, 256, 256), ["a cat"]
+    )
     assert torch.isfinite(scores).all() and hub_offline == []
 
 
@@ -469,7 +459,7 @@ def test_missing_checkpoint_path_is_a_usage_error(files, tmp_path):
 
 def test_offline_hub_gives_one_line_naming_repo_and_file(hub_offline):
     with pytest.raises(UsageError) as e:
-        ImageRewardReward(config=SMALL)(smooth_images(b=1), ["a cat"])
+        ImageRewardReward(config=SMALL)(smooth_images(1, 256, 256), ["a cat"])
     msg = one_line(e)
     assert DEFAULT_REPO in msg and DEFAULT_FILE in msg and "--imagereward-checkpoint PATH" in msg
     assert "bert-base-uncased" in msg and f"hf download {DEFAULT_REPO} {DEFAULT_FILE}" in msg

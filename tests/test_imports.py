@@ -114,9 +114,11 @@ def test_the_graph_sees_the_imports_that_matter():
     functions and ``if TYPE_CHECKING`` blocks."""
     modules = package_modules()
     graph = import_graph(modules)
-    assert {f"{PACKAGE}.config", f"{PACKAGE}.models", f"{PACKAGE}.errors"} <= graph[f"{PACKAGE}.run_folder"]
-    assert f"{PACKAGE}.run_folder" in graph[f"{PACKAGE}.generation"]
-    assert f"{PACKAGE}.config" not in graph[f"{PACKAGE}.sampling"]  # an annotation only (TYPE_CHECKING)
+    run_folder = f"{PACKAGE}.outputs.run_folder"
+    assert {f"{PACKAGE}.config", f"{PACKAGE}.models", f"{PACKAGE}.errors"} <= graph[run_folder]
+    assert run_folder in graph[f"{PACKAGE}.outputs.generation"]
+    assert f"{PACKAGE}.config" not in graph[f"{PACKAGE}.sampling.sampler"]  # an annotation only (TYPE_CHECKING)
+    assert f"{PACKAGE}.training.recipe" not in graph[f"{PACKAGE}.training.plans"]  # TYPE_CHECKING too
     assert f"{PACKAGE}.cli.sample" not in graph[f"{PACKAGE}.cli"]  # chosen inside a function
     assert f"{PACKAGE}.rewards" not in graph[f"{PACKAGE}.rewards.aesthetic"]  # its own package
     assert {f"{PACKAGE}.toy.data", f"{PACKAGE}.toy"} <= graph[f"{PACKAGE}.rewards.toy_alignment"]  # and another

@@ -25,7 +25,7 @@ import pytest
 
 from benchmarks import toy_following
 from rebel_diffusion.config import PRESETS, TrainConfig
-from rebel_diffusion.report import read_metrics
+from rebel_diffusion.outputs.report import read_metrics
 from rebel_diffusion.training.recipe import train
 
 JPEG_NOISE_KB = 0.0088

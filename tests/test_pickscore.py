@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from field_rewards import tiny_pickscore
+from helpers import smooth_images
 from PIL import Image
 
 from rebel_diffusion.errors import UsageError
@@ -19,17 +19,11 @@ def pickscore_folder(tmp_path_factory):
     return tiny_pickscore(tmp_path_factory.mktemp("models") / "PickScore_v1")
 
 
-def photo(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(h, w), mode="bicubic", align_corners=False)
-    return (x + 0.05 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)  # (B, 3, H, W)
-
-
 def test_score_is_the_authors_formula_on_the_real_loading_path(pickscore_folder):
     from transformers import CLIPModel
 
     reward = load_reward("pickscore", pickscore_model=str(pickscore_folder))
-    images, prompts = photo(3, 64, 64), ["a red circle", "a blue square", "a red circle"]
+    images, prompts = smooth_images(3, 64, 64), ["a red circle", "a blue square", "a red circle"]
     images[2] = images[0]
     scores = reward(images, prompts)
     assert scores.shape == (3,) and scores.dtype == torch.float32
@@ -61,7 +55,7 @@ def test_preprocessing_matches_the_processor(pickscore_folder):
     from rebel_diffusion.rewards.clip_score import clip_preprocess
 
     for h, w in ((512, 512), (96, 160)):
-        images = photo(2, h, w, seed=h)
+        images = smooth_images(2, h, w, seed=h)
         ours = clip_preprocess(images, cfg["size"], cfg["mean"], cfg["std"], crop=cfg["crop"])
         pil = [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
         theirs = processor(images=pil, return_tensors="pt").pixel_values
@@ -79,7 +73,7 @@ def test_prompts_are_tokenized_like_open_clip_and_truncated(pickscore_folder):
     assert ids == [bpe.encoder["<start_of_text>"], *bpe.encode(text), bpe.encoder["<end_of_text>"]]
     reward = PickScoreReward(model=str(pickscore_folder)).load("cpu")
     long = " ".join(["circle"] * 200)
-    assert reward(photo(1, 32, 32), [long]).isfinite().all()  # cut at 77 tokens, not an error
+    assert reward(smooth_images(1, 32, 32), [long]).isfinite().all()  # cut at 77 tokens, not an error
 
 
 def test_offline_and_wrong_sources_give_one_line(monkeypatch, tmp_path, hub_offline):
@@ -100,10 +94,10 @@ def test_in_a_several_reward_spec_the_server_and_the_preview(pickscore_folder):
     from test_reward_server import reference_server, reward_server
 
     from rebel_diffusion.config import TrainConfig
-    from rebel_diffusion.preview import _resolve_reward
+    from rebel_diffusion.outputs.preview import _resolve_reward
     from rebel_diffusion.rewards import HttpReward
 
-    images, prompts = photo(2, 64, 64), ["a red circle", "a blue square"]
+    images, prompts = smooth_images(2, 64, 64), ["a red circle", "a blue square"]
     alone = load_reward("pickscore", pickscore_model=str(pickscore_folder))(images, prompts)
     jpeg = load_reward("jpeg-compressibility")(images, prompts)
     # Each component gets its own option; the weighted sum is the reward.

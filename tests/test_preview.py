@@ -33,7 +33,7 @@ def make_fake_run(run):
     """tiny + a LoRA that changes the images, config.yaml (reward jpeg-compressibility, the grid's
     prompts under their previous name), metrics, grids."""
     from rebel_diffusion.models import add_lora, load_pipeline, save_lora
-    from rebel_diffusion.report import append_metrics, make_grid, save_png
+    from rebel_diffusion.outputs.report import append_metrics, make_grid, save_png
 
     run.mkdir(parents=True)
     pipe = load_pipeline("tiny")
@@ -80,7 +80,7 @@ def free_port() -> int:
 
 def serve(app):
     """Launch ``app`` on a free localhost port without blocking; (url, client)."""
-    from rebel_diffusion.preview import launch
+    from rebel_diffusion.outputs.preview import launch
 
     port = free_port()
     launch(app, host="127.0.0.1", port=port, block=False)
@@ -95,7 +95,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tuned_server(run_dir):
-    from rebel_diffusion.preview import build_app
+    from rebel_diffusion.outputs.preview import build_app
 
     app = build_app(run_dir, default_prompt=PROMPT, default_seed=SEED)
     url, client = serve(app)
@@ -109,7 +109,7 @@ def rgb(path) -> np.ndarray:
 
 def tiles(strip: np.ndarray, n: int) -> list[np.ndarray]:
     """The n images of a strip (left to right, GAP white columns apart)."""
-    from rebel_diffusion.preview import GAP
+    from rebel_diffusion.outputs.preview import GAP
 
     width = (strip.shape[1] - (n - 1) * GAP) // n
     assert strip.shape[1] == n * width + (n - 1) * GAP
@@ -117,7 +117,7 @@ def tiles(strip: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 def test_compare_shows_several_seeds_before_and_after(tuned_server):
-    from rebel_diffusion.report import to_pil
+    from rebel_diffusion.outputs.report import to_pil
     from rebel_diffusion.rewards import load_reward
 
     app, url, client = tuned_server
@@ -173,9 +173,9 @@ def test_history_lists_epoch_grids(tuned_server):
 def test_the_first_prompt_of_an_old_run(tmp_path):
     """The page opens on the run's first grid prompt, whichever name its release stored them under;
     a prompts file that has moved since is passed over."""
-    from rebel_diffusion.preview import first_run_prompt
+    from rebel_diffusion.outputs.preview import first_run_prompt
+    from rebel_diffusion.outputs.run_folder import read_run_config
     from rebel_diffusion.prompts_io import load_prompts
-    from rebel_diffusion.run_folder import read_run_config
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"model": "tiny", "eval_prompts": "toy_heldout"}))
@@ -187,7 +187,7 @@ def test_the_first_prompt_of_an_old_run(tmp_path):
 
 def test_base_model_against_itself_is_identical():
     from rebel_diffusion.models import load_pipeline
-    from rebel_diffusion.preview import build_app
+    from rebel_diffusion.outputs.preview import build_app
     from rebel_diffusion.rewards import load_reward
     from rebel_diffusion.sampling import SamplingSettings
 
@@ -207,7 +207,7 @@ def test_base_model_against_itself_is_identical():
 
 
 def test_headless_browser_shows_the_images(tuned_server, tmp_path_factory):
-    from rebel_diffusion.preview import DEFAULT_NUM_SEEDS
+    from rebel_diffusion.outputs.preview import DEFAULT_NUM_SEEDS
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

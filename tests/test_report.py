@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rebel_diffusion import report
+from rebel_diffusion.outputs import report
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -152,3 +152,13 @@ def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
 def test_reward_curve_with_no_metrics_yet(tmp_path):
     path = report.plot_reward_curve([], tmp_path / "empty.png")
     assert Image.open(path).size[0] > 100
+
+
+def test_truncating_keeps_strict_json(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for epoch in range(3):
+        report.append_metrics(path, {"epoch": epoch, "loss": float("nan") if epoch == 1 else 0.5})
+    report.truncate_metrics(path, last_epoch=1)  # a resume from epoch 1's checkpoint
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1], parse_constant=_strict)["loss"] is None
+    assert math.isnan(report.read_metrics(path)[1]["loss"])

@@ -134,7 +134,7 @@ def test_server_scores_equal_the_in_process_reward():
 
 def test_the_trainer_loads_a_url_reward_unchanged():
     from rebel_diffusion.config import TrainConfig
-    from rebel_diffusion.evaluate import load_rewards
+    from rebel_diffusion.outputs.evaluate import load_rewards
     from rebel_diffusion.training.builders import load_reward_models
 
     with reference_server(load_reward("jpeg-incompressibility")) as url:

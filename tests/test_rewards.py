@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_line, smooth_images
 from PIL import Image
 
 from rebel_diffusion.errors import UsageError
@@ -77,19 +78,6 @@ def plugins_importable(monkeypatch):
     # pytest's rootdir-relative import puts tests/ on sys.path already; this keeps the tests
     # independent of that (e.g. if tests/ ever becomes a package).
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-
-
-def smooth_images(b: int = 3, h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
-    """Photo-like test images: upsampled noise plus grain.  # (B, 3, H, W) in [0, 1]"""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(h, w), mode="bicubic", align_corners=False)
-    return (x + 0.05 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)
-
-
-def one_line(e: pytest.ExceptionInfo) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------

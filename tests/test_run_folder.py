@@ -14,11 +14,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from rebel_diffusion import run_folder
 from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import LORA_FILE, add_lora, build_tiny_pipeline, lora_state_dict, save_lora
-from rebel_diffusion.run_folder import apply_weights, find_weights
+from rebel_diffusion.outputs import run_folder
+from rebel_diffusion.outputs.run_folder import apply_weights, find_weights
 
 
 def one_line_usage_error(excinfo) -> str:
@@ -183,7 +183,7 @@ def test_exported_lora_loads_with_peft_itself(tmp_path, tiny_pipe, lora_unet, un
 
 
 def test_model_card(tmp_path, lora_unet):
-    from rebel_diffusion.report import make_grid, save_png
+    from rebel_diffusion.outputs.report import make_grid, save_png
 
     run_folder.export_weights(tmp_path, lora_unet, "lora")
     save_png(make_grid(torch.rand(2, 3, 32, 32), ["a", "b"]), tmp_path / "grids" / "epoch_0002.png")

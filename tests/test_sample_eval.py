@@ -26,7 +26,7 @@ def make_fake_run(run, *, lora: bool = True, checkpoint: bool = False):
     from safetensors.torch import save_file
 
     from rebel_diffusion.models import add_lora, load_pipeline, save_lora
-    from rebel_diffusion.report import append_metrics, make_grid, save_png
+    from rebel_diffusion.outputs.report import append_metrics, make_grid, save_png
 
     run.mkdir(parents=True)
     pipe = load_pipeline("tiny")
@@ -186,7 +186,7 @@ def test_same_seed_same_image_whichever_batch_and_model(run_dir, tmp_path):
 
 def test_sample_from_a_trainer_checkpoint_matches_its_lora(run_dir, tmp_path):
     ckpt_run = make_fake_run(tmp_path / "ckpt_run", lora=False, checkpoint=True)
-    from rebel_diffusion.run_folder import find_weights
+    from rebel_diffusion.outputs.run_folder import find_weights
 
     assert find_weights(ckpt_run) == ckpt_run / "checkpoints" / "epoch_0001"  # no lora/: newest checkpoint
     args = ["--prompt", "a cat", "--seeds", "3", "--quiet"]
@@ -283,8 +283,8 @@ def test_eval_field_table_on_training_and_heldout_prompts(run_dir, two_prompts, 
 
 
 def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
-    from rebel_diffusion.evaluate import PixelEmbedder, evaluate_pipelines, heldout_metrics
     from rebel_diffusion.models import load_pipeline
+    from rebel_diffusion.outputs.evaluate import PixelEmbedder, evaluate_pipelines, heldout_metrics
     from rebel_diffusion.rewards import load_reward
     from rebel_diffusion.sampling import SamplingSettings
 
@@ -303,8 +303,8 @@ def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
 
 
 def test_diversity_figure(monkeypatch, capsys):
-    from rebel_diffusion import evaluate
-    from rebel_diffusion.evaluate import load_diversity_model, pairwise_diversity, parse_reward_names
+    from rebel_diffusion.outputs import evaluate
+    from rebel_diffusion.outputs.evaluate import load_diversity_model, pairwise_diversity, parse_reward_names
 
     same = torch.ones(3, 4, 8)
     assert pairwise_diversity(same) == pytest.approx(0.0, abs=1e-6)

@@ -20,9 +20,9 @@ from step_references import ddim_reference, ddim_scheduler, gen, lcm_scheduler, 
 from torch.testing import assert_close
 
 from rebel_diffusion import sampling
-from rebel_diffusion.components import decode_latents, guidance_embedding
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import SD_SCHEDULER_CONFIG
+from rebel_diffusion.models.components import decode_latents, guidance_embedding
 from rebel_diffusion.sampling import (
     SamplingSettings,
     make_scheduler,
@@ -345,8 +345,8 @@ def tripwired(tiny_pipe, monkeypatch):
     def heavy(*args, **kwargs):
         raise AssertionError("heavy work ran before the input was validated")
 
-    monkeypatch.setattr(sampling, "encode_prompts", heavy)
-    monkeypatch.setattr(sampling, "decode_latents", heavy)
+    monkeypatch.setattr(sampling.sampler, "encode_prompts", heavy)
+    monkeypatch.setattr(sampling.sampler, "decode_latents", heavy)
     for module in (tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.vae):
         monkeypatch.setattr(module, "forward", heavy)
     return tiny_pipe

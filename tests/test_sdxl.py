@@ -24,9 +24,9 @@ from rebel_diffusion.algorithms.ddpo import ppo_clip_loss
 from rebel_diffusion.algorithms.rebel import pair_indices, rebel_loss
 from rebel_diffusion.algorithms.updates import StepModel, ddpo_accumulate, rebel_accumulate
 from rebel_diffusion.cli import main
-from rebel_diffusion.components import decode_latents, is_sdxl
 from rebel_diffusion.errors import UsageError
 from rebel_diffusion.models import add_lora, build_tiny_sdxl_pipeline, check_sd_components, load_pipeline
+from rebel_diffusion.models.components import decode_latents, is_sdxl
 from rebel_diffusion.sampling import (
     SamplingSettings,
     Trajectories,
@@ -143,7 +143,7 @@ def test_a_lora_file_as_the_model_says_what_to_pass(tmp_path):
 
 
 def load_pipeline_external(model):
-    return models._load_external(model, torch.float32)
+    return models.loading._load_external(model, torch.float32)
 
 
 def test_a_local_sdxl_folder_is_recognised_without_a_flag(tiny_sdxl_pipe, tmp_path):
@@ -383,7 +383,7 @@ def sdxl_run(tmp_path_factory):
 def test_sdxl_lora_loads_into_plain_diffusers_and_peft(sdxl_run):
     from peft import PeftModel
 
-    from rebel_diffusion.run_folder import apply_checkpoint, latest_checkpoint
+    from rebel_diffusion.outputs.run_folder import apply_checkpoint, latest_checkpoint
 
     trained = build_tiny_sdxl_pipeline()
     apply_checkpoint(trained, latest_checkpoint(sdxl_run))
@@ -420,7 +420,7 @@ def test_sdxl_run_samples_and_evaluates(sdxl_run, tmp_path):
 
 def test_sdxl_run_in_the_preview(sdxl_run):
     pytest.importorskip("gradio", reason="the preview extra (gradio) is not installed")
-    from rebel_diffusion.preview import build_app
+    from rebel_diffusion.outputs.preview import build_app
 
     app = build_app(sdxl_run, default_prompt="a cat", default_seed=0)
     try:
@@ -473,7 +473,7 @@ def test_sdxl_ddpo_trains_a_lora(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--algorithm", "ddpo", "--epochs", "1", "--output-dir", str(out)]) == 0
     trained = build_tiny_sdxl_pipeline()
-    from rebel_diffusion.run_folder import apply_checkpoint, latest_checkpoint
+    from rebel_diffusion.outputs.run_folder import apply_checkpoint, latest_checkpoint
 
     apply_checkpoint(trained, latest_checkpoint(out))
     base = build_tiny_sdxl_pipeline()
@@ -489,11 +489,11 @@ def test_sdxl_ddpo_trains_a_lora(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny_pipe", "tiny_sdxl_pipe"])
 def test_text_cache_encodes_each_prompt_once_and_changes_nothing(request, name, monkeypatch):
-    from rebel_diffusion.components import TextCache
+    from rebel_diffusion.models.components import TextCache
 
     pipe = request.getfixturevalue(name)
     plain = sample_trajectories(pipe, PROMPTS, images_per_prompt=K, seed=SEED, settings=SETTINGS)
-    from rebel_diffusion import components
+    from rebel_diffusion.models import components
 
     calls = []
     for fn in ("encode_prompts", "encode_prompts_sdxl"):
@@ -563,7 +563,7 @@ def test_sdxl_two_processes_one_set_of_outputs(tmp_path):
 def test_grid_and_heldout_at_another_sdxl_size(tmp_path):
     """A run at 64 px (twice the native size): the held-out evaluation runs at that size and the
     size conditioning follows --resolution; grid tiles of SDXL's 1024 px are downscaled to 256."""
-    from rebel_diffusion.generation import grid_tiles
+    from rebel_diffusion.outputs.generation import grid_tiles
 
     out = tmp_path / "run"
     flags = ["--resolution", "64", "--heldout-every", "1", "--heldout-prompts", "simple_animals",

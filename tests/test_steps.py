@@ -1,4 +1,4 @@
-"""The DDIM and LCM steps with log-probs (``rebel_diffusion.steps``) against diffusers' schedulers and
+"""The DDIM and LCM steps with log-probs (``rebel_diffusion.sampling.steps``) against diffusers' schedulers and
 the closed forms; the Gaussian log-density against torch.distributions."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.distributions import Normal
 from torch.testing import assert_close
 
 from rebel_diffusion.models import SD_SCHEDULER_CONFIG
-from rebel_diffusion.steps import ddim_step_with_logprob, gaussian_log_prob, lcm_step_with_logprob
+from rebel_diffusion.sampling.steps import ddim_step_with_logprob, gaussian_log_prob, lcm_step_with_logprob
 
 SHAPE = (2, 4, 8, 8)
 

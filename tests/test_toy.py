@@ -171,7 +171,7 @@ def _truncate(path: Path) -> None:
     ],
 )
 def test_damaged_toy_gives_one_line_usage_error(tmp_path, monkeypatch, damage):
-    monkeypatch.setattr(models, "TOY_MODEL_DIR", _damaged_copy(tmp_path, damage))
+    monkeypatch.setattr(models.loading, "TOY_MODEL_DIR", _damaged_copy(tmp_path, damage))
     with pytest.raises(UsageError) as e:
         models.load_pipeline("toy")
     msg = str(e.value)
@@ -237,8 +237,8 @@ def test_reward_missing_or_damaged_classifier(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="damaged") as e:
         load_classifier(folder)
     assert "\n" not in str(e.value)
-    # The default path follows models.TOY_MODEL_DIR (a moved or damaged install).
-    monkeypatch.setattr(models, "TOY_MODEL_DIR", tmp_path)
+    # The default path follows models.loading.TOY_MODEL_DIR (a moved or damaged install).
+    monkeypatch.setattr(models.loading, "TOY_MODEL_DIR", tmp_path)
     with pytest.raises(UsageError, match="damaged"):
         ToyAlignmentReward()(images, captions)
 

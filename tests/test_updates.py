@@ -24,7 +24,7 @@ from rebel_diffusion.sampling import (
     step_log_prob,
     steps_log_prob,
 )
-from rebel_diffusion.steps import gaussian_kl
+from rebel_diffusion.sampling.steps import gaussian_kl
 
 # ------------------------------------------------------------------------------------------------
 # the exact step-by-step gradient on the tiny model
@@ -433,16 +433,6 @@ def test_ddpo_kl_weighs_nats_against_advantages_as_rebel():
     # ppo_clip_loss forms its ratios in float32 (as DDPO), this reference in float64.
     assert ((ours - naive).norm() / naive.norm()).item() <= 1e-6
     assert ddpo_kl_coef(0.1, 256, 8) == pytest.approx(0.1 / 2048)
-
-
-def test_ddpo_default_clip_range_is_the_same_nats_at_every_resolution():
-    from rebel_diffusion.algorithms.ddpo import CLIP_NATS, ddpo_clip_range
-
-    sd15_512 = 4 * 64 * 64
-    assert ddpo_clip_range(None, sd15_512) == pytest.approx(1e-4, rel=0.03)  # DDPO's published setting
-    for dims in (256, sd15_512, 4 * 96 * 96, 4 * 128 * 128):
-        assert ddpo_clip_range(None, dims) * dims == pytest.approx(CLIP_NATS)
-    assert ddpo_clip_range(2e-4, 256) == 2e-4  # a value given is used as it is
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import Trajectories, rescore_log_probs, step_groups, steps_log_prob
-from ..steps import gaussian_kl
+from ..sampling.steps import gaussian_kl
 from .ddpo import ppo_clip_loss
 from .rebel import image_coefficients, proximal_coefficients, rebel_residual, rebel_surrogate
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import UsageError
-from ..generation import SAMPLES_MANIFEST, Source, resolve_source, set_num_threads
+from ..outputs.generation import SAMPLES_MANIFEST, Source, resolve_source, set_num_threads
+from ..outputs.run_folder import check_writable
 from ..prompts_io import load_prompts
-from ..run_folder import check_writable
 from ..sampling import SamplingSettings, settings_from_config
 
 

@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import run_folder
 from ..errors import UsageError
-from ..evaluate import (
+from ..outputs import run_folder
+from ..outputs.evaluate import (
     DIVERSITY_CHOICES,
     evaluate_pipelines,
     field_report,
@@ -24,7 +24,7 @@ from ..evaluate import (
     write_field_reports,
     write_reports,
 )
-from ..generation import describe, load_models, pick_device, pick_dtype
+from ..outputs.generation import describe, load_models, pick_device, pick_dtype
 from ..prompts_io import load_prompts
 from ..rewards import weight_options
 from .common import (

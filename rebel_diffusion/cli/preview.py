@@ -6,8 +6,16 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..generation import pick_device, pick_dtype, resolve_source, set_num_threads
-from ..preview import DEFAULT_NUM_SEEDS, DEFAULT_PROMPT, MAX_NUM_SEEDS, build_app, check_port, import_gradio, launch
+from ..outputs.generation import pick_device, pick_dtype, resolve_source, set_num_threads
+from ..outputs.preview import (
+    DEFAULT_NUM_SEEDS,
+    DEFAULT_PROMPT,
+    MAX_NUM_SEEDS,
+    build_app,
+    check_port,
+    import_gradio,
+    launch,
+)
 from ..rewards import weight_options
 from ..sampling import settings_from_config
 from .common import DeprecatedAlias, add_source_arguments, add_weight_arguments

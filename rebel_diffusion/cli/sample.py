@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import run_folder
-from ..generation import describe, load_models, pick_device, pick_dtype, sample_images, write_samples
+from ..outputs import run_folder
+from ..outputs.generation import describe, load_models, pick_device, pick_dtype, sample_images, write_samples
 from .common import (
     add_sampling_arguments,
     add_source_arguments,

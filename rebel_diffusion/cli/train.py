@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from .. import run_folder
 from ..config import PRESETS, RENAMED, TrainConfig, field_help, field_type, resolve_config
 from ..errors import RunError, first_line
+from ..outputs import run_folder
 from ..training.recipe import train
 from .common import DeprecatedAlias
 

@@ -84,9 +84,9 @@ class ToyClassifier(nn.Module):
 
 
 def default_classifier_path() -> Path:
-    from ..models import TOY_MODEL_DIR  # read at call time: tests point it elsewhere
+    from ..models import loading  # TOY_MODEL_DIR read at call time: tests point it elsewhere
 
-    return Path(TOY_MODEL_DIR) / CLASSIFIER_SUBDIR
+    return Path(loading.TOY_MODEL_DIR) / CLASSIFIER_SUBDIR
 
 
 def save_classifier(model: ToyClassifier, folder: str | Path) -> None:

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import run_folder
 from ..algorithms.rebel import (
     trained_steps,
 )
-from ..components import too_long
 from ..config import TrainConfig
 from ..errors import UsageError
 from ..models import add_lora, parse_lora_targets
+from ..models.components import too_long
+from ..outputs import run_folder
 from ..prompts_io import load_prompts
 from ..rewards import Reward, load_preference, load_reward, reward_options
 from ..sampling import (
@@ -150,7 +150,7 @@ def load_reward_models(cfg: TrainConfig, device, dtype) -> tuple[Reward, Callabl
 
 
 def load_heldout(cfg: TrainConfig, accelerator: Accelerator, dtype) -> Heldout:
-    from ..evaluate import load_diversity_model, load_rewards, parse_reward_names
+    from ..outputs.evaluate import load_diversity_model, load_rewards, parse_reward_names
 
     names = parse_reward_names(cfg.heldout_rewards, cfg.reward)
     diversity = None

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import report, run_folder
-from ..components import is_sdxl
 from ..errors import RunError, UsageError, first_line
+from ..models.components import is_sdxl
+from ..outputs import report, run_folder
 from .distributed import check_in_sync
 from .ema import ema_swapped_in
 

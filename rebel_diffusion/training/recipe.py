@@ -31,18 +31,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import report, run_folder
 from ..algorithms.advantages import PerPromptStatTracker, epoch_advantages
 from ..algorithms.rebel import (
     regression_fit,
     subsample_steps,
 )
-from ..components import TextCache
 from ..config import TrainConfig
 from ..errors import RunError, UsageError
-from ..evaluate import score_images
-from ..generation import set_num_threads
 from ..models import check_sd_components, load_pipeline
+from ..models.components import TextCache
+from ..outputs import report, run_folder
+from ..outputs.evaluate import score_images
+from ..outputs.generation import set_num_threads
 from ..prompts_io import load_prompts
 from ..rewards import CombinedReward, Reward
 from ..sampling import (

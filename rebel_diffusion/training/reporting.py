@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import report, run_folder
 from ..algorithms.ddpo import ddpo_clip_range
-from ..evaluate import score_images
-from ..generation import grid_tiles
+from ..outputs import report, run_folder
+from ..outputs.evaluate import score_images
+from ..outputs.generation import grid_tiles
 from ..sampling import (
     sample_trajectories,
 )
@@ -136,7 +136,7 @@ def epoch_line(epoch: int, metrics: dict) -> str:
 def heldout_eval(run: Run) -> dict:
     """heldout/<reward> and heldout/diversity of the current weights on the held-out prompts
     (reward hacking shows here: the trained reward rises while the others, or diversity, fall)."""
-    from ..evaluate import evaluate_pipelines, heldout_metrics
+    from ..outputs.evaluate import evaluate_pipelines, heldout_metrics
 
     unet = run.accelerator.unwrap_model(run.unet)
     unet.eval()

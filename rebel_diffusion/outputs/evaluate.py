@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 JPEG_REWARDS = ("jpeg-compressibility", "jpeg-incompressibility")
 # The table papers report for a fine-tune (aesthetic, CLIP and the human-preference models).
@@ -79,7 +79,7 @@ def tiny_random_clip(device="cpu") -> ClipEmbedder:
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from .rewards.clip_score import ClipBackbone
+    from ..rewards.clip_score import ClipBackbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -95,7 +95,7 @@ def tiny_random_clip(device="cpu") -> ClipEmbedder:
 
 def open_clip_embedder(model_name: str, pretrained: str, device="cpu", dtype=torch.float32) -> ClipEmbedder:
     """open_clip ``model_name`` with weights ``pretrained`` (a tag such as ``openai``, or a local file)."""
-    from .rewards.clip_score import load_clip_backbone
+    from ..rewards.clip_score import load_clip_backbone
 
     backbone = load_clip_backbone(model_name, pretrained, device=device, dtype=dtype)
     return ClipEmbedder(backbone, f"CLIP {model_name} ({pretrained}) image embeddings")
@@ -295,7 +295,7 @@ def evaluate_pipelines(
             images[side], prompts, k, rewards, diversity=diversity, batch_size=batch_size or 32
         )
     result["rewards"] = {name: _compare({s: v["rewards"][name] for s, v in sides.items()}) for name in rewards}
-    from .rewards.base import Reward
+    from ..rewards.base import Reward
 
     for name, reward in rewards.items():
         result["rewards"][name]["units"] = reward.units if isinstance(reward, Reward) else ""
@@ -341,7 +341,7 @@ def parse_reward_names(text: str | None, trained: str | None) -> list[str]:
         if not names:
             raise UsageError("--rewards is empty: give names separated by commas, e.g. aesthetic,clip")
     else:
-        from .rewards import parse_reward_weights
+        from ..rewards import parse_reward_weights
 
         weights = parse_reward_weights(trained) if trained else None  # several rewards: each of them
         names = (list(weights) if weights else [trained] if trained else []) + list(JPEG_REWARDS)
@@ -354,7 +354,7 @@ def load_rewards(names: list[str], *, device, dtype, weights: dict | None = None
     ``weights``: local copies of weights (``rewards.WEIGHT_OPTIONS``); each reward gets those it reads.
     Weights load now (``reward.load()`` where offered), so a missing file fails before sampling.
     """
-    from .rewards import load_reward, reward_options
+    from ..rewards import load_reward, reward_options
 
     rewards = {}
     for name in names:
@@ -371,7 +371,7 @@ def load_field_rewards(*, device, dtype, weights: dict | None = None) -> tuple[d
     A reward is left out when its weights are neither local nor downloadable; a local copy that was
     named (``weights``) and fails is an error, not a silent omission.
     """
-    from .rewards import load_reward, reward_options
+    from ..rewards import load_reward, reward_options
 
     weights = weights or {}
     rewards, left_out = {}, {}

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import config
-from .errors import UsageError
-from .files import atomic_write_text, readable_tree, replace_dir
-from .models import BUILTIN_MODELS, LORA_FILE, add_lora, load_lora, load_unet, parse_lora_targets, save_lora
+from .. import config
+from ..errors import UsageError
+from ..files import atomic_write_text, readable_tree, replace_dir
+from ..models import BUILTIN_MODELS, LORA_FILE, add_lora, load_lora, load_unet, parse_lora_targets, save_lora
 
 MARKER = "run.json"
 CONFIG = "config.yaml"

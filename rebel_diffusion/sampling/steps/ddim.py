@@ -43,7 +43,7 @@ def ddim_step_with_logprob(
 
     Returns:
         (prev_sample (B, C, h, w) in ``sample``'s dtype, log_prob (B,) float32), where log_prob is
-        the Gaussian log-density of prev_sample, MEAN over C, h, w (``rebel_diffusion.steps``).
+        the Gaussian log-density of prev_sample, MEAN over C, h, w (``rebel_diffusion.sampling.steps``).
         log_prob is None for a deterministic (zero-variance) step. ``with_mean``: also the step's
         Gaussian mean (B, C, h, w) and std (a float or (B, 1, 1, 1)), for the KL to a reference policy.
     """

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..models import DEFAULT_MODEL, check_sd_components, load_pipeline
 from . import run_folder
-from .config import TrainConfig
-from .errors import UsageError
-from .models import DEFAULT_MODEL, check_sd_components, load_pipeline
 
 SAMPLES_MANIFEST = "samples.json"  # what ``write_samples`` wrote, and where (it marks a used folder)
 GRID_TILE_MAX = 256  # grid tiles larger than this are downscaled: a 512px grid of 100 images is huge
@@ -202,7 +202,7 @@ def sample_images(
     unet=None,
 ) -> torch.Tensor:
     """(P * K, 3, H, W) images in [0, 1], prompt-major: image p*K + k is prompts[p] with seeds[k]."""
-    from .sampling import sample_trajectories
+    from ..sampling import sample_trajectories
 
     traj = sample_trajectories(
         pipe,

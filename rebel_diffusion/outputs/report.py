@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import readable_as_umask
+from ..files import readable_as_umask
 
 MIN_TILE = 128  # tiles are upscaled (nearest) to at least this many pixels so captions fit
 FONT_SIZE = 11
@@ -126,27 +126,27 @@ def _line_height(font) -> int:
 # Files
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(path, temp file beside it): write the temp file, then os.replace it onto path."""
+def _write_atomically(path: str | os.PathLike, write) -> Path:
+    """``write(temp file beside path)``, then os.replace it onto ``path``: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    readable_as_umask(Path(tmp))  # mkstemp makes 0600: teammates on a shared disk could not read it
-    return path, Path(tmp)
+    tmp = Path(tmp)
+    readable_as_umask(tmp)  # mkstemp makes 0600: teammates on a shared disk could not read it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_png(image: Image.Image | torch.Tensor, path: str | os.PathLike) -> Path:
     """Write ``image`` (PIL, or a (3, H, W) tensor in [0, 1]) as PNG atomically: readers never see half a file."""
     if isinstance(image, torch.Tensor):
         image = to_pil(image)
-    path, tmp = _atomic_target(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _jsonable(value):
@@ -229,12 +229,8 @@ def truncate_metrics(path: str | os.PathLike, last_epoch: int) -> None:
     kept = [
         r for r in read_metrics(path) if not (isinstance(r.get("epoch"), (int, float)) and r["epoch"] > last_epoch)
     ]
-    path, tmp = _atomic_target(path)
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = "".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in kept)  # NaN as null again
+    _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,13 +286,7 @@ def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _plot_training(ax, metrics: list[dict]) -> None:

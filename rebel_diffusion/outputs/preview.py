@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig
+from ..errors import RunError, UsageError
+from ..prompts_io import load_prompts
+from ..sampling import settings_from_config
 from . import run_folder
-from .config import TrainConfig
-from .errors import RunError, UsageError
 from .generation import Source, load_models, resolve_source, sample_images
-from .prompts_io import load_prompts
-from .sampling import settings_from_config
 
 DEFAULT_PROMPT = "a photo of an otter"
 DISPLAY_MIN = 256  # small samples (32px tiny models) are upscaled, nearest, for the page
@@ -350,8 +350,8 @@ def first_run_prompt(cfg: TrainConfig | None) -> str | None:
 
 def _resolve_reward(reward, cfg: TrainConfig | None, device, weights: dict | None):
     """A ``Reward`` (or None) from a Reward, a scoring function, a name, or the run's config (if any)."""
+    from ..rewards import CallableReward, Reward, weight_options
     from .evaluate import load_rewards
-    from .rewards import CallableReward, Reward, weight_options
 
     if isinstance(reward, Reward):
         return reward

@@ -1,7 +1,7 @@
 """The trajectory sampler with per-step log-probs, and re-scoring recorded trajectories.
 
 ``sample_trajectories`` draws k images per prompt, each from its own seed, recording every latent
-and the log-prob of every step (the convention: ``rebel_diffusion.steps``); ``steps_log_prob`` and
+and the log-prob of every step (the convention: ``rebel_diffusion.sampling.steps``); ``steps_log_prob`` and
 ``rescore_log_probs`` re-score recorded steps under the current weights (the update and the
 on-policy check). ``SamplingSettings`` says how (``settings_from_config``: a run's); ``Trajectories``
 holds what was drawn.
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .components import (
+from ..errors import UsageError
+from ..models.components import (
     TextCache,
     decode_latents,
     encode_prompts,
@@ -27,11 +28,10 @@ from .components import (
     sdxl_time_ids,
     uses_cfg,
 )
-from .errors import UsageError
 from .steps import ddim_step_with_logprob, lcm_step_with_logprob
 
 if TYPE_CHECKING:  # for the annotation only: the sampler does not depend on the training config
-    from .config import TrainConfig
+    from ..config import TrainConfig
 
 # ----------------------------------------------------------------------------------------------
 # Settings and schedulers

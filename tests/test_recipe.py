@@ -219,7 +219,9 @@ def nan_reward(images, prompts):
 
 def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--reward", "test_train:nan_reward", "--output-dir", str(out)]) == 0
+    assert (
+        main(["train", *SMALL, "--epochs", "1", "--reward", "test_recipe:nan_reward", "--output-dir", str(out)]) == 0
+    )
     record = read_metrics(out)[-1]
     assert record["reward_nonfinite"] >= 1
     assert record["loss"] == record["loss"] and record["reward_mean"] == record["reward_mean"]  # finite
@@ -269,7 +271,7 @@ def test_variants_run(tmp_path, extra):
 FP16_CHECK = """
 import sys, torch
 from pathlib import Path
-from test_train import small_config
+from test_recipe import small_config
 from rebel_diffusion.training.recipe import setup, train_epoch
 run = setup(small_config(Path(sys.argv[1]), mixed_precision="fp16"))
 unet = run.accelerator.unwrap_model(run.unet)
@@ -358,9 +360,9 @@ def test_ema_is_checkpointed_exported_and_resumes_exactly(tmp_path):
     EMA (not the last weights), and a resumed run ends with the same EMA as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from rebel_diffusion import run_folder
     from rebel_diffusion.models import build_tiny_pipeline, lora_state_dict
-    from rebel_diffusion.run_folder import apply_checkpoint
+    from rebel_diffusion.outputs import run_folder
+    from rebel_diffusion.outputs.run_folder import apply_checkpoint
 
     ema = ["--ema-decay", "0.5"]
     full, split = tmp_path / "full", tmp_path / "split"

@@ -1,4 +1,4 @@
-"""Gaussian log-density and KL (the log-prob convention: ``rebel_diffusion.steps``), and the helpers
+"""Gaussian log-density and KL (the log-prob convention: ``rebel_diffusion.sampling.steps``), and the helpers
 the DDIM and LCM steps share."""
 
 from __future__ import annotations
