@@ -109,6 +109,9 @@ def test_startup_line_states_the_step_size_in_both_units_and_the_batches(tmp_pat
         assert "PPO clip range 0.00625 of the per-dim mean log-prob ratio (= 1.6 nats per step, D = 256)" in text
         assert "per epoch: 4 images, 2 optimizer steps of 2 micro-batch(es) x 1 images, " in text
     assert "std floor 1 x batch std" in text and "KL to the base model x 0.1" in text
+    assert "weighted per step" not in text  # uniform: nothing to say
+    weighted = setup(small_config(tmp_path / "w", algorithm=algorithm, policy_step_weights="linear:2,0"))
+    assert "policy term weighted per step linear:2,0" in describe_plan(weighted)
 
 
 def test_resume_repeats_an_uninterrupted_run(tmp_path):

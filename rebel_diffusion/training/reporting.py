@@ -54,6 +54,11 @@ def describe_plan(run: Run) -> str:
         )
     if cfg.ema_decay > 0:
         regulariser += f"; EMA of the weights (decay {cfg.ema_decay:g}) exported and evaluated"
+    steps = f"steps trained: noise std >= {cfg.min_step_std:g}"
+    if cfg.policy_step_weights != "uniform":
+        steps += f", policy term weighted per step {cfg.policy_step_weights}"
+    if cfg.kl_step_weights != "uniform" and cfg.kl_coef > 0:
+        steps += f", KL term weighted per step {cfg.kl_step_weights}"
     lora = ", ".join(f"{t} ({m} modules)" for t, m in run.lora_matches.items())
     return (
         f"rebel-diffusion: {cfg.algorithm} on {cfg.model} ({run.settings.sampler}, {run.settings.num_steps} steps, "
@@ -61,7 +66,7 @@ def describe_plan(run: Run) -> str:
         f"{n} process(es), mixed precision {run.mixed_precision}"
         f"{f', {torch.get_num_threads()} CPU thread(s)' if acc.device.type == 'cpu' else ''}\n"
         f"  {step_size}; advantages {cfg.normalization} (std floor {cfg.adv_std_floor:g} x batch std, "
-        f"clip {cfg.adv_clip_max:g}); {regulariser}; steps trained: noise std >= {cfg.min_step_std:g}\n"
+        f"clip {cfg.adv_clip_max:g}); {regulariser}; {steps}\n"
         f"  per epoch: {cfg.images_per_epoch(n)} images"
         f"{f', {cfg.pairs_per_epoch() * n} pairs' if cfg.algorithm == 'rebel' else ''}, "
         f"{cfg.optimizer_steps_per_epoch()} optimizer steps of {cfg.gradient_accumulation_steps} micro-batch(es) x "
