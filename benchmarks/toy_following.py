@@ -15,6 +15,7 @@ evaluation uses (10,000 and up by default):
 
     python -m benchmarks.toy_following runs/quickstart                 # 8 seeds a caption, ~1 min
     python -m benchmarks.toy_following runs/quickstart --seeds 16 --json out.json
+    python -m benchmarks.toy_following runs/quickstart --per-caption   # which combinations moved
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ from rebel_diffusion.outputs.generation import load_models, resolve_source, samp
 from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards.toy_alignment import load_classifier
 from rebel_diffusion.sampling import settings_from_config
-from rebel_diffusion.toy.following import follow_rates
+from rebel_diffusion.toy.following import follow_rates, follow_rates_by_caption
 
 SETS = {"novel": "toy_novel", "novel_heldout": "toy_novel_heldout", "known": "toy_shapes"}
+PER_CAPTION_MAX = 32  # the novel sets; not the 192 known captions
 FIRST_SEED = 10_000  # training seeds come from SeedSequence; grids and held-out use seed + i < 10,000
 
 
 def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets: dict | None = None) -> dict:
-    """{set: {'base': {reader: rate}, 'tuned': {...}, 'change': {...}, 'images': n}} for a run folder."""
+    """{set: {'base': {reader: rate}, 'tuned': {...}, 'change': {...}, 'images': n}} for a run folder.
+
+    Sets of at most ``PER_CAPTION_MAX`` captions also get ``'per_caption'``: {caption: {'base':
+    {reader: rate}, 'tuned': {...}}}, which shows which combinations were taught and which lost.
+    """
     sets = SETS if sets is None else sets
     source = resolve_source(run)
     base, tuned = load_models(source, device=torch.device("cpu"), dtype=torch.float32, with_base=True)
@@ -47,12 +53,15 @@ def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets:
     for name, prompt_set in sets.items():
         prompts = load_prompts(prompt_set)
         flat = [p for p in prompts for _ in seed_list]  # prompt-major, as sample_images returns them
-        row = {"images": len(flat)}
+        row, by_caption = {"images": len(flat)}, {}
         for side, pipe in (("base", base), ("tuned", tuned)):
             with torch.no_grad():
                 images = sample_images(pipe, prompts, seed_list, settings, batch_size=256)
             row[side] = follow_rates(images, flat, classifier)
+            by_caption[side] = follow_rates_by_caption(images, flat, classifier)
         row["change"] = {k: row["tuned"][k] - row["base"][k] for k in row["base"]}
+        if len(prompts) <= PER_CAPTION_MAX:
+            row["per_caption"] = {p: {side: by_caption[side][p] for side in by_caption} for p in by_caption["base"]}
         out[name] = row
     return out
 
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=8, help="fresh seeds per caption")
     p.add_argument("--first-seed", type=int, default=FIRST_SEED)
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--per-caption", action="store_true", help="also print each novel caption's rates")
     args = p.parse_args(argv)
     result = measure(args.run, args.seeds, args.first_seed)
     for name, row in result.items():
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             for reader in row["base"]
         )
         print(f"{name:14s} ({row['images']} images): {cells}")
+        if args.per_caption:
+            for text, sides in row.get("per_caption", {}).items():
+                rates = "  ".join(f"{r} {sides['base'][r]:.2f} -> {sides['tuned'][r]:.2f}" for r in sides["base"])
+                print(f"    {text:45s} {rates}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -507,13 +507,17 @@ PRESETS: dict[str, dict] = {
     # The toy tasks (the built-in toy model on a CPU).
     # toy: the offline quick start. Prompt following at guidance 1 on the 16 combinations the toy model
     # never saw in training (prompts/toy_novel.txt, where the base is right about 4 times in 5); the
-    # other 16 (toy_novel_heldout) are held out. Anchored to the base (--anchor base) at eta 3, so what
-    # RL teaches the trained combinations does not make the model forget the others as fast as a
-    # fresh trust region per epoch (--anchor policy) does (docs/tuning.md). 32 prompts x 4 images an
+    # other 16 (toy_novel_heldout) are held out. The training mix (toy_novel_contrast) adds, beside
+    # each combination, the known captions the base draws instead of it, so the update must keep
+    # "orange" where orange is asked while it teaches "yellow" (rebel_diffusion.toy.contrast).
+    # Anchored to the base (--anchor base) at eta 3, the early denoising steps (where shape and
+    # colours are decided) weighted most: both keep the held-out twin closer to the base than a
+    # fresh trust region per epoch or uniform steps do (docs/tuning.md). 32 prompts x 4 images an
     # epoch, optimizer steps of 2 prompts at lr 1e-3.
     "toy": {
         **_TOY,
-        "prompts": "toy_novel",
+        "prompts": "toy_novel_contrast",
+        "policy_step_weights": "linear:2,0",
         "grid_prompts": "toy_novel",
         "grid_num_images": 32,
         "heldout_prompts": "toy_novel_heldout",

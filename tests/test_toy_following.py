@@ -9,7 +9,13 @@ import torch
 from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards.toy_alignment import load_classifier
 from rebel_diffusion.toy import data
-from rebel_diffusion.toy.following import all_right, follow_rates, read_classifier, read_pixels
+from rebel_diffusion.toy.following import (
+    all_right,
+    follow_rates,
+    follow_rates_by_caption,
+    read_classifier,
+    read_pixels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +79,21 @@ def test_the_novel_sets_split_the_never_seen_combinations_in_two():
         assert sorted(s for s, _, _ in parsed) == sorted(list(range(4)) * 4)  # every shape four times
         assert {c for _, c, _ in parsed} | {b for _, _, b in parsed} == set(range(8))  # every colour
     assert not set(novel) & set(load_prompts("toy_shapes"))  # never in the toy model's training data
+
+
+def test_rates_by_caption_split_the_overall_rate(rendered):
+    images, labels, captions = rendered
+    images, captions = images[:40], list(captions[:40])
+    wrong_for = captions[0]  # every image of this caption gets a caption naming another shape
+    s, c, b = data.parse_caption(wrong_for)
+    other = next(data.caption(t, c, b) for t in range(4) if t != s and data.caption(t, c, b) not in captions)
+    prompts = [other if p == wrong_for else p for p in captions]
+    classifier = load_classifier()
+    by_caption = follow_rates_by_caption(images, prompts, classifier)
+    assert list(by_caption) == list(dict.fromkeys(prompts)) and wrong_for not in by_caption
+    assert by_caption[other] == {"classifier": 0.0, "pixels": 0.0}
+    overall = follow_rates(images, prompts, classifier)
+    for reader in ("classifier", "pixels"):
+        weighted = sum(by_caption[p][reader] * prompts.count(p) for p in by_caption) / len(prompts)
+        assert weighted == pytest.approx(overall[reader])
+        assert overall[reader] > 0.8  # the rest are right

@@ -30,18 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .data import COLOUR_NAMES, SHAPES, parse_caption
+from .data import caption, parse_caption
 
 FIRST_SEED = 30_000
-
-
-def caption(shape: int, colour: int, background: int) -> str:
-    """The toy caption of (shape, colour, background) ids: 'an orange square on a black background'."""
-
-    def article(word: str) -> str:
-        return ("an " if word[0] in "aeiou" else "a ") + word
-
-    return f"{article(COLOUR_NAMES[colour])} {SHAPES[shape]} on {article(COLOUR_NAMES[background])} background"
 
 
 def contrast_mix(

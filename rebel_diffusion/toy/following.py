@@ -99,7 +99,22 @@ def all_right(read: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor
 
 def follow_rates(images: torch.Tensor, prompts: list[str], classifier) -> dict[str, float]:
     """Fraction of ``images`` whose three attributes are right, per reader: {'classifier', 'pixels'}."""
+    return {reader: float(right.mean()) for reader, right in _right(images, prompts, classifier).items()}
+
+
+def follow_rates_by_caption(images: torch.Tensor, prompts: list[str], classifier) -> dict[str, dict[str, float]]:
+    """``follow_rates`` of each caption's images: {caption: {'classifier', 'pixels'}}, in first-seen order."""
+    right = _right(images, prompts, classifier)
+    out = {}
+    for text in dict.fromkeys(prompts):
+        mine = torch.tensor([p == text for p in prompts])
+        out[text] = {reader: float(r[mine].mean()) for reader, r in right.items()}
+    return out
+
+
+def _right(images: torch.Tensor, prompts: list[str], classifier) -> dict[str, torch.Tensor]:
+    """{reader: (B,) 1.0 where all three attributes are right}."""
     return {
-        "classifier": float(all_right(read_classifier(classifier, images), prompts).mean()),
-        "pixels": float(all_right(read_pixels(images), prompts).mean()),
+        "classifier": all_right(read_classifier(classifier, images), prompts),
+        "pixels": all_right(read_pixels(images), prompts),
     }
