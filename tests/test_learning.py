@@ -22,9 +22,13 @@ The JPEG preset's target (a held-out gain with prompt following kept) is judged 
 seed, and a test that is expected to fail cannot fail.
 """
 
+from pathlib import Path
+
 import pytest
+from helpers import train_quick_start
 
 from benchmarks import toy_following
+from benchmarks.learning import run_jobs
 from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.outputs.report import read_metrics
 from rebel_diffusion.training.recipe import train
@@ -49,17 +53,25 @@ def run_preset(name: str, out) -> tuple[dict, dict]:
     return evaluated[0], evaluated[-1]
 
 
+@pytest.fixture(scope="module")
+def quick_start_runs(tmp_path_factory) -> dict[int, Path]:
+    """``--preset toy`` trained on seeds 0, 1 and 2, two at a time (one thread each, on 2 cores)."""
+    root = tmp_path_factory.mktemp("quick_start")
+    jobs = [(seed, str(root / f"seed{seed}")) for seed in (0, 1, 2)]
+    run_jobs(jobs, workers=2, worker=train_quick_start)
+    return {seed: Path(out) for seed, out in jobs}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_quick_start_teaches_the_novel_combinations_and_keeps_the_known_ones(tmp_path, seed):
-    cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=str(tmp_path / "run"))
-    train(cfg)
+def test_the_quick_start_teaches_the_novel_combinations_and_keeps_the_known_ones(quick_start_runs, seed):
+    run = quick_start_runs[seed]
     # Seeds 20,000 and up: neither training nor the grid nor the held-out evaluation uses them. 16 a
     # caption: 256 images a novel set, a rate's noise about 0.02; 2 a known caption: 384 images.
     sets = toy_following.SETS
     novel_sets = {k: sets[k] for k in ("novel", "novel_heldout")}
-    result = toy_following.measure(tmp_path / "run", seeds=16, first_seed=20_000, sets=novel_sets)
-    known = toy_following.measure(tmp_path / "run", seeds=2, first_seed=20_000, sets={"known": sets["known"]})["known"]
+    result = toy_following.measure(run, seeds=16, first_seed=20_000, sets=novel_sets)
+    known = toy_following.measure(run, seeds=2, first_seed=20_000, sets={"known": sets["known"]})["known"]
     novel, twin = result["novel"], result["novel_heldout"]
     readers = ("classifier", "pixels")
     # Taught, by both readers: measured +0.031 to +0.08 on these seeds and on seeds 10,000+ (seed 0
