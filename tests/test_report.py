@@ -149,6 +149,47 @@ def test_reward_curve_has_a_panel_per_heldout_key(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_grid.png", "plain.png", "sub"]
 
 
+def test_trailing_mean_against_a_direct_sum():
+    values = [0.8, 0.9, 0.7, 1.0, 0.6, 0.95]
+    assert report.trailing_mean(values, 3) == pytest.approx(
+        [
+            0.8,
+            (0.8 + 0.9) / 2,
+            (0.8 + 0.9 + 0.7) / 3,
+            (0.9 + 0.7 + 1.0) / 3,
+            (0.7 + 1.0 + 0.6) / 3,
+            (1.0 + 0.6 + 0.95) / 3,
+        ]
+    )
+    assert report.trailing_mean(values, 1) == values
+    assert report.trailing_mean([], 5) == []
+
+
+def test_reward_curve_draws_the_trend_and_standard_error_band(tmp_path):
+    # A noisy batch mean around a rising trend: the panel draws the band and the trend line
+    # (more ink than the points alone), and still draws without the image counts (older runs).
+    metrics = [
+        {"epoch": e, "reward_mean": 0.8 + 0.005 * e + (0.04 if e % 2 else -0.04), "reward_std": 0.3, "images": 128}
+        for e in range(21)
+    ]
+    full = _pixels(Image.open(report.plot_reward_curve(metrics, tmp_path / "full.png")))
+    few = _pixels(Image.open(report.plot_reward_curve(metrics[:2], tmp_path / "few.png")))
+    old = [{k: v for k, v in r.items() if k != "images"} for r in metrics]
+    without = _pixels(Image.open(report.plot_reward_curve(old, tmp_path / "old.png")))
+
+    def light_blue(px):  # the band: tab:blue at alpha 0.15 over white
+        r, b = px[..., 0].astype(int), px[..., 2].astype(int)
+        return ((r > 200) & (b - r > 12)).sum()
+
+    assert light_blue(full) > 20 * max(light_blue(without), 1)
+
+    def navy(px):  # the trend line, drawn from 3 epochs on
+        r, g, b = (px[..., i].astype(int) for i in range(3))
+        return ((r < 40) & (g < 40) & (b > 100)).sum()
+
+    assert navy(full) > 100 and navy(few) < navy(full) / 10
+
+
 def test_reward_curve_with_no_metrics_yet(tmp_path):
     path = report.plot_reward_curve([], tmp_path / "empty.png")
     assert Image.open(path).size[0] > 100
