@@ -141,6 +141,12 @@ class TrainConfig:
         "--num-steps comma-separated numbers",
     )
     kl_step_weights: str = _f("uniform", "weight of each denoising step in the KL term: as --policy-step-weights")
+    kl_prompts: str | None = _f(
+        None,
+        "prompt list whose images alone get the KL term (default: every image): a prior-preservation "
+        "set of training prompts the model should keep drawing as the base does, while the others "
+        "move with the policy term alone",
+    )
     # --- batches ---------------------------------------------------------------------------------
     epochs: int = _f(100, "training epochs (each: sample, score, update)")
     images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
@@ -262,6 +268,8 @@ class TrainConfig:
             raise UsageError("--preference needs --algorithm rebel (DDPO has no pairwise target)")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
+        if self.kl_prompts and not self.kl_coef > 0:
+            raise UsageError(f"--kl-prompts {self.kl_prompts}: the KL term is off (--kl-coef 0); set --kl-coef > 0")
         for name in ("policy_step_weights", "kl_step_weights"):
             step_weights(getattr(self, name), self.num_steps, f"--{_flag(name)}")
         per_step = self.images_per_step()

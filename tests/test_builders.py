@@ -6,8 +6,10 @@ import pytest
 
 from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.errors import UsageError
+from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards import WEIGHT_OPTIONS
 from rebel_diffusion.training.builders import (
+    check_kl_prompts,
     check_tracker,
     resolve_mixed_precision,
     resolve_progress,
@@ -56,3 +58,17 @@ def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match="pip install wandb"):
         check_tracker("wandb")
     check_tracker("none")
+
+
+def test_kl_prompts_cover_some_training_prompts_or_stop_the_run():
+    prompts = load_prompts("toy_novel_contrast")
+    cfg = TrainConfig(prompts="toy_novel_contrast", kl_coef=0.1, kl_prompts="toy_shapes")
+    covered = check_kl_prompts(cfg, prompts)
+    known = set(load_prompts("toy_shapes"))
+    assert covered == known  # the set itself; the trainer asks each image's prompt
+    assert 0 < sum(p in covered for p in prompts) < len(prompts)  # the contrasts, not the novel ones
+    assert check_kl_prompts(TrainConfig(prompts="toy_novel_contrast", kl_coef=0.1), prompts) is None
+    with pytest.raises(UsageError, match="none of its prompts is among the 33 training prompts"):
+        check_kl_prompts(
+            TrainConfig(prompts="toy_novel_contrast", kl_coef=0.1, kl_prompts="toy_novel_heldout"), prompts
+        )

@@ -229,3 +229,10 @@ def test_a_run_from_before_the_anchor_resumes_against_the_policy(tmp_path):
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     cfg = parse(["--resume", "--output-dir", str(out)])
     assert cfg.resume and cfg.anchor == "policy" and cfg.vae is None
+
+
+def test_kl_prompts_need_the_kl_term():
+    cfg = parse(["--preset", "toy", "--kl-coef", "0.1", "--kl-prompts", "toy_shapes"])
+    assert cfg.kl_prompts == "toy_shapes"
+    with pytest.raises(UsageError, match="--kl-prompts toy_shapes: the KL term is off"):
+        parse(["--preset", "toy", "--kl-prompts", "toy_shapes"])  # the preset's --kl-coef is 0

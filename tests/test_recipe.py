@@ -467,3 +467,20 @@ def test_logs_read_well_in_a_file(tmp_path, capsys):
     assert out == "" and "\r" not in err, (out, err)
     assert main(["train", *SMALL, "--epochs", "1", "--progress", "bar", "--output-dir", str(tmp_path / "b")]) == 0
     assert "\r" in capsys.readouterr().err  # the bars, asked for
+
+
+def test_kl_prompts_price_only_their_images(tmp_path):
+    """--kl-prompts: every training prompt listed is the plain KL term, bit for bit; half of them
+    listed change the run (the others' images are free) and still pay some KL. (Which images the
+    term covers, and its exact gradient: ``test_updates``.)"""
+    kl = ["--epochs", "2", "--kl-coef", "0.5", "--anchor", "policy"]
+    prompts = (Path(__file__).parents[1] / "prompts" / "simple_animals.txt").read_text().split("\n")
+    every, some = tmp_path / "every.txt", tmp_path / "some.txt"
+    every.write_text("\n".join(prompts))
+    some.write_text("\n".join(p for p in prompts if p and p[0] in "abcdefghijklm"))
+    runs = {}
+    for name, extra in (("plain", []), ("every", ["--kl-prompts", str(every)]), ("some", ["--kl-prompts", str(some)])):
+        assert main(["train", *SMALL, *kl, "--output-dir", str(tmp_path / name), *extra]) == 0
+        runs[name] = read_metrics(tmp_path / name)[-1]
+    assert without_time([runs["every"]]) == without_time([runs["plain"]])
+    assert runs["some"]["kl"] > 0 and runs["some"]["kl"] != runs["plain"]["kl"]

@@ -329,12 +329,15 @@ def _naive_kl(pipe, scheduler, traj, steps, images):
     return torch.stack(out, dim=1).sum(dim=1)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["every-image", "kl-prompts"])
 @pytest.mark.parametrize("algorithm", ["rebel", "rebel-whole-step", "ddpo"])
-def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorithm):
-    """The KL term toward the base (adapters disabled) adds exactly its gradient, step by step."""
+def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorithm, masked):
+    """The KL term toward the base (adapters disabled) adds exactly its gradient, step by step; with
+    ``kl_images`` (--kl-prompts) only the covered images' KL, each at the same price per nat."""
     pipe, traj, scheduler, lora = lora_setups[torch.float64]
     steps, coef = [0, 1, 2], 0.3
     images = torch.arange(len(traj))
+    covered = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0]) if masked else None  # (B,) one per image
     pipe.unet.zero_grad()
     whole_step = algorithm == "rebel-whole-step"  # one call holds the step: no no-graph pass
     algorithm = algorithm.removesuffix("-whole-step")
@@ -349,6 +352,7 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
                 steps_per_pass=3 if whole_step else 2,
                 kl_coef=coef,
                 reference_mean=_reference_mean(pipe, scheduler, traj),
+                kl_images=covered,
             ),
             pairs,
             targets,
@@ -367,6 +371,7 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
                 steps_per_pass=2,
                 kl_coef=coef,
                 reference_mean=_reference_mean(pipe, scheduler, traj),
+                kl_images=covered,
             ),
             images,
             adv,
@@ -379,6 +384,8 @@ def test_kl_regularised_gradient_equals_full_graph_autograd(lora_setups, algorit
     pipe.unet.zero_grad()
     new = torch.stack([step_log_prob(pipe.unet, scheduler, traj, j, index=images) for j in steps], dim=1)
     kl = _naive_kl(pipe, scheduler, traj, steps, images)  # (B,)
+    if masked:
+        kl = kl * covered  # the others' KL is not in the loss, nor in the reported mean
     if algorithm == "rebel":
         ratio = (new - traj.log_probs[:, steps]).sum(dim=1)
         members = pairs.flatten()  # each image once per pair it is in

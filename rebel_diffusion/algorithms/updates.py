@@ -57,7 +57,8 @@ class StepModel:
     ``backward(loss, last)``: the caller's backward (default ``loss.backward()``); ``kl_coef`` and
     ``reference_mean(steps, index) -> (b*m, C, h, w)`` (the reference policy's step means, no graph):
     the KL term, off at 0; ``policy_weights`` / ``kl_weights``: (T,) per-step weights of the policy
-    term and of the KL term (None: 1 for every step).
+    term and of the KL term (None: 1 for every step); ``kl_images``: (B,) 1 for the images the KL
+    term covers and 0 for the others (None: every image), ``--kl-prompts``.
     """
 
     unet: torch.nn.Module
@@ -70,6 +71,7 @@ class StepModel:
     reference_mean: Callable | None = None
     policy_weights: torch.Tensor | None = None
     kl_weights: torch.Tensor | None = None
+    kl_images: torch.Tensor | None = None  # (B,) 1 for the images the KL term covers, 0 else (None: all)
 
     def forward(self, index: torch.Tensor, group: list[int]):
         """Differentiable (log-probs (n, m), step means, stds) of images ``index`` on steps ``group``;
@@ -79,9 +81,21 @@ class StepModel:
                 return steps_log_prob(self.unet, self.scheduler, self.traj, group, index=index, with_mean=True)
             return steps_log_prob(self.unet, self.scheduler, self.traj, group, index=index), None, None
 
-    def kl(self, mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor, group: list[int]) -> torch.Tensor:
+    def kl(
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        index: torch.Tensor,
+        group: list[int],
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Closed-form KL(pi_theta || pi_ref) per image, summed over ``group`` with its KL weights, nats.
-        -> (n,), differentiable through ``mean``."""
+        -> (n,), differentiable through ``mean``; with ``keep`` ((n,) bool) only those images' (the
+        reference pass runs on them alone)."""
+        if keep is not None:  # mean, std: (n*m, ...) image-major
+            rows = keep.to(mean.device).repeat_interleave(len(group))  # (n*m,)
+            mean, index = mean[rows], index[keep.to(index.device)]
+            std = std[rows] if isinstance(std, torch.Tensor) and std.dim() and len(std) == len(rows) else std
         with torch.no_grad(), self.autocast():
             ref = self.reference_mean(group, index)
         kl = gaussian_kl(mean, ref, std).view(len(index), len(group))  # (n, m)
@@ -136,7 +150,9 @@ def rebel_accumulate(
 
     ``model.kl_coef`` > 0 adds kl_coef * mean over the pairs' images of sum_t KL(pi_theta || pi_ref)
     at the recorded x_t (closed form, nats; ``StepModel.kl``); ``kl`` in the result is that mean
-    before the step. ``model.policy_weights``: D is the weighted sum over steps (``rebel``).
+    before the step; images with ``model.kl_images`` 0 add nothing to it (the mean is still over
+    all images: a covered image's price per nat is unchanged). ``model.policy_weights``: D is the
+    weighted sum over steps (``rebel``).
 
     base_log_probs: (B, T) per-dim log-probs of the recorded trajectories under the frozen base:
     the regression is then anchored to the base (``rebel.proximal_coefficients``), D = ln pi_theta -
@@ -199,6 +215,8 @@ def rebel_accumulate(
     # (KL) each image's share of the mean over the valid pairs' members (once per valid pair it is in).
     members = torch.bincount(pairs[valid].flatten().cpu(), minlength=len(traj)).double()  # (B,)
     kl_weight = (members / (2 * num_valid)).to(device)  # (B,)
+    if model.kl_images is not None:  # images outside the KL set: no term, and no reference pass
+        kl_weight = kl_weight * model.kl_images.to(device, kl_weight.dtype)
 
     # 3. One backward per micro-batch of images and group of steps.
     kl_total = torch.zeros((), device=device, dtype=torch.float64)
@@ -209,9 +227,10 @@ def rebel_accumulate(
             # float32 (float64 in exactness tests)
             step_weight = coef[index_d][:, [position[j] for j in group]].to(logp.dtype)  # (n_c, m)
             surrogate = rebel_surrogate(logp.flatten() * step_scale, step_weight.flatten())
-            if model.kl_coef > 0:
-                kl = model.kl(mean, std, index, group) * step_scale  # (n_c,)
-                share = kl_weight[index_d].to(kl.dtype)
+            keep = kl_weight[index_d] > 0  # (n_c,) the images the KL term covers
+            if model.kl_coef > 0 and bool(keep.any()):
+                kl = model.kl(mean, std, index, group, keep) * step_scale  # (covered,)
+                share = kl_weight[index_d][keep].to(kl.dtype)
                 surrogate = surrogate + model.kl_coef * (share * kl).sum()
                 kl_total += (share * kl).detach().sum()
             model.backward_pass(surrogate, c == len(chunks) - 1 and g == len(groups) - 1)
@@ -261,8 +280,9 @@ def ddpo_accumulate(
                 weight=weight,
             )
             loss = loss / num_terms
-            if model.kl_coef > 0:
-                kl_img = model.kl(mean, std, index, group).sum() / len(images)  # this group's share of the mean
+            keep = None if model.kl_images is None else model.kl_images[index.to(model.kl_images.device)] > 0
+            if model.kl_coef > 0 and (keep is None or bool(keep.any())):
+                kl_img = model.kl(mean, std, index, group, keep).sum() / len(images)  # this group's share of the mean
                 loss = loss + model.kl_coef * kl_img
                 kl_ref += kl_img.detach()
             model.backward_pass(loss, c == len(chunks) - 1 and g == len(groups) - 1)

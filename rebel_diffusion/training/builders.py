@@ -63,6 +63,20 @@ def warn_long_prompts(pipe, sets: dict[str, list[str]], print_fn=print) -> None:
             )
 
 
+def check_kl_prompts(cfg: TrainConfig, prompts: list[str]) -> frozenset[str] | None:
+    """--kl-prompts as a set, None without it; a list that covers none of the training prompts would
+    make the KL term a silent no-op, so it is a usage error."""
+    if not cfg.kl_prompts:
+        return None
+    covered = frozenset(load_prompts(cfg.kl_prompts))
+    if not covered.intersection(prompts):
+        raise UsageError(
+            f"--kl-prompts {cfg.kl_prompts}: none of its prompts is among the {len(set(prompts))} training "
+            f"prompts (--prompts {cfg.prompts}), so the KL term would never apply"
+        )
+    return covered
+
+
 def check_trained_steps(run: Run) -> None:
     """--min-step-std must leave a step to train: known from the scheduler alone, before any write."""
     stds = planned_step_std(make_scheduler(run.pipe, run.settings), run.settings)  # a fresh scheduler: LCM's steps

@@ -89,8 +89,15 @@ def step_model(run: Run, traj: Trajectories, kl_coef: float) -> StepModel:
         unet=run.unet, scheduler=run.scheduler, traj=traj, steps_per_pass=run.steps_per_pass,
         autocast=run.accelerator.autocast, backward=backward_fn(run), kl_coef=kl_coef,
         reference_mean=reference_mean(run, traj), policy_weights=weights(cfg.policy_step_weights),
-        kl_weights=weights(cfg.kl_step_weights),
+        kl_weights=weights(cfg.kl_step_weights), kl_images=kl_images(run, traj),
     )  # fmt: skip
+
+
+def kl_images(run: Run, traj: Trajectories) -> torch.Tensor | None:
+    """(B,) 1.0 for the images whose prompt is in --kl-prompts, 0.0 for the others (None: no such list)."""
+    if run.kl_prompts is None:
+        return None
+    return torch.tensor([float(p in run.kl_prompts) for p in traj.prompts])
 
 
 def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: torch.Tensor, epoch: int):

@@ -55,6 +55,7 @@ from ..sampling import (
 )
 from .builders import (
     Heldout,
+    check_kl_prompts,
     check_resumable,
     check_tracker,
     check_trained_steps,
@@ -107,6 +108,7 @@ class Run:
     params: list[torch.nn.Parameter]
     mixed_precision: str
     lora_matches: dict[str, int]  # LoRA target -> modules it matched (empty for a full fine-tune)
+    kl_prompts: frozenset[str] | None = None  # --kl-prompts: the prompts whose images get the KL term
     ref_unet: torch.nn.Module | None = None  # frozen base UNet (full fine-tune with --kl-coef or --anchor base)
     steps_per_pass: int = 1  # denoising steps per training UNet call (resolved from the config)
     epoch: int = 0  # last completed epoch
@@ -131,6 +133,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_tracker(cfg.log_with)
     prompts = load_prompts(cfg.prompts)
     grid_prompts = load_prompts(cfg.grid_prompts or cfg.prompts)
+    kl_prompts = check_kl_prompts(cfg, prompts)
     # 2. Processes and precision.
     accelerator, mixed_precision = make_accelerator(cfg, out)
     if accelerator.device.type == "cpu":
@@ -176,6 +179,7 @@ def setup(cfg: TrainConfig) -> Run:
         params=params,
         mixed_precision=mixed_precision,
         lora_matches=lora_matches,
+        kl_prompts=kl_prompts,
         ref_unet=ref_unet,
         steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
         stop=Preemption(cfg.stop_grace, announce=accelerator.is_local_main_process),

@@ -45,6 +45,9 @@ def describe_plan(run: Run) -> str:
             f"(= {clip * dims:.3g} nats per step, D = {dims})"
         )
     regulariser = f"KL to the base model x {cfg.kl_coef:g}" if cfg.kl_coef > 0 else "no KL term"
+    if run.kl_prompts is not None:
+        covered = sum(p in run.kl_prompts for p in run.prompts)
+        regulariser += f" on the images of {covered} of the {len(run.prompts)} prompts (--kl-prompts {cfg.kl_prompts})"
     if cfg.algorithm == "rebel":
         regulariser += (
             f"; anchored to the base model (each step's ratio to the sampler clipped at "
