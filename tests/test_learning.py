@@ -5,10 +5,10 @@ plain drift cannot pass.
 - ``--preset toy`` (the quick start): prompt following at guidance 1 on the 16 combinations the toy
   model never saw (``prompts/toy_novel.txt``, trained in the mix ``toy_novel_contrast``; shape,
   colour and background all right, read from fresh seeds' pixels by the toy classifier and by a
-  reader without learned weights, ``benchmarks.toy_following``) rises from about 0.8, the 192 known
-  captions stay within 0.03 of the base, and the 16 other never-seen combinations
-  (``toy_novel_heldout``), never trained on, within 0.06. The targets are higher (0.90 on the
-  trained combinations, the twin within 0.03): measured on seeds 0-2, 0.86-0.89 and -0.03 to +0.01
+  reader without learned weights, ``benchmarks.toy_following``) rises from about 0.8, and neither
+  the 192 known captions nor the 16 other never-seen combinations (``toy_novel_heldout``), never
+  trained on, fall by more than 0.03. The target for the trained combinations is higher (0.90 by
+  both readers): measured on seeds 0-2, 0.88-0.90 by the classifier, 0.88 by the pixels
   (docs/tuning.md).
 
 Noise of a held-out figure (std of the mean over disjoint seed sets, 32 captions x 2 seeds, 64
@@ -74,13 +74,15 @@ def test_the_quick_start_teaches_the_novel_combinations_and_keeps_the_known_ones
     known = toy_following.measure(run, seeds=2, first_seed=20_000, sets={"known": sets["known"]})["known"]
     novel, twin = result["novel"], result["novel_heldout"]
     readers = ("classifier", "pixels")
-    # Taught, by both readers: measured +0.031 to +0.08 on these seeds and on seeds 10,000+ (seed 0
-    # the least: +0.047 / +0.031 here). A rate's change has noise about 0.02: no update reads ~0.
-    assert all(novel["change"][r] >= 0.02 for r in readers), novel
-    assert sum(novel["change"][r] for r in readers) / 2 >= 0.03, novel
+    # Taught, by both readers: measured +0.055 to +0.109 on these seeds (+0.066 to +0.094 on seeds
+    # 10,000+). A rate's change has noise about 0.02: no update reads ~0.
+    assert all(novel["change"][r] >= 0.04 for r in readers), novel
+    assert sum(novel["change"][r] for r in readers) / 2 >= 0.05, novel
     for r in readers:
-        assert known["change"][r] >= -0.03, (r, known)  # measured +0.001 to +0.022
-        assert twin["change"][r] >= -0.06, (r, twin)  # measured -0.031 to +0.023; the policy anchor lets it fall
+        assert known["change"][r] >= -0.03, (r, known)  # measured -0.005 to +0.016 here
+        # measured -0.004 to +0.016 here, -0.023 to +0.016 on seeds 10,000+; eta 6 without the KL
+        # term on the known captions lost -0.05 to -0.20
+        assert twin["change"][r] >= -0.03, (r, twin)
 
 
 @pytest.mark.slow
