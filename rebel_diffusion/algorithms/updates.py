@@ -95,7 +95,7 @@ class StepModel:
         if keep is not None:  # mean, std: (n*m, ...) image-major
             rows = keep.to(mean.device).repeat_interleave(len(group))  # (n*m,)
             mean, index = mean[rows], index[keep.to(index.device)]
-            std = std[rows] if isinstance(std, torch.Tensor) and std.dim() and len(std) == len(rows) else std
+            std = std[rows] if isinstance(std, torch.Tensor) else std  # (n*m, 1, 1, 1), or one float
         with torch.no_grad(), self.autocast():
             ref = self.reference_mean(group, index)
         kl = gaussian_kl(mean, ref, std).view(len(index), len(group))  # (n, m)
