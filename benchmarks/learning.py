@@ -70,6 +70,7 @@ def run_one(job: tuple) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cfg = run_config(task, algorithm, seed, lr, args, out)
+        cfg.num_threads = args.threads  # train() sets torch's threads from it
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0

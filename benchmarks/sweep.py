@@ -35,6 +35,7 @@ from benchmarks import env
 from benchmarks.learning import interval, run_jobs
 from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.outputs import run_folder
+from rebel_diffusion.outputs.generation import default_num_threads
 
 # Per-epoch metrics kept in the JSON (when the run logs them).
 CURVE_KEYS = ("reward_mean", "grid_reward_mean", "loss", "kl", "log_ratio_to_base", "fit_r2")
@@ -73,10 +74,10 @@ def run_one(job: tuple) -> dict:
     from rebel_diffusion.outputs.report import read_metrics
     from rebel_diffusion.training.recipe import train
 
-    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cfg = run_config(base, flags, seed, out)
+        cfg.num_threads = threads  # train() sets torch's threads from it
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0
@@ -148,7 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--following", type=int, default=0, help="toy prompt following with N fresh seeds a caption")
     p.add_argument("--jobs", type=int, default=1, help="training processes at once (wall times then mean less)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    threads_help = "torch threads per process (default: the idle CPUs shared among --jobs)"
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sweep_NAME_cpu_DATE.json)")
     return p.parse_args(argv)
 
@@ -165,9 +167,8 @@ def main(argv=None) -> None:
         resolve([*base, *flags, "--output-dir", tempfile.gettempdir() + "/rebel-sweep-check"])
     out = Path(args.out) if args.out else env.default_out(f"sweep_{env.slug(args.name)}", torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (name, base, flags, seed, args.following, args.threads) for name, flags in args.variant for seed in args.seeds
-    ]
+    threads = args.threads or default_num_threads(args.jobs)
+    jobs = [(name, base, flags, seed, args.following, threads) for name, flags in args.variant for seed in args.seeds]
     t0 = time.time()
 
     def write(runs: list[dict], complete: bool) -> None:
@@ -181,6 +182,7 @@ def main(argv=None) -> None:
             "wall_seconds": time.time() - t0,
             "settings": {
                 **{k: v for k, v in vars(args).items() if k not in ("out", "variant")},
+                "threads": threads,  # what each run used (the flag's default resolved)
                 "variants": {name: flags for name, flags in args.variant},
             },  # fmt: skip
             "summary": summarize(runs),

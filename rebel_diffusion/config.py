@@ -233,9 +233,9 @@ class TrainConfig:
     )
     num_threads: int | None = _f(
         None,
-        "torch CPU threads per process (default: half the CPUs divided among the "
-        "local processes, at least 1; torch's own default oversubscribes small, busy "
-        "machines)",
+        "torch CPU threads per process (default: the CPUs idle at start divided among the "
+        "local processes, at least 1: all of an idle machine's, none that other work keeps busy, "
+        "where threads sharing a CPU spin against each other)",
     )
 
     # -------------------------------------------------------------------------------------------

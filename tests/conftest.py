@@ -16,10 +16,19 @@ import pytest
 import torch
 
 from rebel_diffusion.models import load_pipeline
+from rebel_diffusion.outputs import generation
 
 # The tiny models gain nothing from intra-op threads, and on a shared, busy CPU two OpenMP threads
 # per process run 10-30x slower than one (measured: a 4-image, 4-step sample 0.5 s vs 2-15 s).
-torch.set_num_threads(int(os.environ.get("REBEL_TEST_THREADS", "1")))
+TEST_THREADS = int(os.environ.get("REBEL_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _test_threads(monkeypatch):
+    """Commands run in tests keep the tests' thread count: their default (the CPUs idle at start)
+    would take every CPU the suite leaves idle for a moment, and spin against the next test."""
+    monkeypatch.setattr(generation, "default_num_threads", lambda local_processes=1: TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -33,5 +33,6 @@ def train_quick_start(job: tuple[int, str]) -> str:
     seed, out = job
     cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=out)
     cfg.grid_num_images, cfg.heldout_every = 1, 0
+    cfg.num_threads = 1  # two of these share a 2-core machine: the idle CPUs at start would oversubscribe it
     train(cfg)
     return out

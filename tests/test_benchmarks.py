@@ -299,3 +299,18 @@ def test_frontier_picks_the_best_gain_within_each_budget():
     q = result["queries"]
     assert q["ddpo_variant"] == "d-safe" and q["ddpo_queries"] == 256
     assert q["rebel_queries_to_reach"] == {"r-safe": 128, "r-far": 128} and q["rebel_fewer_queries"]
+
+
+def test_log_alignment_plugin_is_the_log_of_toy_alignment_full():
+    """The sweep plug-in loads by name as a user's would, and scores log(toy-alignment-full), floored."""
+    from rebel_diffusion.rewards import load_reward
+    from rebel_diffusion.toy.data import make_batch
+
+    images, _, prompts = make_batch(4, seed=0)  # (4, 3, 32, 32) drawn as captioned
+    images = torch.cat([images, torch.zeros(1, 3, 32, 32)])  # a black image: no caption's shape
+    prompts = [*prompts, "a white cross on a green background"]
+    log_reward = load_reward("benchmarks.toy_rewards:LogAlignmentFull")
+    probability = load_reward("toy-alignment-full")(images, prompts)
+    expected = probability.clamp(min=1e-3).log()
+    assert torch.allclose(log_reward(images, prompts), expected)
+    assert expected[:4].exp().min() > 0.5 and expected[4] < expected[:4].min()

@@ -6,6 +6,7 @@ fine-tune changes the images), config.yaml, metrics and grids as the trainer wri
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from rebel_diffusion import cli
 from rebel_diffusion.errors import UsageError
+from rebel_diffusion.outputs.generation import default_num_threads as _real_default_threads  # before conftest's patch
 
 STEPS = 2
 
@@ -481,3 +483,47 @@ def test_sample_and_eval_check_their_folder_before_drawing(run_dir, tmp_path, ca
         code = cli.main([command, "--run", str(run_dir), *extra, "--output-dir", str(blocker / "out")])
         err = capsys.readouterr().err
         assert code == 2 and "is a file, not a folder" in err and "sampling" not in err, err
+
+
+# --- CPU threads --------------------------------------------------------------------------------
+
+
+def test_default_threads_are_the_idle_cpus(monkeypatch):
+    """The default thread count is what /proc/stat shows idle over its window, shared among the
+    local processes; without /proc/stat, the CPUs less the load average."""
+    from rebel_diffusion.outputs import generation
+
+    assert 0 <= generation.idle_cpus(0.01) <= (generation.os.cpu_count() or 1)  # a real reading
+    monkeypatch.setattr(generation.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(generation.time, "sleep", lambda s: None)
+    default = _real_default_threads
+
+    def ticks(*readings):  # each window reads them in turn
+        it = itertools.cycle(readings)
+        monkeypatch.setattr(generation, "_cpu_times", lambda cpus: next(it))
+
+    ticks((100, 200), (300, 400))  # both CPUs idle over the window
+    assert generation.idle_cpus() == 2.0 and default() == 2 and default(2) == 1
+    ticks((100, 200), (200, 400))  # one CPU busy with other work
+    assert generation.idle_cpus() == 1.0 and default() == 1
+    ticks((100, 200), (110, 400))  # both busy: still one thread
+    assert default() == 1
+    ticks(None)  # no /proc/stat: the load average
+    monkeypatch.setattr(generation.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert generation.idle_cpus() == pytest.approx(1.7) and default() == 2
+
+
+def test_cpu_times_sum_the_affine_cpus(tmp_path, monkeypatch):
+    """Only the per-CPU lines of the CPUs this process may run on count; idle includes iowait."""
+    from rebel_diffusion.outputs import generation
+
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 1 2 3 40 5 0 0 0 0 0\ncpu1 10 0 0 100 0 0 0 0 0 0\ncpu2 7 0 0 1 0 0 0 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    real_path = generation.Path
+    monkeypatch.setattr(generation, "Path", lambda p: stat if p == "/proc/stat" else real_path(p))
+    assert generation._cpu_times({0, 1}) == (145, 161)
+    assert generation._cpu_times({2}) == (1, 8)
+    assert generation._cpu_times({5}) is None

@@ -63,7 +63,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "fp32", "fp16", "bf16"),
         help="model precision (default: fp16 on GPU, fp32 on CPU)",
     )
-    g.add_argument("--num-threads", type=int, help="torch CPU threads (default: half the CPUs, at least 1)")
+    g.add_argument("--num-threads", type=int, help="torch CPU threads (default: the CPUs idle at start, at least 1)")
 
 
 def add_weight_arguments(group) -> None:

@@ -1,0 +1,29 @@
+"""Reward plug-ins for toy sweeps: ``--reward benchmarks.toy_rewards:ATTR`` (run from the repository root).
+
+``LogAlignmentFull``: the log of ``toy-alignment-full`` (floored at 1e-3), a reward that keeps pushing
+an image the classifier calls right with probability 0.7 toward 0.99, where the probability itself
+saturates. ``docs/tuning.md`` measures it on the quick start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rebel_diffusion.rewards import Reward, RewardContext
+from rebel_diffusion.rewards.toy_alignment import ToyAlignmentReward
+
+FLOOR = 1e-3  # log(1e-3) = -6.9: a wrong image's reward stays finite and bounded
+
+
+class LogAlignmentFull(Reward):
+    """log P(shape, colour and background as prompted) under the toy classifier. (B, 3, H, W) -> (B,)."""
+
+    name = "toy-alignment-full-log"
+    units = "log probability that the prompt's shape, its colour and the background are shown"
+
+    def __init__(self, ctx: RewardContext):
+        super().__init__(ctx)
+        self.probability = ToyAlignmentReward(self.device, self.dtype, include_background=True)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.log(self.probability(images, prompts).clamp(min=FLOOR))
