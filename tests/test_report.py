@@ -190,6 +190,20 @@ def test_reward_curve_draws_the_trend_and_standard_error_band(tmp_path):
     assert navy(full) > 100 and navy(few) < navy(full) / 10
 
 
+def test_heldout_panel_draws_its_standard_error_band(tmp_path):
+    # The held-out panel's band where heldout_se/<name> is logged; none without it (older runs).
+    metrics = [{"epoch": e, "heldout/toy-alignment-full": 0.8 + 0.01 * e} for e in range(0, 21, 5)]
+    with_se = [{**r, "heldout_se/toy-alignment-full": 0.03} for r in metrics]
+    band = _pixels(Image.open(report.plot_reward_curve(with_se, tmp_path / "se.png")))
+    plain = _pixels(Image.open(report.plot_reward_curve(metrics, tmp_path / "plain.png")))
+
+    def light_green(px):  # tab:green at alpha 0.15 over white
+        r, g, b = (px[..., i].astype(int) for i in range(3))
+        return ((r > 190) & (g - r > 10) & (g - b > 10)).sum()
+
+    assert light_green(band) > 20 * max(light_green(plain), 1)
+
+
 def test_reward_curve_with_no_metrics_yet(tmp_path):
     path = report.plot_reward_curve([], tmp_path / "empty.png")
     assert Image.open(path).size[0] > 100

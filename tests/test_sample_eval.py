@@ -300,8 +300,10 @@ def test_evaluate_pipelines_base_against_itself_and_metrics_keys():
     assert alone["rewards"]["jpeg-compressibility"]["base"] is None
     assert heldout_metrics(alone) == {
         "heldout/jpeg-compressibility": r["tuned"],
+        "heldout_se/jpeg-compressibility": pytest.approx(r["tuned_std"] / math.sqrt(2)),  # 2 images
         "heldout/diversity": result["diversity"]["tuned"],
     }
+    assert r["tuned_n"] == 2 and r["tuned_std"] > 0
 
 
 def test_diversity_figure(monkeypatch, capsys):

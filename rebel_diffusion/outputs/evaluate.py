@@ -323,8 +323,13 @@ def _compare(by_side: dict) -> dict:
 
 
 def heldout_metrics(result: dict) -> dict:
-    """The fine-tuned model's figures as ``heldout/<name>`` keys for ``metrics.jsonl`` (and the curve)."""
+    """The fine-tuned model's figures as ``heldout/<name>`` keys for ``metrics.jsonl`` (and the curve),
+    and each reward's standard error over the images, ``std / sqrt(n)``, as ``heldout_se/<name>``
+    (the curve's band: a few images a prompt move the mean with their seeds)."""
     out = {f"heldout/{name}": v["tuned"] for name, v in result["rewards"].items()}
+    for name, v in result["rewards"].items():
+        if v.get("tuned_n"):
+            out[f"heldout_se/{name}"] = v["tuned_std"] / math.sqrt(v["tuned_n"])
     if result.get("diversity"):
         out["heldout/diversity"] = result["diversity"]["tuned"]
     return out

@@ -266,8 +266,9 @@ def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     over ``TREND_EPOCHS`` epochs, which shows the trend through that noise. Below it
     ``grid_reward_mean`` on its own scale: the same prompts and seeds every epoch, so its change is
     the model's. One more panel per ``reward/<name>`` key (a component of several rewards) and per
-    ``heldout/<name>`` key (held-out rewards and diversity live on different scales), so reward
-    hacking (training reward up, the others down) is visible at a glance.
+    ``heldout/<name>`` key (held-out rewards and diversity live on different scales), with a band of
+    +-2 standard errors where ``heldout_se/<name>`` is logged, so reward hacking (training reward
+    up, the others down) is visible at a glance, and so is how far a few images a prompt move.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -282,6 +283,13 @@ def plot_reward_curve(metrics: list[dict], path: str | os.PathLike) -> Path:
     for ax, key in zip(axes[1:], extra):
         xs, ys = _series(metrics, key)
         ax.plot(xs, ys, marker="o", ms=3, color="tab:orange" if key in grid else "tab:green")
+        se = dict(zip(*_series(metrics, key.replace("heldout/", "heldout_se/", 1))))
+        band = [(x, y, 2 * se[x]) for x, y in zip(xs, ys) if key.startswith("heldout/") and x in se]
+        if band:  # +-2 standard errors of the held-out images' mean
+            xb, yb, eb = zip(*band)
+            lower, upper = [y - e for y, e in zip(yb, eb)], [y + e for y, e in zip(yb, eb)]
+            ax.fill_between(xb, lower, upper, alpha=0.15, color="tab:green", label="+-2 standard errors")
+            ax.legend(fontsize=8)
         ax.set_ylabel(key.replace("grid_reward_mean", "grid reward\n(fixed prompts, seeds)"), fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
