@@ -12,13 +12,17 @@ budget. The JSON states which algorithm gains more at each budget, and whether R
 best final held-out reward (within the largest budget) with fewer reward queries. The PNG plots each
 variant's gain against its alignment loss with 95% intervals over seeds, and both frontiers.
 
-    python -m benchmarks.frontier --jobs 2          # 10 variants x 3 seeds, ~25 min on 2 cores
+    python -m benchmarks.frontier --jobs 2          # 13 variants x 3 seeds, ~35 min on 2 cores
+    python -m benchmarks.frontier --extend benchmarks/results/frontier_cpu_2026-12-06.json
+        # runs only the variants that file lacks, and analyses them all together
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +42,9 @@ VARIANTS = [
     ("rebel", "eta 4, KL 0.1", "--kl-coef 0.1"),
     ("rebel", "eta 4, KL 0.01", "--kl-coef 0.01"),
     ("rebel", "eta 8, KL 0.03", "--eta 8"),
+    ("rebel", "eta 4, KL 0.02", "--kl-coef 0.02"),
+    ("rebel", "eta 6, KL 0.02", "--eta 6 --kl-coef 0.02"),
+    ("rebel", "eta 4, KL 0.03, lr 2e-3", "--learning-rate 2e-3"),
     ("rebel", "base anchor, eta 4", "--anchor base --kl-coef 0"),
     ("rebel", "base anchor, eta 8", "--anchor base --kl-coef 0 --eta 8"),
     ("ddpo", "clip 1.6 nats, KL 0.03", "--algorithm ddpo"),
@@ -45,6 +52,39 @@ VARIANTS = [
     ("ddpo", "clip 1e-2, KL 0.03", "--algorithm ddpo --clip-range 1e-2"),
     ("ddpo", "clip 1.6 nats, KL 0.03, lr 3e-3", "--algorithm ddpo --learning-rate 3e-3"),
 ]
+
+
+def reusable(earlier: dict, base: str, seeds: list[int], variants: list[tuple]) -> list[dict]:
+    """The runs of an earlier frontier JSON this one keeps: the same ``--base`` and seeds, and a
+    variant of the same name and flags (a variant whose flags changed runs again).
+    ``ValueError`` (one line) where the base or seeds differ or a kept variant lacks a seed."""
+    settings = earlier["settings"]
+    if settings["base"] != base or sorted(settings["seeds"]) != sorted(seeds):
+        raise ValueError(f"its --base {settings['base']!r} and --seeds {settings['seeds']} differ from this run's")
+    flags = {name: sweep.parse_variant(f"{name}={f}")[1] for _, name, f in variants}
+    keep = [r for r in earlier["runs"] if settings["variants"].get(r["variant"]) == flags.get(r["variant"])]
+    for name in {r["variant"] for r in keep}:
+        if sorted(r["seed"] for r in keep if r["variant"] == name) != sorted(seeds):
+            raise ValueError(f"its variant {name!r} lacks some of the seeds {seeds}")
+    return keep
+
+
+def merge(result: dict, earlier: dict, kept: list[dict], path: str) -> dict:
+    """``result`` (this run's sweep JSON) with the ``kept`` runs of ``earlier`` (read from ``path``)
+    added, and where they came from: its command, machine and threads."""
+    names = sorted({r["variant"] for r in kept})
+    result["extends"] = {
+        "path": path,
+        "command": earlier.get("command"),
+        "machine": earlier.get("machine"),
+        "threads": earlier["settings"].get("threads"),
+        "variants": names,
+    }
+    ran = result["settings"]["variants"]
+    result["settings"]["variants"] = {**{n: earlier["settings"]["variants"][n] for n in names}, **ran}
+    result["runs"] = kept + result["runs"]
+    result["summary"] = sweep.summarize(result["runs"])
+    return result
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -143,17 +183,33 @@ def main(argv=None) -> None:
     p.add_argument("--base", default=BASE, help="train flags every variant starts from")
     p.add_argument("--only", nargs="*", default=None, help="run only these variant names (a quick look)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frontier_cpu_DATE.json)")
+    extend_help = "an earlier frontier JSON: keep its runs of unchanged variants, run only the others"
+    p.add_argument("--extend", default=None, help=extend_help)
     args = p.parse_args(argv)
     variants = [v for v in VARIANTS if args.only is None or v[1] in args.only]
     algorithms = {name: algo for algo, name, _ in variants}
     out = Path(args.out) if args.out else env.default_out("frontier", torch.device("cpu"))
+    earlier = json.loads(Path(args.extend).read_text()) if args.extend else None
+    try:
+        kept = reusable(earlier, args.base, args.seeds, variants) if earlier else []
+    except ValueError as e:
+        p.error(f"--extend {args.extend}: {e}")
     t0 = time.time()
     sweep_argv = ["--name", "frontier", "--base", args.base, "--seeds", *map(str, args.seeds), "--jobs",
                   str(args.jobs), "--out", str(out)]  # fmt: skip
     for _, name, flags in variants:
-        sweep_argv += ["--variant", f"{name}={flags}"]
+        if name not in {r["variant"] for r in kept}:
+            sweep_argv += ["--variant", f"{name}={flags}"]
+    if "--variant" not in sweep_argv:
+        p.error(f"--extend {args.extend}: it has every variant already; nothing to run")
     sweep.main(sweep_argv)  # writes the runs; the analysis is added below
     result = json.loads(out.read_text())
+    result["sweep_command"], result["command"] = (
+        result["command"],
+        "python -m benchmarks.frontier " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+    )
+    if earlier:
+        result = merge(result, earlier, kept, args.extend)
     result["frontier"] = analyse(result["runs"], algorithms)
     result["wall_seconds"] = time.time() - t0
     out.write_text(json.dumps(result, indent=1) + "\n")

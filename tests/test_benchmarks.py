@@ -301,6 +301,39 @@ def test_frontier_picks_the_best_gain_within_each_budget():
     assert q["rebel_queries_to_reach"] == {"r-safe": 128, "r-far": 128} and q["rebel_fewer_queries"]
 
 
+def test_frontier_extend_keeps_unchanged_variants_and_reruns_changed_ones():
+    from benchmarks import frontier
+
+    def run(variant, seed):
+        heldout = [{"epoch": 0, frontier.REWARD: -1.0, frontier.ALIGNMENT: 0.9}]
+        return {"variant": variant, "seed": seed, "train_seconds": 1.0, "heldout": heldout}
+
+    base = frontier.BASE
+    earlier = {
+        "command": "python -m benchmarks.frontier",
+        "machine": {"cpu": "x"},
+        "settings": {"base": base, "seeds": [0, 1], "threads": 1,
+                     "variants": {"same": ["--kl-coef", "0.1"], "changed": ["--eta", "8"], "gone": []}},
+        "runs": [run(v, s) for v in ("same", "changed", "gone") for s in (0, 1)],
+    }  # fmt: skip
+    variants = [("rebel", "same", "--kl-coef 0.1"), ("rebel", "changed", "--eta 6"), ("ddpo", "new", "")]
+    kept = frontier.reusable(earlier, base, [0, 1], variants)
+    assert [(r["variant"], r["seed"]) for r in kept] == [("same", 0), ("same", 1)]
+    ran = {"settings": {"base": base, "seeds": [0, 1], "variants": {"changed": ["--eta", "6"], "new": []}},
+           "runs": [run(v, s) for v in ("changed", "new") for s in (0, 1)]}  # fmt: skip
+    merged = frontier.merge(ran, earlier, kept, "old.json")
+    assert merged["extends"]["variants"] == ["same"] and merged["extends"]["threads"] == 1
+    assert merged["settings"]["variants"] == {"same": ["--kl-coef", "0.1"], "changed": ["--eta", "6"], "new": []}
+    assert sorted(merged["summary"]) == ["changed", "new", "same"] and len(merged["runs"]) == 6
+    with pytest.raises(ValueError, match="seeds"):
+        frontier.reusable(earlier, base, [0, 1, 2], variants)
+    with pytest.raises(ValueError, match="base"):
+        frontier.reusable(earlier, base + " --epochs 5", [0, 1], variants)
+    earlier["runs"] = earlier["runs"][1:]  # "same" lost seed 0
+    with pytest.raises(ValueError, match="lacks"):
+        frontier.reusable(earlier, base, [0, 1], variants)
+
+
 def test_log_alignment_plugin_is_the_log_of_toy_alignment_full():
     """The sweep plug-in loads by name as a user's would, and scores log(toy-alignment-full), floored."""
     from rebel_diffusion.rewards import load_reward
