@@ -347,3 +347,40 @@ def test_log_alignment_plugin_is_the_log_of_toy_alignment_full():
     expected = probability.clamp(min=1e-3).log()
     assert torch.allclose(log_reward(images, prompts), expected)
     assert expected[:4].exp().min() > 0.5 and expected[4] < expected[:4].min()
+
+
+@pytest.mark.parametrize("attribute", ["SoftAlignmentFull", "SoftAlignmentFullT2"])
+def test_soft_alignment_plugin_is_the_classifier_at_its_temperature_and_prefers_true_colours(attribute):
+    """Independent reference: the classifier's three heads, each softmax at T (3, 2), multiplied. And
+    the point of it: a square between orange and yellow, which the classifier at T = 1 already calls
+    yellow with near certainty, scores less than the palette's yellow."""
+    from benchmarks import toy_rewards
+    from rebel_diffusion.rewards import load_reward
+    from rebel_diffusion.rewards.toy_alignment import load_classifier
+    from rebel_diffusion.toy.data import COLOUR_NAMES, _coverage, make_batch, palette, sample_attributes
+
+    images, attrs, prompts = make_batch(4, seed=0)  # (4, 3, 32, 32) drawn as captioned
+    soft = load_reward(f"benchmarks.toy_rewards:{attribute}")
+    temperature = getattr(toy_rewards, attribute).TEMPERATURE
+    assert temperature > 1
+    with torch.no_grad():
+        logits = load_classifier()(images)
+    expected = torch.ones(4)
+    for head in ("shape", "colour", "background"):
+        p = (logits[head] / temperature).softmax(-1)  # (4, n)
+        expected = expected * p[torch.arange(4), attrs[head]]
+    assert torch.allclose(soft(images, prompts), expected, atol=1e-5)
+
+    orange, yellow, black = (COLOUR_NAMES.index(c) for c in ("orange", "yellow", "black"))
+    square = sample_attributes(8, 1, [(1, orange, black)])
+    alpha = _coverage(square["shape"], square["cx"], square["cy"], square["radius"], 32).unsqueeze(1)
+    pal = palette()
+
+    def squares(t):  # (8, 3, 32, 32): squares a fraction t of the way from orange to yellow, on black
+        colour = ((1 - t) * pal[orange] + t * pal[yellow]).view(1, 3, 1, 1)
+        return alpha * colour + (1 - alpha) * pal[black].view(1, 3, 1, 1)
+
+    caption = ["a yellow square on a black background"] * 8
+    hard = load_reward("toy-alignment-full")
+    assert hard(squares(0.6), caption).mean() > 0.95  # T = 1: amber already counts as yellow
+    assert soft(squares(0.6), caption).mean() < soft(squares(1.0), caption).mean() - 0.03  # T = 1: 0.01
