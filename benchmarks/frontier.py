@@ -189,6 +189,8 @@ def main(argv=None) -> None:
     variants = [v for v in VARIANTS if args.only is None or v[1] in args.only]
     algorithms = {name: algo for algo, name, _ in variants}
     out = Path(args.out) if args.out else env.default_out("frontier", torch.device("cpu"))
+    if args.extend and not Path(args.extend).is_file():
+        p.error(f"--extend {args.extend}: no such file")
     earlier = json.loads(Path(args.extend).read_text()) if args.extend else None
     try:
         kept = reusable(earlier, args.base, args.seeds, variants) if earlier else []

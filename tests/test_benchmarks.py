@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 from importlib import metadata
 
 import pytest
@@ -332,6 +333,26 @@ def test_frontier_extend_keeps_unchanged_variants_and_reruns_changed_ones():
     earlier["runs"] = earlier["runs"][1:]  # "same" lost seed 0
     with pytest.raises(ValueError, match="lacks"):
         frontier.reusable(earlier, base, [0, 1], variants)
+
+
+def test_frontier_extend_refuses_before_training(tmp_path, capsys):
+    """Usage errors (exit 2, one line) and no file written: a missing file, another base, nothing to run."""
+    from benchmarks import frontier
+
+    out = tmp_path / "new.json"
+    complete = {
+        "settings": {"base": frontier.BASE, "seeds": [0, 1, 2],
+                     "variants": {name: shlex.split(flags) for _, name, flags in frontier.VARIANTS}},
+        "runs": [{"variant": name, "seed": s} for _, name, _ in frontier.VARIANTS for s in (0, 1, 2)],
+    }  # fmt: skip
+    (tmp_path / "complete.json").write_text(json.dumps(complete))
+    (tmp_path / "other.json").write_text(json.dumps({**complete, "settings": {**complete["settings"], "base": "x"}}))
+    cases = (("missing.json", "no such file"), ("other.json", "differ"), ("complete.json", "nothing to run"))
+    for name, says in cases:
+        with pytest.raises(SystemExit) as e:
+            frontier.main(["--extend", str(tmp_path / name), "--out", str(out)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_log_alignment_plugin_is_the_log_of_toy_alignment_full():
