@@ -11,11 +11,9 @@ same at temperature 2. ``docs/tuning.md`` measures them on the quick start.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rebel_diffusion.rewards import Reward, RewardContext
 from rebel_diffusion.rewards.toy_alignment import ToyAlignmentReward
-from rebel_diffusion.toy.data import IMAGE_SIZE, parse_caption
 
 FLOOR = 1e-3  # log(1e-3) = -6.9: a wrong image's reward stays finite and bounded
 
@@ -35,8 +33,8 @@ class LogAlignmentFull(Reward):
 
 
 class SoftAlignmentFull(Reward):
-    """The product of the classifier's shape, colour and background probabilities at temperature
-    ``TEMPERATURE``. (B, 3, H, W) -> (B,) in [0, 1]."""
+    """``toy-alignment-full`` with the classifier at temperature ``TEMPERATURE``: the product of its
+    tempered shape, colour and background probabilities. (B, 3, H, W) -> (B,) in [0, 1]."""
 
     name = "toy-alignment-full-soft"
     units = "probability (classifier at temperature 3) that the prompt's shape, colour and background are shown"
@@ -44,21 +42,12 @@ class SoftAlignmentFull(Reward):
 
     def __init__(self, ctx: RewardContext):
         super().__init__(ctx)
-        self.reader = ToyAlignmentReward(self.device, self.dtype, include_background=True)
+        self.probability = ToyAlignmentReward(
+            self.device, self.dtype, include_background=True, temperature=self.TEMPERATURE
+        )
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self.reader.load(images.device)
-        model = self.reader.model
-        wanted = torch.tensor([parse_caption(p) for p in prompts], device=images.device)  # (B, 3)
-        x = images.to(self.dtype)
-        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            x = F.interpolate(x.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True).to(self.dtype)
-        logits = model(x)
-        reward = torch.ones(len(images), device=images.device)
-        for i, head in enumerate(("shape", "colour", "background")):
-            probs = (logits[head].float() / self.TEMPERATURE).softmax(-1)  # (B, n)
-            reward = reward * probs.gather(1, wanted[:, i : i + 1]).squeeze(1)
-        return reward
+        return self.probability(images, prompts)
 
 
 class SoftAlignmentFullT2(SoftAlignmentFull):

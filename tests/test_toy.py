@@ -220,6 +220,21 @@ def test_reward_details_and_partial_prompts(reward):
     assert torch.isnan(d2["colour"]).all() and torch.allclose(d2["reward"], d2["shape"])
 
 
+def test_reward_temperature_divides_the_logits_and_keeps_the_readings(reward):
+    images, labels, captions = data.make_batch(8, seed=5)
+    with torch.no_grad():
+        logits = load_classifier()(images)
+    tempered = ToyAlignmentReward(temperature=3.0).details(images, captions)
+    for head in ("shape", "colour"):  # independent reference: softmax(logits / 3) at the drawn label
+        expected = (logits[head] / 3.0).softmax(-1)[torch.arange(8), labels[head]]
+        assert torch.allclose(tempered[head], expected, atol=1e-5)
+    plain = reward.details(images, captions)
+    assert (tempered["reward"] < plain["reward"]).all()  # confident readings are softened
+    assert torch.equal(tempered["match_colour"], plain["match_colour"])  # the argmax does not move
+    with pytest.raises(ValueError, match="temperature"):
+        ToyAlignmentReward(temperature=0.0)
+
+
 @pytest.mark.parametrize("prompt", ["a photo of a dog", "", "a grey blob"])
 def test_reward_rejects_prompts_without_colour_or_shape(reward, prompt):
     images, _, _ = data.make_batch(1, seed=0)

@@ -145,7 +145,10 @@ class ToyAlignmentReward(Reward):
     ``reward(images, prompts) -> (B,)`` float32 in [0, 1]; images (B, 3, H, W) in [0, 1] of any
     size (resized to the classifier's 32x32). The classifier loads lazily, once (or on ``load()``).
     Options: ``classifier_path`` (default: the ``classifier/`` folder of the shipped ``toy`` model),
-    ``include_background`` (also multiply by P(prompted background colour); default False).
+    ``include_background`` (also multiply by P(prompted background colour); default False),
+    ``temperature`` (the logits are divided by it before the softmax; default 1. Above 1 the
+    probability of a colour keeps rising toward the palette's own instead of saturating just past
+    the classifier's boundary; ``details`` reports the tempered probabilities).
     """
 
     name = "toy-alignment"
@@ -157,10 +160,14 @@ class ToyAlignmentReward(Reward):
         dtype: torch.dtype | str | None = None,
         classifier_path: str | Path | None = None,
         include_background: bool = False,
+        temperature: float = 1.0,
     ):
         super().__init__(device, dtype)
+        if not temperature > 0:
+            raise ValueError(f"toy-alignment: temperature must be > 0, got {temperature}")
         self.classifier_path = classifier_path
         self.include_background = bool(include_background)
+        self.temperature = float(temperature)
         if self.include_background:  # the built-in ``toy-alignment-full``
             self.name = "toy-alignment-full"
             self.units = "probability that the prompt's shape, its colour and the background are shown, 0-1"
@@ -196,7 +203,7 @@ class ToyAlignmentReward(Reward):
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).to(
                 self.dtype
             )
-        probs = {k: v.float().softmax(-1) for k, v in self.model(x).items()}  # {(B, n_k)}
+        probs = {k: (v.float() / self.temperature).softmax(-1) for k, v in self.model(x).items()}  # {(B, n_k)}
 
         out: dict[str, torch.Tensor] = {}
         reward = torch.ones(len(prompts), device=x.device)
