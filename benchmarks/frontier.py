@@ -12,8 +12,8 @@ budget. The JSON states which algorithm gains more at each budget, and whether R
 best final held-out reward (within the largest budget) with fewer reward queries. The PNG plots each
 variant's gain against its alignment loss with 95% intervals over seeds, and both frontiers.
 
-    python -m benchmarks.frontier --jobs 2          # 13 variants x 3 seeds, ~35 min on 2 cores
-    python -m benchmarks.frontier --extend benchmarks/results/frontier_cpu_2026-12-06.json
+    python -m benchmarks.frontier --jobs 2          # 16 variants x 3 seeds, ~45 min on 2 cores
+    python -m benchmarks.frontier --extend benchmarks/results/frontier_cpu_2026-12-07.json
         # runs only the variants that file lacks, and analyses them all together
 """
 
@@ -45,6 +45,9 @@ VARIANTS = [
     ("rebel", "eta 4, KL 0.02", "--kl-coef 0.02"),
     ("rebel", "eta 6, KL 0.02", "--eta 6 --kl-coef 0.02"),
     ("rebel", "eta 4, KL 0.03, lr 2e-3", "--learning-rate 2e-3"),
+    ("rebel", "eta 8, KL 0.02", "--eta 8 --kl-coef 0.02"),
+    ("rebel", "eta 8, KL 0.015", "--eta 8 --kl-coef 0.015"),
+    ("rebel", "eta 6, KL 0.025", "--eta 6 --kl-coef 0.025"),
     ("rebel", "base anchor, eta 4", "--anchor base --kl-coef 0"),
     ("rebel", "base anchor, eta 8", "--anchor base --kl-coef 0 --eta 8"),
     ("ddpo", "clip 1.6 nats, KL 0.03", "--algorithm ddpo"),

@@ -37,6 +37,11 @@ PER_CAPTION_MAX = 32  # the novel sets; not the 192 known captions
 FIRST_SEED = 10_000  # training seeds come from SeedSequence; grids and held-out use seed + i < 10,000
 
 
+# The base's readings, by (model, VAE, sampler settings, captions, seeds): runs of one base (a
+# sweep's, or a test's seeds) sample it once a process.
+_BASE_READINGS: dict[tuple, tuple[dict, dict]] = {}
+
+
 def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets: dict | None = None) -> dict:
     """{set: {'base': {reader: rate}, 'tuned': {...}, 'change': {...}, 'images': n}} for a run folder.
 
@@ -54,11 +59,16 @@ def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets:
         prompts = load_prompts(prompt_set)
         flat = [p for p in prompts for _ in seed_list]  # prompt-major, as sample_images returns them
         row, by_caption = {"images": len(flat)}, {}
+        base_key = (source.model, source.vae, repr(settings), tuple(prompts), tuple(seed_list))
         for side, pipe in (("base", base), ("tuned", tuned)):
+            if side == "base" and base_key in _BASE_READINGS:
+                row[side], by_caption[side] = _BASE_READINGS[base_key]
+                continue
             with torch.no_grad():
                 images = sample_images(pipe, prompts, seed_list, settings, batch_size=256)
             row[side] = follow_rates(images, flat, classifier)
             by_caption[side] = follow_rates_by_caption(images, flat, classifier)
+        _BASE_READINGS[base_key] = row["base"], by_caption["base"]
         row["change"] = {k: row["tuned"][k] - row["base"][k] for k in row["base"]}
         if len(prompts) <= PER_CAPTION_MAX:
             row["per_caption"] = {p: {side: by_caption[side][p] for side in by_caption} for p in by_caption["base"]}

@@ -21,18 +21,26 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def train_quick_start(job: tuple[int, str]) -> str:
-    """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]`` (a module-level worker for spawned processes).
+def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
+    """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]``, then measure its prompt following
+    on seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
+    module-level worker for spawned processes; one thread, as three of them share a 2-core machine).
 
     Less its per-epoch grid and held-out evaluation: they sample with their own fixed seeds and leave
-    training's random streams alone (the LoRA is bit-identical with them).
+    training's random streams alone (the LoRA is bit-identical with them). 16 seeds a novel caption
+    (256 images a set, a rate's noise about 0.02), 2 a known caption (384 images).
     """
+    from benchmarks import toy_following
     from rebel_diffusion.config import PRESETS, TrainConfig
     from rebel_diffusion.training.recipe import train
 
     seed, out = job
     cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=out)
     cfg.grid_num_images, cfg.heldout_every = 1, 0
-    cfg.num_threads = 1  # two of these share a 2-core machine: the idle CPUs at start would oversubscribe it
+    cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the three share
     train(cfg)
-    return out
+    sets = toy_following.SETS
+    novel = {k: sets[k] for k in ("novel", "novel_heldout")}
+    result = toy_following.measure(out, seeds=16, first_seed=20_000, sets=novel)
+    result.update(toy_following.measure(out, seeds=2, first_seed=20_000, sets={"known": sets["known"]}))
+    return {"seed": seed, "following": result}

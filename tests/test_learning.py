@@ -22,12 +22,9 @@ The JPEG preset's target (a held-out gain with prompt following kept) is judged 
 seed, and a test that is expected to fail cannot fail.
 """
 
-from pathlib import Path
-
 import pytest
-from helpers import train_quick_start
+from helpers import train_and_measure_quick_start
 
-from benchmarks import toy_following
 from benchmarks.learning import run_jobs
 from rebel_diffusion.config import PRESETS, TrainConfig
 from rebel_diffusion.outputs.report import read_metrics
@@ -54,25 +51,19 @@ def run_preset(name: str, out) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def quick_start_runs(tmp_path_factory) -> dict[int, Path]:
-    """``--preset toy`` trained on seeds 0, 1 and 2, two at a time (one thread each, on 2 cores)."""
+def quick_start_runs(tmp_path_factory) -> dict[int, dict]:
+    """``--preset toy`` trained and measured on seeds 0, 1 and 2, all three at once (one thread each)."""
     root = tmp_path_factory.mktemp("quick_start")
     jobs = [(seed, str(root / f"seed{seed}")) for seed in (0, 1, 2)]
-    run_jobs(jobs, workers=2, worker=train_quick_start)
-    return {seed: Path(out) for seed, out in jobs}
+    results = run_jobs(jobs, workers=3, worker=train_and_measure_quick_start)
+    return {r["seed"]: r["following"] for r in results}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_quick_start_teaches_the_novel_combinations_and_keeps_the_known_ones(quick_start_runs, seed):
-    run = quick_start_runs[seed]
-    # Seeds 20,000 and up: neither training nor the grid nor the held-out evaluation uses them. 16 a
-    # caption: 256 images a novel set, a rate's noise about 0.02; 2 a known caption: 384 images.
-    sets = toy_following.SETS
-    novel_sets = {k: sets[k] for k in ("novel", "novel_heldout")}
-    result = toy_following.measure(run, seeds=16, first_seed=20_000, sets=novel_sets)
-    known = toy_following.measure(run, seeds=2, first_seed=20_000, sets={"known": sets["known"]})["known"]
-    novel, twin = result["novel"], result["novel_heldout"]
+    result = quick_start_runs[seed]
+    novel, twin, known = result["novel"], result["novel_heldout"], result["known"]
     readers = ("classifier", "pixels")
     # Taught, by both readers: measured +0.055 to +0.109 on these seeds (+0.066 to +0.094 on seeds
     # 10,000+). A rate's change has noise about 0.02: no update reads ~0.

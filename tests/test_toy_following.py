@@ -97,3 +97,39 @@ def test_rates_by_caption_split_the_overall_rate(rendered):
         weighted = sum(by_caption[p][reader] * prompts.count(p) for p in by_caption) / len(prompts)
         assert weighted == pytest.approx(overall[reader])
         assert overall[reader] > 0.8  # the rest are right
+
+
+def test_the_benchmark_samples_a_base_once_a_process(tmp_path, monkeypatch):
+    """benchmarks.toy_following: a second run of the same base reuses the base's readings (the same
+    figures, one sampling pass fewer); other seeds sample the base again."""
+    from benchmarks import toy_following
+    from rebel_diffusion.cli import main
+
+    captions = tmp_path / "two.txt"
+    captions.write_text("a red circle on an orange background\na yellow square on a black background\n")
+    flags = [
+        "--model", "tiny", "--reward", "jpeg-compressibility", "--num-steps", "3", "--prompts", str(captions),
+        "--prompts-per-batch", "2", "--batches-per-epoch", "1", "--train-batch-size", "2",
+        "--gradient-accumulation-steps", "2", "--grid-num-images", "1", "--epochs", "1",
+    ]  # fmt: skip
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        assert main(["train", *flags, "--seed", str(seed), "--output-dir", str(run)]) == 0
+    calls = []
+    sample = toy_following.sample_images
+    monkeypatch.setattr(toy_following, "sample_images", lambda *a, **k: calls.append(a[2]) or sample(*a, **k))
+    monkeypatch.setattr(toy_following, "_BASE_READINGS", {})
+    sets = {"two": str(captions)}
+    first = toy_following.measure(runs[0], seeds=2, first_seed=50, sets=sets)
+    assert len(calls) == 2  # base and tuned
+    again = toy_following.measure(runs[1], seeds=2, first_seed=50, sets=sets)
+    assert len(calls) == 3  # the tuned model alone
+    assert again["two"]["base"] == first["two"]["base"]
+    assert again["two"]["per_caption"].keys() == first["two"]["per_caption"].keys()
+    uncached = dict(toy_following._BASE_READINGS)
+    monkeypatch.setattr(toy_following, "_BASE_READINGS", {})
+    fresh = toy_following.measure(runs[1], seeds=2, first_seed=50, sets=sets)
+    assert fresh == again and len(calls) == 5  # the cached base is the base sampled afresh
+    toy_following.measure(runs[1], seeds=3, first_seed=50, sets=sets)
+    assert len(calls) == 7 and calls[-1] == [50, 51, 52]  # other seeds: the base again
+    assert len(uncached) == 1
