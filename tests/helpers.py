@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,20 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     msg = str(e.value)
     assert "\n" not in msg and "Traceback" not in msg, msg
     return msg
+
+
+@contextlib.contextmanager
+def diffusers_log():
+    """The messages diffusers logs inside the block (its logger does not propagate to pytest's)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    root = logging.getLogger("diffusers")
+    root.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)
 
 
 def train_and_measure_quick_start(job: tuple[int, str]) -> dict:

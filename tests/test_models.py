@@ -286,3 +286,20 @@ def test_save_lora_replaces_existing_folder(lora_unet, tmp_path):
     save_lora(lora_unet, folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted([LORA_FILE, PEFT_CONFIG, PEFT_WEIGHTS, KOHYA_FILE])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_a_cast_to_fp16_logs_no_empty_fp32_warning():
+    """diffusers warns on every .to(dtype) that modules should be kept in float32, even when they are
+    none ([]): that line alone is dropped; one naming modules still reaches the user."""
+    import logging
+
+    from helpers import diffusers_log
+
+    with diffusers_log() as log:
+        load_pipeline("tiny", dtype=torch.float16)
+    assert not [m for m in log if "kept in float32" in m], log
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    with diffusers_log() as log:
+        logger.warning("There are modules in UNet that should be kept in float32: ['norm']. Casting directly")
+        logger.warning("There are modules in UNet that should be kept in float32: []. Casting directly")
+    assert log == ["There are modules in UNet that should be kept in float32: ['norm']. Casting directly"]

@@ -242,6 +242,8 @@ def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
     ],
 )  # fmt: skip
 def test_variants_run(tmp_path, extra):
+    from helpers import diffusers_log
+
     out = tmp_path / "run"
     argv = ["train", *SMALL, "--epochs", "1", "--output-dir", str(out), *extra]
     if "--mixed-precision" in extra:  # accelerate fixes the precision once per process: a fresh one
@@ -250,7 +252,9 @@ def test_variants_run(tmp_path, extra):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     else:
-        assert main(argv) == 0
+        with diffusers_log() as log:
+            assert main(argv) == 0
+        assert not [m for m in log if "should be kept in float32" in m]  # diffusers' warning on .to(dtype)
     records = read_metrics(out)
     record = records[-1]
     assert record["loss"] == record["loss"]

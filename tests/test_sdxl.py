@@ -170,10 +170,14 @@ def test_vae_swap_from_a_folder_and_a_clear_error(tmp_path):
 
 
 def test_fp16_vae_with_force_upcast_decodes_in_fp32(tiny_sdxl_pipe):
+    from helpers import diffusers_log
+
     vae = copy.deepcopy(tiny_sdxl_pipe.vae).half()
     latents = torch.randn(2, 4, 8, 8, generator=gen(0))
-    upcast = decode_latents(vae, latents, upcast=True)
+    with diffusers_log() as log:
+        upcast = decode_latents(vae, latents, upcast=True)
     assert vae.dtype == torch.float16  # restored
+    assert log == []  # no warning from diffusers each epoch (its .to(dtype) logs one)
     reference = decode_latents(copy.deepcopy(vae).float(), latents)  # the same fp16 weights, in fp32
     assert_close(upcast, reference, rtol=0, atol=1e-6)
 
