@@ -12,7 +12,7 @@ budget. The JSON states which algorithm gains more at each budget, and whether R
 best final held-out reward (within the largest budget) with fewer reward queries. The PNG plots each
 variant's gain against its alignment loss with 95% intervals over seeds, and both frontiers.
 
-    python -m benchmarks.frontier --jobs 2          # 16 variants x 3 seeds, ~45 min on 2 cores
+    python -m benchmarks.frontier --jobs 2          # 18 variants x 3 seeds, ~50 min on 2 cores
     python -m benchmarks.frontier --extend benchmarks/results/frontier_cpu_2026-12-07.json
         # runs only the variants that file lacks, and analyses them all together
 """
@@ -50,6 +50,8 @@ VARIANTS = [
     ("rebel", "eta 6, KL 0.025", "--eta 6 --kl-coef 0.025"),
     ("rebel", "base anchor, eta 4", "--anchor base --kl-coef 0"),
     ("rebel", "base anchor, eta 8", "--anchor base --kl-coef 0 --eta 8"),
+    ("rebel", "base anchor, eta 16", "--anchor base --kl-coef 0 --eta 16"),
+    ("rebel", "base anchor, eta 32", "--anchor base --kl-coef 0 --eta 32"),
     ("ddpo", "clip 1.6 nats, KL 0.03", "--algorithm ddpo"),
     ("ddpo", "clip 1.6 nats, KL 0", "--algorithm ddpo --kl-coef 0"),
     ("ddpo", "clip 1e-2, KL 0.03", "--algorithm ddpo --clip-range 1e-2"),
