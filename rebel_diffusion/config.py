@@ -150,6 +150,13 @@ class TrainConfig:
     # --- batches ---------------------------------------------------------------------------------
     epochs: int = _f(100, "training epochs (each: sample, score, update)")
     images_per_prompt: int = _f(2, "images per prompt k (REBEL uses all k(k-1)/2 pairs; the paper: 2)")
+    prompt_sampling: str = _f(
+        "replacement",
+        "how each sampling batch's prompts are drawn from the list: replacement = independently, with "
+        "replacement (as DDPO; over a short run some prompts come up far less often than others); "
+        "shuffle = in shuffled passes over the list, so every prompt comes up equally often (within one)",
+        ("replacement", "shuffle"),
+    )
     prompts_per_batch: int = _f(8, "prompts per sampling batch, per process")
     batches_per_epoch: int = _f(4, "sampling batches per epoch, per process")
     train_batch_size: int = _f(4, "micro-batch: images per forward/backward (REBEL and DDPO)")
@@ -701,13 +708,15 @@ def config_from_stored(values: dict, source: str) -> TrainConfig:
     """A run's stored fields (its config.yaml, as a dict) as the ``TrainConfig`` it trained with.
 
     Field names of an earlier release read as today's (``RENAMED``, silently), fields its release did
-    not write take their defaults, except ``anchor``: runs from before it regressed against the
-    sampling policy. Values are checked as ``validate`` checks them; nothing outside is (a prompts
-    file may have moved since). Errors are one-line ``UsageError``s naming ``source``.
+    not write take their defaults, except ``anchor`` (runs from before it regressed against the
+    sampling policy) and ``prompt_sampling`` (they drew prompts with replacement). Values are checked
+    as ``validate`` checks them; nothing outside is (a prompts file may have moved since). Errors are
+    one-line ``UsageError``s naming ``source``.
     """
     # Format-1 runs stored the actions (as false); fields since removed are dropped.
     stored = {k: v for k, v in values.items() if k not in ACTIONS and k not in REMOVED}
     stored.setdefault("anchor", "policy")
+    stored.setdefault("prompt_sampling", "replacement")
     cfg = _apply(TrainConfig(), _renamed(stored, source, warn=False), source)
     unset = [f.name for f in dataclasses.fields(cfg) if f.default is not None and getattr(cfg, f.name) is None]
     if unset:  # YAML null where the field has a value by default

@@ -14,7 +14,7 @@ import yaml
 from rebel_diffusion.cli import main
 from rebel_diffusion.config import TrainConfig
 from rebel_diffusion.rewards import reward_function
-from rebel_diffusion.training.recipe import TIME_KEYS, setup, train_epoch
+from rebel_diffusion.training.recipe import TIME_KEYS, epoch_prompts, setup, shuffled_passes, train_epoch
 
 # A run of seconds: 2 prompts x 2 images, 3 steps, 32x32.
 SMALL = [
@@ -114,14 +114,57 @@ def test_startup_line_states_the_step_size_in_both_units_and_the_batches(tmp_pat
     assert "policy term weighted per step linear:2,0" in describe_plan(weighted)
 
 
-def test_resume_repeats_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sampling", ["replacement", "shuffle"])
+def test_resume_repeats_an_uninterrupted_run(tmp_path, sampling):
     full, split = tmp_path / "full", tmp_path / "split"
-    assert main(["train", *SMALL, "--epochs", "4", "--output-dir", str(full)]) == 0
-    assert main(["train", *SMALL, "--epochs", "2", "--output-dir", str(split)]) == 0
+    flags = [*SMALL, "--prompt-sampling", sampling, "--prompts", str(_prompt_file(tmp_path, 3))]
+    assert main(["train", *flags, "--epochs", "4", "--output-dir", str(full)]) == 0
+    assert main(["train", *flags, "--epochs", "2", "--output-dir", str(split)]) == 0
     assert main(["train", "--resume", "--epochs", "4", "--output-dir", str(split)]) == 0
     a, b = without_time(read_metrics(full)), without_time(read_metrics(split))
     assert [r["epoch"] for r in b] == [0, 1, 2, 3, 4]
     assert a == b
+
+
+def _prompt_file(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"a photo of thing {i}\n" for i in range(count)))
+    return path
+
+
+def test_shuffled_passes_show_every_prompt_once_a_pass():
+    stream = shuffled_passes(7, seed=3, start=0, count=35)  # (35,): five passes
+    passes = stream.reshape(5, 7)
+    assert all(sorted(p) == list(range(7)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # each pass its own order
+    for start, count in ((0, 3), (5, 9), (14, 7), (20, 15)):  # any window: the same stream, across passes
+        assert shuffled_passes(7, seed=3, start=start, count=count).tolist() == stream[start : start + count].tolist()
+    assert shuffled_passes(7, seed=4, start=0, count=35).tolist() != stream.tolist()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_shuffled_prompt_sampling_draws_every_prompt_equally_often(processes):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    prompts = [f"prompt {i}" for i in range(10)]
+    cfg = TrainConfig(prompts_per_batch=3, batches_per_epoch=2, prompt_sampling="shuffle", seed=5)
+    counts, batches = Counter(), []
+    for epoch in range(1, 6):  # 5 epochs x 2 batches x 3 prompts x processes
+        for batch in range(cfg.batches_per_epoch):
+            drawn = []
+            for rank in range(processes):
+                run = SimpleNamespace(
+                    cfg=cfg, prompts=prompts, accelerator=SimpleNamespace(num_processes=processes, process_index=rank)
+                )
+                drawn += epoch_prompts(run, epoch, batch)
+            batches.append(drawn)
+            counts.update(drawn)
+    assert sum(counts.values()) == 30 * processes
+    assert set(counts.values()) == {3 * processes}  # 3 or 6 whole passes: each prompt as often
+    # The processes split one stream: their batches together are its consecutive slices.
+    stream = shuffled_passes(10, seed=5, start=0, count=30 * processes)
+    assert [p for drawn in batches for p in drawn] == [prompts[i] for i in stream]
 
 
 def test_refuses_existing_output_dir_and_touches_nothing(finished_run, capsys):

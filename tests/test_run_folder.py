@@ -276,12 +276,15 @@ def resumed(out):
 
 def test_read_run_config_reads_an_old_run_as_resume_does(tmp_path, recwarn):
     """A config.yaml of an earlier release: old field names, the actions stored (false), no anchor
-    (those runs regressed against the sampling policy), fields added since missing, and a prompts
+    (those runs regressed against the sampling policy) nor prompt sampling (with replacement), fields
+    added since missing, and a prompts
     file that has moved since. It reads silently as the TrainConfig --resume would continue."""
     out = tmp_path / "run"
     out.mkdir()
     saved = dataclasses.asdict(TrainConfig(model="tiny", prompts=str(tmp_path / "gone.txt"), output_dir="elsewhere"))
-    for name in ("grid_prompts", "heldout_every", "heldout_rewards", "anchor", "vae", "num_threads"):
+    added_since = ("grid_prompts", "heldout_every", "heldout_rewards", "anchor", "vae", "num_threads")
+    added_since += ("prompt_sampling",)
+    for name in added_since:
         saved.pop(name)
     saved.update(eval_prompts="toy_heldout", eval_every=0, eval_rewards="clip", resume=False, overwrite=False)
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
@@ -289,6 +292,7 @@ def test_read_run_config_reads_an_old_run_as_resume_does(tmp_path, recwarn):
     cfg = run_folder.read_run_config(out)
     assert (cfg.grid_prompts, cfg.heldout_rewards, cfg.heldout_every) == ("toy_heldout", "clip", 0)
     assert cfg.anchor == "policy" and cfg.vae is None and cfg.num_threads is None
+    assert cfg.prompt_sampling == "replacement"  # those runs drew prompts with replacement
     assert cfg.prompts == str(tmp_path / "gone.txt") and cfg.output_dir == str(out)
     assert cfg == dataclasses.replace(resumed(out), resume=False)
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]

@@ -369,11 +369,32 @@ def train_epoch(run: Run, epoch: int) -> dict:
     }
 
 
+def shuffled_passes(num_prompts: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Positions start .. start + count - 1 of an endless stream of shuffled passes over the prompt
+    list: pass p is a permutation of range(num_prompts) drawn from (seed, p). (count,) int64.
+
+    A pure function of its arguments, so a resumed run draws what the uninterrupted one would have.
+    """
+    out = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        p, j = divmod(start + i, num_prompts)
+        if i == 0 or j == 0:
+            order = np.random.default_rng([seed, p]).permutation(num_prompts)
+        out[i] = order[j]
+    return out
+
+
 def epoch_prompts(run: Run, epoch: int, batch: int) -> list[str]:
-    """This process's prompts of one sampling batch: drawn with replacement from (seed, epoch, batch)."""
+    """This process's prompts of one sampling batch (epochs count from 1): with replacement, from
+    (seed, epoch, batch); or the batch's slice of shuffled passes over the list (``--prompt-sampling``)."""
     cfg, acc = run.cfg, run.accelerator
-    rng = np.random.default_rng([cfg.seed, epoch, batch])
-    picks = rng.integers(0, len(run.prompts), size=cfg.prompts_per_batch * acc.num_processes)
+    per_batch = cfg.prompts_per_batch * acc.num_processes  # every process's prompts of this batch
+    if cfg.prompt_sampling == "shuffle":
+        start = ((epoch - 1) * cfg.batches_per_epoch + batch) * per_batch
+        picks = shuffled_passes(len(run.prompts), cfg.seed, start, per_batch)
+    else:
+        rng = np.random.default_rng([cfg.seed, epoch, batch])
+        picks = rng.integers(0, len(run.prompts), size=per_batch)
     mine = picks[acc.process_index * cfg.prompts_per_batch : (acc.process_index + 1) * cfg.prompts_per_batch]
     return [run.prompts[i] for i in mine]
 
