@@ -153,7 +153,9 @@ def test_a_local_sdxl_folder_is_recognised_without_a_flag(tiny_sdxl_pipe, tmp_pa
     check_sd_components(pipe)
     a = sample_trajectories(pipe, PROMPTS[:1], seed=SEED, settings=SETTINGS, record=False)
     b = sample_trajectories(tiny_sdxl_pipe, PROMPTS[:1], seed=SEED, settings=SETTINGS, record=False)
-    assert_close(a.images, b.images, rtol=0, atol=1e-6)
+    # The same weights in two copies: fp32 kernels may round the last bits differently (1.5e-6 on an
+    # AVX2-only CPU); another model's images differ by orders of magnitude more.
+    assert_close(a.images, b.images, rtol=0, atol=1e-5)
 
 
 def test_vae_swap_from_a_folder_and_a_clear_error(tmp_path):
