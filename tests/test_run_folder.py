@@ -277,13 +277,20 @@ def resumed(out):
 def test_read_run_config_reads_an_old_run_as_resume_does(tmp_path, recwarn):
     """A config.yaml of an earlier release: old field names, the actions stored (false), no anchor
     (those runs regressed against the sampling policy) nor prompt sampling (with replacement), fields
-    added since missing, and a prompts
-    file that has moved since. It reads silently as the TrainConfig --resume would continue."""
+    added since missing, and a prompts file that has moved since. It reads silently as the
+    TrainConfig --resume would continue."""
     out = tmp_path / "run"
     out.mkdir()
     saved = dataclasses.asdict(TrainConfig(model="tiny", prompts=str(tmp_path / "gone.txt"), output_dir="elsewhere"))
-    added_since = ("grid_prompts", "heldout_every", "heldout_rewards", "anchor", "vae", "num_threads")
-    added_since += ("prompt_sampling",)
+    added_since = (
+        "grid_prompts",
+        "heldout_every",
+        "heldout_rewards",
+        "anchor",
+        "vae",
+        "num_threads",
+        "prompt_sampling",
+    )
     for name in added_since:
         saved.pop(name)
     saved.update(eval_prompts="toy_heldout", eval_every=0, eval_rewards="clip", resume=False, overwrite=False)
