@@ -5,7 +5,8 @@ adds a LoRA, swaps the scheduler or accumulates gradients must work on its own c
 (``rebel_diffusion.models.build_tiny_pipeline()`` or ``copy.deepcopy(pipe.unet)``); temporary
 ``monkeypatch`` changes are fine because they are undone after the test.
 
-Tests run torch with one intra-op thread (``REBEL_TEST_THREADS`` overrides it).
+Tests run torch with one intra-op thread (``REBEL_TEST_THREADS`` overrides it); ``-n auto`` runs one
+pytest-xdist worker per CPU instead.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def tiny_lcm_pipe():
 def tiny_v_pipe():
     """``tiny-v``: as ``tiny`` with a v-prediction DDIM scheduler, fp32 CPU."""
     return load_pipeline("tiny-v")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may run on (psutil's count, xdist's default, sees
+    every core of the host, not the container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,10 +38,16 @@ def diffusers_log():
         root.removeHandler(handler)
 
 
+def run_job(job: tuple) -> dict:
+    """``(worker, argument)`` -> ``worker(argument)``: one process pool runs several module-level workers."""
+    worker, argument = job
+    return worker(argument)
+
+
 def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]``, then measure its prompt following
     on seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
-    module-level worker for spawned processes; one thread, as three of them share a 2-core machine).
+    module-level worker for spawned processes; one thread: two of them share a 2-core machine).
 
     Less its per-epoch grid and held-out evaluation: they sample with their own fixed seeds and leave
     training's random streams alone (the LoRA is bit-identical with them). 16 seeds a novel caption
@@ -54,10 +60,31 @@ def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     seed, out = job
     cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=out)
     cfg.grid_num_images, cfg.heldout_every = 1, 0
-    cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the three share
+    cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the two share
     train(cfg)
     sets = toy_following.SETS
     novel = {k: sets[k] for k in ("novel", "novel_heldout")}
     result = toy_following.measure(out, seeds=16, first_seed=20_000, sets=novel)
     result.update(toy_following.measure(out, seeds=2, first_seed=20_000, sets={"known": sets["known"]}))
     return {"seed": seed, "following": result}
+
+
+def train_saturated(out: str) -> list[dict]:
+    """Train ``--preset toy-alignment-saturated`` into ``out`` with a held-out evaluation (toy-alignment
+    and JPEG, 2 images a caption) before and after; its metrics records (a module-level worker for
+    spawned processes, one thread)."""
+    from pathlib import Path
+
+    from rebel_diffusion.config import PRESETS, TrainConfig
+    from rebel_diffusion.outputs.report import read_metrics
+    from rebel_diffusion.training.recipe import train
+
+    cfg = TrainConfig(**PRESETS["toy-alignment-saturated"], output_dir=out)
+    cfg.heldout_every = cfg.epochs
+    cfg.heldout_rewards = "jpeg-compressibility,toy-alignment"
+    cfg.heldout_images = 2
+    cfg.heldout_diversity = "none"
+    cfg.num_threads = 1
+    cfg.validate()
+    train(cfg)
+    return read_metrics(Path(out) / "metrics.jsonl")

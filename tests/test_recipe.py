@@ -372,20 +372,27 @@ def _env():
 
 @pytest.mark.slow
 def test_two_processes_one_set_of_outputs(tmp_path):
+    """A 2-process run (gloo on the CPU) writes one set of outputs, and it resumes as 2 processes."""
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        "-m", "rebel_diffusion", "train", *SMALL, "--epochs", "2", "--output-dir", str(out),
+        "-m", "rebel_diffusion", "train", *SMALL, "--output-dir", str(out),
     ]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
+    first = subprocess.run([*cmd, "--epochs", "1"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 process(es)" in first.stdout
+    checkpoint = out / "checkpoints" / "epoch_0001"
+    assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
+    resumed = subprocess.run(
+        [*cmd, "--epochs", "2", "--resume"], env=_env(), capture_output=True, text=True, timeout=600
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(from epoch 2)" in resumed.stdout, resumed.stdout[-3000:]
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1, 2]  # one writer
     assert records[1]["images"] == 8 and records[1]["pairs"] == 4  # both processes' samples
-    checkpoint = out / "checkpoints" / "epoch_0002"
-    assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
+    assert (out / "checkpoints" / "epoch_0002" / "rng_1.pt").is_file()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
