@@ -49,17 +49,20 @@ def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     on seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
     module-level worker for spawned processes; one thread: two of them share a 2-core machine).
 
-    Less its per-epoch grid and held-out evaluation: they sample with their own fixed seeds and leave
-    training's random streams alone (the LoRA is bit-identical with them). 16 seeds a novel caption
-    (256 images a set, a rate's noise about 0.02), 2 a known caption (384 images).
+    Less its per-epoch grid, held-out evaluation and reward-curve plot: the first two sample with
+    their own fixed seeds and leave training's random streams alone (the LoRA is bit-identical with
+    them), the plot only reads the metrics. 16 seeds a novel caption (256 images a set, a rate's
+    noise about 0.02), 2 a known caption (384 images).
     """
     from benchmarks import toy_following
     from rebel_diffusion.config import PRESETS, TrainConfig
+    from rebel_diffusion.outputs import report
     from rebel_diffusion.training.recipe import train
 
     seed, out = job
     cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=out)
     cfg.grid_num_images, cfg.heldout_every = 1, 0
+    report.plot_reward_curve = lambda metrics, path: None  # this spawned process's own module
     cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the two share
     train(cfg)
     sets = toy_following.SETS

@@ -30,16 +30,12 @@ from rebel_diffusion.config import PRESETS
 
 ALIGNMENT_NOISE = 0.013
 
-# The module's runs share one fixture: with ``-n auto`` its tests stay on one worker.
-pytestmark = pytest.mark.xdist_group("learning")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The module's four end-to-end runs, two at a time in spawned processes of one thread each: a
-    2-core machine's best (more threads barely speed the toy model, and a third process only shares
-    the cores, slowing all). ``--preset toy`` on seeds 0, 1 and 2 ({seed: following}) and
-    ``toy-alignment-saturated`` ("saturated": its metrics records)."""
+    """The module's four end-to-end runs, two at a time in spawned processes of one thread each (more
+    threads barely speed the toy model; CI runs the other end-to-end tests beside them):
+    ``--preset toy`` on seeds 0, 1 and 2 ({seed: following}) and ``toy-alignment-saturated``
+    ("saturated": its metrics records)."""
     root = tmp_path_factory.mktemp("learning")
     jobs = [(train_saturated, str(root / "saturated"))]
     jobs += [(train_and_measure_quick_start, (seed, str(root / f"seed{seed}"))) for seed in (0, 1, 2)]
