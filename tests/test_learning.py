@@ -30,6 +30,7 @@ from rebel_diffusion.config import PRESETS
 
 ALIGNMENT_NOISE = 0.013
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """The module's four end-to-end runs, two at a time in spawned processes of one thread each (more
