@@ -47,7 +47,7 @@ def run_job(job: tuple) -> dict:
 def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]``, then measure its prompt following
     on seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
-    module-level worker for spawned processes; one thread: two of them share a 2-core machine).
+    module-level worker for spawned processes; one thread: four runs share a 2-core machine).
 
     Less its per-epoch grid, held-out evaluation and reward-curve plot: the first two sample with
     their own fixed seeds and leave training's random streams alone (the LoRA is bit-identical with
@@ -63,7 +63,7 @@ def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     cfg = TrainConfig(**PRESETS["toy"], seed=seed, output_dir=out)
     cfg.grid_num_images, cfg.heldout_every = 1, 0
     report.plot_reward_curve = lambda metrics, path: None  # this spawned process's own module
-    cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the two share
+    cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the runs share
     train(cfg)
     sets = toy_following.SETS
     novel = {k: sets[k] for k in ("novel", "novel_heldout")}

@@ -33,15 +33,16 @@ ALIGNMENT_NOISE = 0.013
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The module's four end-to-end runs, two at a time in spawned processes of one thread each (more
-    threads barely speed the toy model; CI runs the other end-to-end tests beside them):
+    """The module's four end-to-end runs at once, in spawned processes of one thread each (more threads
+    barely speed the toy model; four processes pack a 2-core machine better than two lanes of two
+    runs, which leave one core idle at the end; CI runs the other end-to-end tests beside them):
     ``--preset toy`` on seeds 0, 1 and 2 ({seed: following}) and ``toy-alignment-saturated``
     ("saturated": its metrics records)."""
     root = tmp_path_factory.mktemp("learning")
     jobs = [(train_saturated, str(root / "saturated"))]
     jobs += [(train_and_measure_quick_start, (seed, str(root / f"seed{seed}"))) for seed in (0, 1, 2)]
     out = {}
-    for result in run_jobs(jobs, workers=2, worker=run_job):
+    for result in run_jobs(jobs, workers=len(jobs), worker=run_job):
         if isinstance(result, list):
             out["saturated"] = result
         else:
