@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from rebel_diffusion.models import load_pipeline
 from rebel_diffusion.outputs.generation import load_models, resolve_source, sample_images
 from rebel_diffusion.prompts_io import load_prompts
 from rebel_diffusion.rewards.toy_alignment import load_classifier
@@ -42,6 +43,59 @@ FIRST_SEED = 10_000  # training seeds come from SeedSequence; grids and held-out
 _BASE_READINGS: dict[tuple, tuple[dict, dict]] = {}
 
 
+def read(pipe, settings, prompts: list[str], seed_list: list[int], classifier) -> tuple[dict, dict]:
+    """({reader: rate}, {caption: {reader: rate}}) of ``pipe``'s samples of ``prompts`` x ``seed_list``."""
+    flat = [p for p in prompts for _ in seed_list]  # prompt-major, as sample_images returns them
+    with torch.no_grad():
+        images = sample_images(pipe, prompts, seed_list, settings, batch_size=256)
+    return follow_rates(images, flat, classifier), follow_rates_by_caption(images, flat, classifier)
+
+
+def base_readings(
+    model: str, vae: str | None, settings, seeds: int = 8, first_seed: int = FIRST_SEED, sets: dict | None = None
+) -> dict:
+    """{set: (rates, by_caption)} of the base ``model`` (with ``vae``) sampled with ``settings``;
+    remembered for this process. Without a run folder: a test's base, measured beside its runs."""
+    sets = SETS if sets is None else sets
+    seed_list = list(range(first_seed, first_seed + seeds))
+    out, pipe, classifier = {}, None, None
+    for name, prompt_set in sets.items():
+        prompts = load_prompts(prompt_set)
+        key = (model, vae, repr(settings), tuple(prompts), tuple(seed_list))
+        if key not in _BASE_READINGS:
+            if pipe is None:
+                pipe = load_pipeline(model, dtype=torch.float32, device=torch.device("cpu"), vae=vae)
+                classifier = load_classifier()
+            _BASE_READINGS[key] = read(pipe, settings, prompts, seed_list, classifier)
+        out[name] = _BASE_READINGS[key]
+    return out
+
+
+def tuned_readings(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets: dict | None = None) -> dict:
+    """{set: (rates, by_caption)} of a run folder's fine-tune, sampled with the run's own settings."""
+    sets = SETS if sets is None else sets
+    source = resolve_source(run)
+    _, tuned = load_models(source, device=torch.device("cpu"), dtype=torch.float32, with_base=False)
+    settings = settings_from_config(source.config)
+    classifier = load_classifier()
+    seed_list = list(range(first_seed, first_seed + seeds))
+    return {name: read(tuned, settings, load_prompts(s), seed_list, classifier) for name, s in sets.items()}
+
+
+def compare(base: dict, tuned: dict) -> dict:
+    """{set: {'base': {reader: rate}, 'tuned': {...}, 'change': {...}}} from two readings of the same
+    sets (``base_readings``, ``tuned_readings``); small sets also get 'per_caption'."""
+    out = {}
+    for name, (rates, by_caption) in tuned.items():
+        base_rates, base_by_caption = base[name]
+        row = {"base": base_rates, "tuned": rates}
+        row["change"] = {k: rates[k] - base_rates[k] for k in base_rates}
+        if len(by_caption) <= PER_CAPTION_MAX:
+            row["per_caption"] = {p: {"base": base_by_caption[p], "tuned": by_caption[p]} for p in base_by_caption}
+        out[name] = row
+    return out
+
+
 def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets: dict | None = None) -> dict:
     """{set: {'base': {reader: rate}, 'tuned': {...}, 'change': {...}, 'images': n}} for a run folder.
 
@@ -50,29 +104,11 @@ def measure(run: str | Path, seeds: int = 8, first_seed: int = FIRST_SEED, sets:
     """
     sets = SETS if sets is None else sets
     source = resolve_source(run)
-    base, tuned = load_models(source, device=torch.device("cpu"), dtype=torch.float32, with_base=True)
     settings = settings_from_config(source.config)
-    classifier = load_classifier()
-    seed_list = list(range(first_seed, first_seed + seeds))
-    out = {}
+    base = base_readings(source.model, source.vae, settings, seeds, first_seed, sets)
+    out = compare(base, tuned_readings(run, seeds, first_seed, sets))
     for name, prompt_set in sets.items():
-        prompts = load_prompts(prompt_set)
-        flat = [p for p in prompts for _ in seed_list]  # prompt-major, as sample_images returns them
-        row, by_caption = {"images": len(flat)}, {}
-        base_key = (source.model, source.vae, repr(settings), tuple(prompts), tuple(seed_list))
-        for side, pipe in (("base", base), ("tuned", tuned)):
-            if side == "base" and base_key in _BASE_READINGS:
-                row[side], by_caption[side] = _BASE_READINGS[base_key]
-                continue
-            with torch.no_grad():
-                images = sample_images(pipe, prompts, seed_list, settings, batch_size=256)
-            row[side] = follow_rates(images, flat, classifier)
-            by_caption[side] = follow_rates_by_caption(images, flat, classifier)
-        _BASE_READINGS[base_key] = row["base"], by_caption["base"]
-        row["change"] = {k: row["tuned"][k] - row["base"][k] for k in row["base"]}
-        if len(prompts) <= PER_CAPTION_MAX:
-            row["per_caption"] = {p: {side: by_caption[side][p] for side in by_caption} for p in by_caption["base"]}
-        out[name] = row
+        out[name]["images"] = len(load_prompts(prompt_set)) * seeds
     return out
 
 

@@ -44,19 +44,26 @@ def run_job(job: tuple) -> dict:
     return worker(argument)
 
 
-def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
-    """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]``, then measure its prompt following
-    on seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
-    module-level worker for spawned processes; one thread: four runs share a 2-core machine).
+QUICK_START_SEEDS = {"novel": 16, "novel_heldout": 16, "known": 2}  # fresh seeds a caption, from 20,000
+
+
+def train_and_read_quick_start(job: tuple[int, str]) -> dict:
+    """Train ``--preset toy`` with seed ``job[0]`` into ``job[1]``, then read its prompt following on
+    seeds 20,000 and up, which neither training nor the grid nor the held-out evaluation uses (a
+    module-level worker for spawned processes; one thread: four runs share a 2-core machine):
+    {"seed", "settings" (the sampler's, as text), "readings" (``toy_following.tuned_readings``)}.
 
     Less its per-epoch grid, held-out evaluation and reward-curve plot: the first two sample with
     their own fixed seeds and leave training's random streams alone (the LoRA is bit-identical with
     them), the plot only reads the metrics. 16 seeds a novel caption (256 images a set, a rate's
-    noise about 0.02), 2 a known caption (384 images).
+    noise about 0.02), 2 a known caption (384 images). The base is read once for all seeds
+    (``read_quick_start_base``).
     """
     from benchmarks import toy_following
     from rebel_diffusion.config import PRESETS, TrainConfig
     from rebel_diffusion.outputs import report
+    from rebel_diffusion.outputs.generation import resolve_source
+    from rebel_diffusion.sampling import settings_from_config
     from rebel_diffusion.training.recipe import train
 
     seed, out = job
@@ -65,11 +72,31 @@ def train_and_measure_quick_start(job: tuple[int, str]) -> dict:
     report.plot_reward_curve = lambda metrics, path: None  # this spawned process's own module
     cfg.num_threads = 1  # the idle CPUs at start would oversubscribe the machine the runs share
     train(cfg)
-    sets = toy_following.SETS
-    novel = {k: sets[k] for k in ("novel", "novel_heldout")}
-    result = toy_following.measure(out, seeds=16, first_seed=20_000, sets=novel)
-    result.update(toy_following.measure(out, seeds=2, first_seed=20_000, sets={"known": sets["known"]}))
-    return {"seed": seed, "following": result}
+    readings = {}
+    for name, seeds in QUICK_START_SEEDS.items():
+        sets = {name: toy_following.SETS[name]}
+        readings.update(toy_following.tuned_readings(out, seeds=seeds, first_seed=20_000, sets=sets))
+    settings = repr(settings_from_config(resolve_source(out).config))
+    return {"seed": seed, "settings": settings, "readings": readings}
+
+
+def read_quick_start_base(_=None) -> dict:
+    """The toy base model's prompt following with ``--preset toy``'s sampler on the seeds of
+    ``train_and_read_quick_start``: {"settings", "readings"} (a module-level worker, one thread)."""
+    import torch
+
+    from benchmarks import toy_following
+    from rebel_diffusion.config import PRESETS, TrainConfig
+    from rebel_diffusion.sampling import settings_from_config
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(**PRESETS["toy"])
+    settings = settings_from_config(cfg)
+    readings = {}
+    for name, seeds in QUICK_START_SEEDS.items():
+        sets = {name: toy_following.SETS[name]}
+        readings.update(toy_following.base_readings(cfg.model, cfg.vae, settings, seeds, 20_000, sets))
+    return {"settings": repr(settings), "readings": readings}
 
 
 def train_saturated(out: str) -> list[dict]:

@@ -23,8 +23,9 @@ seed, and a test that is expected to fail cannot fail.
 """
 
 import pytest
-from helpers import run_job, train_and_measure_quick_start, train_saturated
+from helpers import read_quick_start_base, run_job, train_and_read_quick_start, train_saturated
 
+from benchmarks import toy_following
 from benchmarks.learning import run_jobs
 from rebel_diffusion.config import PRESETS
 
@@ -33,20 +34,21 @@ ALIGNMENT_NOISE = 0.013
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """The module's four end-to-end runs at once, in spawned processes of one thread each (more threads
+    """The module's end-to-end runs at once, in spawned processes of one thread each (more threads
     barely speed the toy model; four processes pack a 2-core machine better than two lanes of two
     runs, which leave one core idle at the end; CI runs the other end-to-end tests beside them):
-    ``--preset toy`` on seeds 0, 1 and 2 ({seed: following}) and ``toy-alignment-saturated``
-    ("saturated": its metrics records)."""
+    ``--preset toy`` on seeds 0, 1 and 2 ({seed: following, as ``toy_following.measure`` gives it}),
+    the base read once for the three, and ``toy-alignment-saturated`` ("saturated": its metrics
+    records)."""
     root = tmp_path_factory.mktemp("learning")
-    jobs = [(train_saturated, str(root / "saturated"))]
-    jobs += [(train_and_measure_quick_start, (seed, str(root / f"seed{seed}"))) for seed in (0, 1, 2)]
-    out = {}
-    for result in run_jobs(jobs, workers=len(jobs), worker=run_job):
-        if isinstance(result, list):
-            out["saturated"] = result
-        else:
-            out[result["seed"]] = result["following"]
+    jobs = [(train_saturated, str(root / "saturated")), (read_quick_start_base, None)]
+    jobs += [(train_and_read_quick_start, (seed, str(root / f"seed{seed}"))) for seed in (0, 1, 2)]
+    results = run_jobs(jobs, workers=len(jobs), worker=run_job)  # in the order they finish
+    out = {"saturated": next(r for r in results if isinstance(r, list))}
+    base = next(r for r in results if isinstance(r, dict) and "seed" not in r)
+    for result in (r for r in results if isinstance(r, dict) and "seed" in r):
+        assert result["settings"] == base["settings"]  # the base read with the runs' own sampler
+        out[result["seed"]] = toy_following.compare(base["readings"], result["readings"])
     return out
 
 

@@ -538,3 +538,42 @@ def test_kl_prompts_price_only_their_images(tmp_path):
         runs[name] = read_metrics(tmp_path / name)[-1]
     assert without_time([runs["every"]]) == without_time([runs["plain"]])
     assert runs["some"]["kl"] > 0 and runs["some"]["kl"] != runs["plain"]["kl"]
+
+
+def test_the_kl_term_reuses_the_base_anchors_step_means(tmp_path):
+    """--anchor base with a KL term: the base's step means kept from the anchor's pass are the ones a
+    base forward gives at the recorded x_t, for any images and steps; a step the anchor did not score
+    takes the forward."""
+    from rebel_diffusion.sampling import steps_log_prob
+    from rebel_diffusion.training.plans import run_trained_steps
+    from rebel_diffusion.training.recipe import sample_epoch
+    from rebel_diffusion.training.reference import base_log_probs, base_unet, cached_reference_mean, reference_mean
+
+    run = setup(small_config(tmp_path / "run", anchor="base", kl_coef=0.1, num_steps=5, min_step_std=0.0))
+    traj = sample_epoch(run, 0)
+    with torch.no_grad():  # move the LoRA weights off zero, so that "the base" is not the policy
+        for p in run.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    trained = run_trained_steps(run, traj)
+    assert len(trained) >= 4
+    logp, means = base_log_probs(run, traj, trained[1:], with_mean=True)  # (B, T), (B, S, C, h, w)
+    assert means.shape == (len(traj), len(trained) - 1, *traj.latents.shape[2:])
+    torch.testing.assert_close(logp, base_log_probs(run, traj, trained[1:]), rtol=0, atol=0)
+    calls = []
+
+    def forward(group, index):
+        calls.append(group)
+        return reference_mean(run, traj)(group, index)
+
+    cached = cached_reference_mean(means, trained[1:], forward)
+    index = torch.tensor([len(traj) - 1, 0])
+    for group in ([trained[-1]], trained[1:3], [trained[0], trained[1]]):
+        with torch.no_grad(), base_unet(run) as unet:
+            expected = steps_log_prob(unet, run.scheduler, traj, group, index=index, with_mean=True)[1]
+        with torch.no_grad():
+            policy = steps_log_prob(run.unet, run.scheduler, traj, group, index=index, with_mean=True)[1]
+            got = cached(group, index)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert (policy - expected).abs().max() > 1e-4  # the cache holds the base, not the policy
+    assert calls == [[trained[0], trained[1]]]  # the one group with a step the anchor did not score

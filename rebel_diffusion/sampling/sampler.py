@@ -449,23 +449,38 @@ def step_groups(steps: list[int], steps_per_pass: int) -> list[list[int]]:
 
 @torch.no_grad()
 def rescore_log_probs(
-    unet, scheduler, traj: Trajectories, steps=None, index=None, batch_size: int | None = None, steps_per_pass: int = 1
+    unet,
+    scheduler,
+    traj: Trajectories,
+    steps=None,
+    index=None,
+    batch_size: int | None = None,
+    steps_per_pass: int = 1,
+    with_mean: bool = False,
 ):
     """Recompute the recorded log-probs under the current weights, without a graph.
 
     Returns (b, S) float32 for the stochastic steps ``steps`` (default all of them). Before any
     update it equals ``traj.log_probs`` up to numerics: the on-policy check. UNet calls hold
-    ``batch_size`` images (default all) x ``steps_per_pass`` steps.
+    ``batch_size`` images (default all) x ``steps_per_pass`` steps. ``with_mean``: also the steps'
+    Gaussian means, (b, S, C, h, w).
     """
     steps = traj.stochastic_steps() if steps is None else list(steps)
     index = torch.arange(len(traj)) if index is None else torch.as_tensor(index)
     if not steps:  # no stochastic step (a 1-step LCM trajectory): nothing to score
-        return torch.zeros(len(index), 0, device=traj.log_probs.device)
+        empty = torch.zeros(len(index), 0, device=traj.log_probs.device)
+        return (empty, traj.latents.new_zeros(len(index), 0, *traj.latents.shape[2:])) if with_mean else empty
     bs = batch_size or len(index)
-    cols = []
+    cols, means = [], []
     for group in step_groups(steps, steps_per_pass):
-        cols.append(torch.cat([steps_log_prob(unet, scheduler, traj, group, chunk) for chunk in index.split(bs)]))
-    return torch.cat(cols, dim=1)
+        parts = [steps_log_prob(unet, scheduler, traj, group, chunk, with_mean=with_mean) for chunk in index.split(bs)]
+        if not with_mean:
+            cols.append(torch.cat(parts))
+            continue
+        cols.append(torch.cat([logp for logp, _, _ in parts]))
+        means.append(torch.cat([mean.view(len(logp), len(group), *mean.shape[1:]) for logp, mean, _ in parts]))
+    logp = torch.cat(cols, dim=1)
+    return (logp, torch.cat(means, dim=1)) if with_mean else logp
 
 
 def rescore_drift(unet, scheduler, traj: Trajectories, num_images: int = 2, num_steps: int = 2) -> float:

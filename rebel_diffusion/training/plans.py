@@ -31,7 +31,7 @@ from ..sampling import (
     Trajectories,
 )
 from .distributed import mean_across, sum_across
-from .reference import base_log_probs, reference_mean
+from .reference import base_log_probs, cached_reference_mean, reference_mean
 
 if TYPE_CHECKING:
     from .recipe import Run
@@ -77,8 +77,9 @@ class UpdatePlan:
     summary: dict = field(default_factory=dict)  # figures known before the loop (e.g. pairs)
 
 
-def step_model(run: Run, traj: Trajectories, kl_coef: float) -> StepModel:
-    """What both algorithms' accumulators share for this epoch's trajectories (``updates.StepModel``)."""
+def step_model(run: Run, traj: Trajectories, kl_coef: float, reference=None) -> StepModel:
+    """What both algorithms' accumulators share for this epoch's trajectories (``updates.StepModel``);
+    ``reference``: the KL term's ``reference_mean`` (default: a base forward when asked)."""
     cfg = run.cfg
 
     def weights(spec: str) -> torch.Tensor | None:
@@ -88,7 +89,7 @@ def step_model(run: Run, traj: Trajectories, kl_coef: float) -> StepModel:
     return StepModel(
         unet=run.unet, scheduler=run.scheduler, traj=traj, steps_per_pass=run.steps_per_pass,
         autocast=run.accelerator.autocast, backward=backward_fn(run), kl_coef=kl_coef,
-        reference_mean=reference_mean(run, traj), policy_weights=weights(cfg.policy_step_weights),
+        reference_mean=reference or reference_mean(run, traj), policy_weights=weights(cfg.policy_step_weights),
         kl_weights=weights(cfg.kl_step_weights), kl_images=kl_images(run, traj),
     )  # fmt: skip
 
@@ -122,12 +123,16 @@ def rebel_plan(run: Run, traj: Trajectories, advantages: torch.Tensor, finite: t
     targets = torch.where(valid, targets, torch.zeros_like(targets))  # (P,)
     trained = run_trained_steps(run, traj)
     dims = latent_dims(traj)
-    model = step_model(run, traj, cfg.kl_coef)
     score_unet = run.accelerator.unwrap_model(run.unet)
     summary = {}
-    base_logp = None
-    if cfg.anchor == "base":
+    base_logp, reference = None, None
+    if cfg.anchor == "base" and cfg.kl_coef > 0:  # the KL term's reference is the same base: keep its means
+        base_logp, means = base_log_probs(run, traj, trained, with_mean=True)  # (B, T), (B, S, C, h, w)
+        reference = cached_reference_mean(means, trained, reference_mean(run, traj))
+    elif cfg.anchor == "base":
         base_logp = base_log_probs(run, traj, trained)  # (B, T)
+    model = step_model(run, traj, cfg.kl_coef, reference)
+    if base_logp is not None:
         # ln pi_t(y) - ln pi_ref(y) over the trained steps, in nats: its mean estimates KL(pi_t || pi_ref).
         to_base = (traj.log_probs[:, trained] - base_logp[:, trained]).sum(dim=1) * dims  # (B,)
         summary["log_ratio_to_base"] = mean_across(run.accelerator, {"v": [float(to_base[finite].mean())]})["v"]

@@ -46,11 +46,31 @@ def reference_mean(run: Run, traj: Trajectories):
     return mean
 
 
-def base_log_probs(run: Run, traj: Trajectories, steps: list[int]) -> torch.Tensor:
+def base_log_probs(run: Run, traj: Trajectories, steps: list[int], with_mean: bool = False):
     """(B, T) per-dim log-probs of the recorded trajectories under the frozen base, on ``steps``
-    (0 elsewhere), no graph: what ``--anchor base`` regresses against."""
+    (0 elsewhere), no graph: what ``--anchor base`` regresses against. ``with_mean``: also the base's
+    step means on ``steps``, (B, S, C, h, w), which the KL term can reuse (``cached_reference_mean``)."""
     out = torch.zeros_like(traj.log_probs)
     with base_unet(run) as unet, run.accelerator.autocast():
-        scored = rescore_log_probs(unet, run.scheduler, traj, steps, steps_per_pass=run.steps_per_pass)  # (B, S)
-    out[:, steps] = scored.to(out.device, out.dtype)
-    return out
+        scored = rescore_log_probs(
+            unet, run.scheduler, traj, steps, steps_per_pass=run.steps_per_pass, with_mean=with_mean
+        )  # (B, S), and (B, S, C, h, w)
+    logp, means = scored if with_mean else (scored, None)
+    out[:, steps] = logp.to(out.device, out.dtype)
+    return (out, means) if with_mean else out
+
+
+def cached_reference_mean(means: torch.Tensor, steps: list[int], fallback):
+    """``reference_mean`` from the base's step means already computed for ``steps`` (``means``:
+    (B, S, C, h, w)); a group with a step outside ``steps`` falls back to ``fallback``'s forward.
+    The same base at the same x_t, so it saves the KL term a second base pass an epoch."""
+    column = {j: i for i, j in enumerate(steps)}
+
+    def mean(group: list[int], index: torch.Tensor) -> torch.Tensor:
+        if any(j not in column for j in group):
+            return fallback(group, index)
+        rows = torch.as_tensor(index).reshape(-1).to(means.device)
+        cols = torch.tensor([column[j] for j in group], device=means.device)
+        return means[rows[:, None], cols[None, :]].flatten(0, 1)  # (b*m, C, h, w), image-major
+
+    return mean
