@@ -148,11 +148,12 @@ def heldout_eval(run: Run) -> dict:
 
     unet = run.accelerator.unwrap_model(run.unet)
     unet.eval()
+    batch = run.cfg.prompts_per_batch * run.cfg.images_per_prompt  # a sampling batch: known to fit
     with run.accelerator.autocast():
         result = evaluate_pipelines(
             None, run.pipe, run.heldout.prompts, run.heldout.rewards,
             [run.cfg.seed + i for i in range(run.cfg.heldout_images)], run.settings,
-            diversity=run.heldout.diversity, tuned_unet=unet,
+            diversity=run.heldout.diversity, tuned_unet=unet, batch_size=batch,
         )  # fmt: skip
     return heldout_metrics(result)
 
