@@ -47,6 +47,15 @@ class TrainConfig:
     num_steps: int = _f(50, "denoising steps per image (the trajectory length T)")
     ddim_eta: float = _f(1.0, "DDIM noise scale (> 0; 1.0 as DDPO); unused by LCM")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale (LCM models: their guidance embedding)")
+    sample_guidance_scale: float | None = _f(
+        None,
+        "REBEL with --anchor base: draw the training images at this guidance instead of --guidance-scale "
+        "(the policy trained, graded and exported), so that the pairs show what the policy itself rarely "
+        "draws; they are re-scored under the policy at --guidance-scale before the update (its proximal "
+        "clip is around the policy), and the regression's optimum, pi_base exp(eta A), does not depend on "
+        "who drew the pairs. The batch reward is then the guided sampler's; the grid's and held-out are the "
+        "policy's. Default: --guidance-scale (on-policy)",
+    )
     resolution: int | None = _f(None, "image height and width in pixels (default: the model's native size)")
     negative_prompt: str = _f("", "the unconditional prompt of classifier-free guidance")
     # --- prompts and reward ----------------------------------------------------------------------
@@ -271,6 +280,11 @@ class TrainConfig:
             raise UsageError(
                 f"--anchor {self.anchor} is REBEL's (DDPO's PPO loss has no anchor); drop it or use --algorithm rebel"
             )
+        if self.sample_guidance_scale is not None and self.anchor != "base":
+            raise UsageError(
+                f"--sample-guidance-scale {self.sample_guidance_scale:g} needs REBEL with --anchor base (its "
+                "optimum does not depend on who drew the pairs; the policy anchor's and PPO's do)"
+            )
         if self.preference and self.algorithm != "rebel":
             raise UsageError("--preference needs --algorithm rebel (DDPO has no pairwise target)")
         if self.resume and self.overwrite:
@@ -434,6 +448,7 @@ _RANGES = {
             "weight_decay",
             "ddim_eta",
             "guidance_scale",
+            "sample_guidance_scale",
             "max_grad_norm",
             "seed",
         )

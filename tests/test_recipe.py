@@ -577,3 +577,64 @@ def test_the_kl_term_reuses_the_base_anchors_step_means(tmp_path):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         assert (policy - expected).abs().max() > 1e-4  # the cache holds the base, not the policy
     assert calls == [[trained[0], trained[1]]]  # the one group with a step the anchor did not score
+
+
+@pytest.mark.parametrize(
+    "flags", [["--anchor", "policy"], ["--algorithm", "ddpo"]], ids=["policy anchor", "ddpo"]
+)
+def test_a_guided_sampler_needs_the_base_anchor(tmp_path, capsys, flags):
+    """--sample-guidance-scale: REBEL with --anchor base only (the other losses' optima depend on who
+    drew the samples); one line, exit 2, nothing written."""
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, *flags, "--sample-guidance-scale", "3", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sample-guidance-scale 3 needs REBEL with --anchor base" in err[0]
+    assert not out.exists()
+
+
+@torch.no_grad()
+def test_a_guided_samplers_images_are_scored_by_the_policy(tmp_path):
+    """--sample-guidance-scale 3 --guidance-scale 1: the epoch's images are the guidance-3 sampler's,
+    and the log-probs the update sees are the policy's at guidance 1 (an independent closed-form DDIM
+    Gaussian of the plain conditional UNet), not the sampler's; a run with it trains."""
+    from step_references import ddim_reference, normal_log_prob
+
+    from rebel_diffusion.sampling import sample_trajectories
+    from rebel_diffusion.training.recipe import epoch_prompts, epoch_seeds, policy_scored, sample_epoch
+
+    cfg = small_config(tmp_path / "run", anchor="base", guidance_scale=1.0, sample_guidance_scale=3.0)
+    run = setup(cfg)
+    drawn = sample_epoch(run, 1)
+    n = cfg.prompts_per_batch * cfg.images_per_prompt
+    expected = sample_trajectories(
+        run.pipe, epoch_prompts(run, 1, 0), images_per_prompt=cfg.images_per_prompt,
+        seeds=epoch_seeds(run, 1, 0, n), settings=run.settings.__class__(**{
+            **run.settings.__dict__, "guidance_scale": 3.0}),
+    )  # fmt: skip
+    torch.testing.assert_close(drawn.latents, expected.latents)
+    assert drawn.settings.guidance_scale == 3.0 and drawn.negative_embeds is not None
+
+    scored = policy_scored(run, drawn)
+    assert scored.settings == run.settings and scored.settings.guidance_scale == 1.0
+    assert scored.negative_embeds is None  # guidance 1 has no unconditional pass to pay for
+    torch.testing.assert_close(scored.latents, drawn.latents, rtol=0, atol=0)
+    unet, steps = run.accelerator.unwrap_model(run.unet), drawn.stochastic_steps()
+    gap = 0.0
+    for i in range(len(drawn)):
+        for j in steps:
+            x, t = drawn.latents[i : i + 1, j], int(drawn.timesteps[j])
+            out = unet(x, t, encoder_hidden_states=drawn.prompt_embeds[i : i + 1]).sample  # guidance 1: no CFG
+            mean, std, _ = ddim_reference(run.scheduler, out, t, x, cfg.ddim_eta)
+            ref = normal_log_prob(drawn.latents[i : i + 1, j + 1].double(), mean, std)
+            torch.testing.assert_close(scored.log_probs[i, j : j + 1].double(), ref, rtol=1e-5, atol=1e-5)
+            gap = max(gap, abs(float(scored.log_probs[i, j] - drawn.log_probs[i, j])))
+    assert gap > 1e-3  # the sampler's log-probs are not the policy's
+
+    out = tmp_path / "trained"
+    flags = ["--anchor", "base", "--guidance-scale", "1", "--sample-guidance-scale", "3", "--epochs", "2"]
+    with torch.enable_grad():
+        assert main(["train", *SMALL, *flags, "--output-dir", str(out)]) == 0
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all(r["loss"] == r["loss"] and r["rescore_drift"] < 1e-4 for r in records[1:])
+    assert yaml.safe_load((out / "config.yaml").read_text())["sample_guidance_scale"] == 3.0

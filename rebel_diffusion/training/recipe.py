@@ -39,7 +39,7 @@ from ..algorithms.rebel import (
 from ..config import TrainConfig
 from ..errors import RunError, UsageError
 from ..models import check_sd_components, load_pipeline
-from ..models.components import TextCache
+from ..models.components import TextCache, uses_cfg
 from ..outputs import report, run_folder
 from ..outputs.evaluate import score_images
 from ..outputs.generation import set_num_threads
@@ -50,6 +50,7 @@ from ..sampling import (
     Trajectories,
     make_scheduler,
     rescore_drift,
+    rescore_log_probs,
     sample_trajectories,
     settings_from_config,
 )
@@ -99,7 +100,7 @@ class Run:
     reward: Reward
     preference: Callable | None  # (images_a, images_b, prompts) -> P(a > b), (P,)
     tracker: PerPromptStatTracker
-    settings: SamplingSettings
+    settings: SamplingSettings  # the policy's: re-scoring, grids, held-out, export
     scheduler: object  # DDIM/LCM scheduler with the training timesteps set
     prompts: list[str]
     grid_prompts: list[str]
@@ -118,6 +119,7 @@ class Run:
     ema: dict[str, torch.Tensor] | None = None  # EMA of the trainable weights (fp32, their device)
     text_cache: TextCache = field(default_factory=TextCache)  # each training prompt encoded once
     progress: str = "lines"  # resolved --progress: bar, lines or none
+    sample_settings: SamplingSettings | None = None  # --sample-guidance-scale's sampler (None: ``settings``)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +186,9 @@ def setup(cfg: TrainConfig) -> Run:
         steps_per_pass=resolve_steps_per_pass(cfg.steps_per_pass, accelerator.device),
         stop=Preemption(cfg.stop_grace, announce=accelerator.is_local_main_process),
         progress=progress,
+        sample_settings=None
+        if cfg.sample_guidance_scale is None
+        else dataclasses.replace(settings, guidance_scale=cfg.sample_guidance_scale),
     )
     if cfg.ema_decay > 0:
         run.ema = ema_init(trainable_named(run))
@@ -306,8 +311,11 @@ def train_epoch(run: Run, epoch: int) -> dict:
     """
     cfg, acc = run.cfg, run.accelerator
     t0 = time.perf_counter()
-    # 1. Sample k images for each of a batch of prompts, recording trajectories.
+    # 1. Sample k images for each of a batch of prompts, recording trajectories (drawn by a guided
+    #    sampler: then re-scored, so that the update sees the policy's own log-probs).
     traj = sample_epoch(run, epoch)
+    if run.sample_settings is not None:
+        traj = policy_scored(run, traj)
     t_sample = time.perf_counter()
     # 2. Score; several rewards: each component, then their weighted sum.
     components = score_components(run.reward, traj)  # {name: (B,)}, several rewards only
@@ -427,7 +435,7 @@ def sample_epoch(run: Run, epoch: int) -> Trajectories:
                     epoch_prompts(run, epoch, b),
                     images_per_prompt=cfg.images_per_prompt,
                     seeds=epoch_seeds(run, epoch, b, n),
-                    settings=run.settings,
+                    settings=run.sample_settings or run.settings,
                     unet=unet,
                     group_offset=b * cfg.prompts_per_batch,
                     text_cache=run.text_cache,
@@ -449,6 +457,24 @@ def score_components(reward, traj: Trajectories, batch_size: int = 32) -> dict[s
         ).items():
             parts.setdefault(name, []).append(value.float().cpu())
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def policy_scored(run: Run, traj: Trajectories) -> Trajectories:
+    """Trajectories drawn by ``--sample-guidance-scale``'s sampler, as the policy (the current weights
+    at --guidance-scale) scores them: its settings, and its log-probs (B, T) on every stochastic step
+    in place of the sampler's. To the update they are then the policy's own samples, but for who
+    drew them."""
+    unet = run.accelerator.unwrap_model(run.unet)
+    policy = dataclasses.replace(traj, settings=run.settings)
+    if not uses_cfg(unet, run.settings.guidance_scale):  # the policy has no unconditional pass to pay for
+        policy = dataclasses.replace(policy, negative_embeds=None, negative_added=None)
+    steps = traj.stochastic_steps()
+    with run.accelerator.autocast():
+        scored = rescore_log_probs(unet, run.scheduler, policy, steps, steps_per_pass=run.steps_per_pass)  # (B, S)
+    log_probs = torch.zeros_like(traj.log_probs)  # (B, T)
+    log_probs[:, steps] = scored.to(log_probs.device, log_probs.dtype)
+    return dataclasses.replace(policy, log_probs=log_probs)
 
 
 def rescore_check(run: Run, traj: Trajectories) -> float:

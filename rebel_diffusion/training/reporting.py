@@ -55,6 +55,11 @@ def describe_plan(run: Run) -> str:
             if cfg.anchor == "base"
             else "; anchored to the sampling policy"
         )
+    if cfg.sample_guidance_scale is not None:
+        regulariser += (
+            f"; images drawn at guidance {cfg.sample_guidance_scale:g}, re-scored under the policy at "
+            f"guidance {cfg.guidance_scale:g} (the batch reward is the guided sampler's)"
+        )
     if cfg.ema_decay > 0:
         regulariser += f"; EMA of the weights (decay {cfg.ema_decay:g}) exported and evaluated"
     steps = f"steps trained: noise std >= {cfg.min_step_std:g}"
