@@ -579,9 +579,7 @@ def test_the_kl_term_reuses_the_base_anchors_step_means(tmp_path):
     assert calls == [[trained[0], trained[1]]]  # the one group with a step the anchor did not score
 
 
-@pytest.mark.parametrize(
-    "flags", [["--anchor", "policy"], ["--algorithm", "ddpo"]], ids=["policy anchor", "ddpo"]
-)
+@pytest.mark.parametrize("flags", [["--anchor", "policy"], ["--algorithm", "ddpo"]], ids=["policy anchor", "ddpo"])
 def test_a_guided_sampler_needs_the_base_anchor(tmp_path, capsys, flags):
     """--sample-guidance-scale: REBEL with --anchor base only (the other losses' optima depend on who
     drew the samples); one line, exit 2, nothing written."""
